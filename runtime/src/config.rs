@@ -1,0 +1,227 @@
+//! Server configuration: `sockhost.toml`, environment variables and command-line flags,
+//! merged into one validated [`Config`].
+//!
+//! Precedence, highest first: flags, environment variables (`SOCKHOST_*`), the config
+//! file, built-in defaults. The defaults are the seed server's: listen on `0.0.0.0:8080`,
+//! print URLs with `localhost`, serve `./addons`. Every file key is checked: an unknown key
+//! or a value of the wrong type stops start-up with a message that names it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::Deserialize;
+
+/// The default config file, read when it exists and no other file is named.
+pub const DEFAULT_CONFIG_FILE: &str = "sockhost.toml";
+
+/// Command-line interface of the `sockhost` binary.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "sockhost",
+    version,
+    about = "Serve sandboxed WebAssembly addons over WebSockets.",
+    long_about = "Serve sandboxed WebAssembly addons over WebSockets.\n\n\
+        Every addons/<name>.wasm is mounted at ws://<host>:<port>/ws/<name>, with one \
+        sandboxed instance per connection. /ws is a built-in test endpoint that greets \
+        and echoes.\n\n\
+        Settings come from flags, then SOCKHOST_* environment variables, then the config \
+        file (sockhost.toml by default), then the defaults shown."
+)]
+pub struct Cli {
+    /// Config file to read. Without this flag, ./sockhost.toml is read if it exists.
+    #[arg(long, short = 'c', env = "SOCKHOST_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// IP address to listen on [file: server.listen] [default: 0.0.0.0]
+    #[arg(long, env = "SOCKHOST_LISTEN", value_name = "IP")]
+    pub listen: Option<IpAddr>,
+
+    /// TCP port to listen on; 0 picks a free one [file: server.port] [default: 8080]
+    #[arg(long, short = 'p', env = "SOCKHOST_PORT")]
+    pub port: Option<u16>,
+
+    /// Host name used in the URLs printed at start-up [file: server.public_host] [default: localhost]
+    #[arg(long, env = "SOCKHOST_PUBLIC_HOST", value_name = "HOST")]
+    pub public_host: Option<String>,
+
+    /// Directory scanned for <name>.wasm addons [file: server.addons_dir] [default: ./addons]
+    #[arg(long, env = "SOCKHOST_ADDONS_DIR", value_name = "DIR")]
+    pub addons_dir: Option<PathBuf>,
+}
+
+/// The config file's shape. Every section and key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: FileServer,
+    #[serde(default)]
+    limits: FileLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    listen: Option<IpAddr>,
+    port: Option<u16>,
+    public_host: Option<String>,
+    addons_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_connections: Option<u32>,
+    handshake_timeout_ms: Option<u64>,
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Host name used in the URLs the server prints.
+    pub public_host: String,
+    /// Directory scanned for `<name>.wasm` addons.
+    pub addons_dir: PathBuf,
+    /// Server-wide limits.
+    pub limits: ServerLimits,
+}
+
+/// Server-wide limits. Per-addon limits come from each addon's manifest.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// The most addon instances (so addon connections) alive at once. It sizes the
+    /// pooling allocator, which reserves address space for each slot up front.
+    /// File key `limits.max_connections`; default 10,000.
+    pub max_connections: u32,
+    /// How long a client may take to send its complete HTTP upgrade request.
+    /// File key `limits.handshake_timeout_ms`; default 10 s.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits { max_connections: 10_000, handshake_timeout: Duration::from_secs(10) }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080),
+            public_host: "localhost".to_owned(),
+            addons_dir: PathBuf::from("addons"),
+            limits: ServerLimits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Builds the configuration from parsed flags (which already include the
+    /// environment) and the config file they name, or `./sockhost.toml` if present.
+    pub fn from_cli(cli: Cli) -> anyhow::Result<Config> {
+        let path = match &cli.config {
+            Some(path) => Some(path.clone()),
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => Some(PathBuf::from(DEFAULT_CONFIG_FILE)),
+            None => None,
+        };
+        match path {
+            Some(path) => {
+                let file = read_file(&path)?;
+                Config::merge(cli, file).with_context(|| format!("invalid config file {}", path.display()))
+            }
+            None => Config::merge(cli, FileConfig::default()),
+        }
+    }
+
+    /// Parses a config file's text on its own (flags and environment not applied).
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        let file: FileConfig = toml::from_str(text).context("invalid config")?;
+        Config::merge(Cli::default(), file)
+    }
+
+    fn merge(cli: Cli, file: FileConfig) -> anyhow::Result<Config> {
+        let defaults = Config::default();
+        let listen_ip = cli.listen.or(file.server.listen).unwrap_or(defaults.listen.ip());
+        let port = cli.port.or(file.server.port).unwrap_or(defaults.listen.port());
+        let public_host = cli.public_host.or(file.server.public_host).unwrap_or(defaults.public_host);
+        if public_host.is_empty() || public_host.contains(['/', ' ']) {
+            bail!("invalid value for server.public_host (--public-host): {public_host:?} is not a host name");
+        }
+        let addons_dir = cli.addons_dir.or(file.server.addons_dir).unwrap_or(defaults.addons_dir);
+
+        let mut limits = defaults.limits;
+        if let Some(max) = file.limits.max_connections {
+            if max == 0 {
+                bail!("invalid value for limits.max_connections: must be at least 1");
+            }
+            limits.max_connections = max;
+        }
+        if let Some(ms) = file.limits.handshake_timeout_ms {
+            if ms == 0 {
+                bail!("invalid value for limits.handshake_timeout_ms: must be at least 1");
+            }
+            limits.handshake_timeout = Duration::from_millis(ms);
+        }
+
+        Ok(Config { listen: SocketAddr::new(listen_ip, port), public_host, addons_dir, limits })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_seed_servers() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(config.public_host, "localhost");
+        assert_eq!(config.addons_dir, PathBuf::from("addons"));
+    }
+
+    #[test]
+    fn file_values_apply_and_flags_win() {
+        let file: FileConfig =
+            toml::from_str("[server]\nport = 9000\nlisten = \"127.0.0.1\"\npublic_host = \"shop.example\"")
+                .unwrap();
+        let cli = Cli { port: Some(9100), ..Cli::default() };
+        let config = Config::merge(cli, file).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:9100");
+        assert_eq!(config.public_host, "shop.example");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = format!("{:#}", Config::from_toml("[server]\nprot = 1").unwrap_err());
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let err = format!("{:#}", Config::from_toml("[server]\nport = \"eighty\"").unwrap_err());
+        assert!(err.contains("port"), "{err}");
+        let err = format!("{:#}", Config::from_toml("[server]\nport = 70000").unwrap_err());
+        assert!(err.contains("port"), "{err}");
+        let err = format!("{:#}", Config::from_toml("[server]\nlisten = \"nowhere\"").unwrap_err());
+        assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let err = Config::from_toml("[limits]\nmax_connections = 0").unwrap_err().to_string();
+        assert!(err.contains("limits.max_connections"), "{err}");
+        let err = Config::from_toml("[server]\npublic_host = \"\"").unwrap_err().to_string();
+        assert!(err.contains("public_host"), "{err}");
+    }
+}

@@ -1,0 +1,75 @@
+//! The one wasmtime [`Engine`] every addon is compiled for and instantiated in, and the
+//! thread that advances its epoch.
+//!
+//! Settings and why:
+//! - **Pooling allocator**: memories, tables and fiber stacks come from slots reserved at
+//!   start-up, so a new connection's instance costs about a microsecond and no `mmap`.
+//!   The pool has one slot per allowed connection (`limits.max_connections`).
+//! - **Async**: host calls such as `session.send-*` await the socket without blocking a
+//!   worker thread; guest code runs on a fiber.
+//! - **Epoch interruption**: a ticker bumps the epoch every [`EPOCH_TICK`]; a guest that
+//!   is still running at a tick yields to the scheduler, so a looping addon cannot
+//!   monopolise a worker thread and starve other connections.
+
+use std::thread;
+use std::time::Duration;
+
+use anyhow::Context;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::config::ServerLimits;
+
+/// How often the epoch advances: the longest a guest runs before yielding.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Core instances and tables per component that the pool is sized for. A Rust
+/// `wasm32-wasip2` component uses one memory, two tables and about four core instances;
+/// the headroom covers other toolchains.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+const TABLES_PER_COMPONENT: u32 = 4;
+/// The pool holds one linear memory per connection. Each memory slot reserves 4 GiB of
+/// address space (not memory) so compiled code can skip bounds checks; a second memory
+/// per connection would double a reservation that is already ~40 TiB at 10,000 slots.
+/// Components with several memories still load; they just use more than one slot.
+const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+
+/// Builds the engine shared by all addons and starts its epoch ticker.
+pub fn build(limits: &ServerLimits) -> anyhow::Result<Engine> {
+    let slots = limits.max_connections;
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(slots)
+        .total_core_instances(slots.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+        .total_memories(slots)
+        .total_tables(slots.saturating_mul(TABLES_PER_COMPONENT))
+        .total_stacks(slots)
+        .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+        .max_tables_per_component(TABLES_PER_COMPONENT * 4);
+
+    let mut config = Config::new();
+    config
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .epoch_interruption(true)
+        .wasm_component_model(true);
+
+    let engine = Engine::new(&config).map_err(anyhow::Error::from).with_context(|| {
+        format!("cannot create the wasm engine for {slots} connections (limits.max_connections); try a smaller value")
+    })?;
+    start_epoch_ticker(&engine);
+    Ok(engine)
+}
+
+/// Advances the epoch every [`EPOCH_TICK`] on a plain thread, so ticks keep coming even
+/// when every runtime worker is busy. The thread ends when the engine is dropped.
+fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    thread::Builder::new()
+        .name("sockhost-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                thread::sleep(EPOCH_TICK);
+            }
+        })
+        .expect("spawning the epoch thread");
+}

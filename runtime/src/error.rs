@@ -1,0 +1,123 @@
+//! Failures the client can see, and how they are reported.
+//!
+//! Every failure on a connection ends in exactly one of these kinds. The kind decides the
+//! `code` of the error frame the client receives (`{"type":"error","message":...,"code":...}`,
+//! the seed protocol's error envelope) and whether the connection survives it. Keeping the
+//! mapping here means the connection task branches on a type, never on strings.
+
+use serde::Serialize;
+
+/// A failure on one connection that the client is told about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// `on-message` returned `err(reason)`. The connection stays open.
+    AddonError,
+    /// The instance trapped (a panic, `unreachable`, an out-of-bounds access, ...).
+    /// The instance is unusable, so the connection is closed with 1011.
+    AddonTrap,
+}
+
+impl FailureKind {
+    /// The `code` field of the error frame.
+    pub fn code(self) -> &'static str {
+        match self {
+            FailureKind::AddonError => "addon_error",
+            FailureKind::AddonTrap => "addon_trap",
+        }
+    }
+
+    /// Whether the connection must be closed after this failure.
+    pub fn is_fatal(self) -> bool {
+        matches!(self, FailureKind::AddonTrap)
+    }
+}
+
+/// The seed protocol's server → client envelope for errors and system notices.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub(crate) enum Envelope<'a> {
+    Error { message: &'a str, code: &'a str },
+    System { message: &'a str },
+}
+
+impl Envelope<'_> {
+    pub(crate) fn to_json(&self) -> String {
+        // Serialising a struct of strings cannot fail.
+        serde_json::to_string(self).expect("envelope serialises")
+    }
+}
+
+/// WebSocket close codes the host sends.
+pub mod close_code {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// The server is going away (shutdown).
+    pub const GOING_AWAY: u16 = 1001;
+    /// The peer broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// No close code was present in the peer's close frame (never sent on the wire).
+    pub const NO_STATUS: u16 = 1005;
+    /// The peer vanished without a close frame (never sent on the wire).
+    pub const ABNORMAL: u16 = 1006;
+    /// A text frame was not valid UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
+    /// Policy violation; also used in place of an invalid code an addon asked for.
+    pub const POLICY: u16 = 1008;
+    /// A message was larger than the limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The addon failed in a way that ends the connection.
+    pub const INTERNAL_ERROR: u16 = 1011;
+
+    /// Whether a server may put `code` in a close frame (RFC 6455 §7.4).
+    pub fn is_sendable(code: u16) -> bool {
+        matches!(code, 1000 | 1001 | 1002 | 1003 | 1007..=1011 | 3000..=4999)
+    }
+}
+
+/// Cuts `reason` to the 123 bytes a close frame can carry, at a character boundary.
+pub(crate) fn truncate_close_reason(reason: &str) -> &str {
+    truncate_utf8(reason, 123)
+}
+
+/// Cuts `s` to at most `max` bytes without splitting a character.
+pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_envelope_matches_the_seed_format() {
+        let json = Envelope::Error { message: "boom", code: FailureKind::AddonError.code() }.to_json();
+        assert_eq!(json, r#"{"type":"error","message":"boom","code":"addon_error"}"#);
+        let json = Envelope::System { message: "hi" }.to_json();
+        assert_eq!(json, r#"{"type":"system","message":"hi"}"#);
+    }
+
+    #[test]
+    fn close_reasons_are_cut_at_a_character_boundary() {
+        let long = "好".repeat(60); // 180 bytes
+        let cut = truncate_close_reason(&long);
+        assert!(cut.len() <= 123);
+        assert_eq!(cut.chars().count(), 41);
+    }
+
+    #[test]
+    fn only_sendable_close_codes_pass() {
+        for ok in [1000, 1001, 1008, 1011, 3000, 4999] {
+            assert!(close_code::is_sendable(ok), "{ok}");
+        }
+        for bad in [0, 999, 1004, 1005, 1006, 1015, 2000, 5000] {
+            assert!(!close_code::is_sendable(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The HTTP side of a connection: reading the request head, answering plain HTTP, and
+//! accepting a WebSocket upgrade.
+//!
+//! The server reads the request head itself (instead of letting tungstenite do the whole
+//! handshake) so that it can route before upgrading: an unknown path gets 404, a plain
+//! HTTP request to a WebSocket path gets a 426 that says what to do, and an addon that
+//! cannot get an instance gets 503, all as ordinary HTTP responses a browser or `curl`
+//! shows. Only then is `101 Switching Protocols` written and the socket handed to
+//! tungstenite, together with any bytes the client sent after the head.
+
+use std::io;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+/// Largest request head accepted. Browsers send well under 2 KiB.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most headers accepted in one request.
+const MAX_HEADERS: usize = 64;
+
+/// Request headers passed on to addons in `connection-info.headers`.
+pub const FORWARDED_HEADERS: [&str; 6] =
+    ["origin", "user-agent", "x-forwarded-for", "x-real-ip", "accept-language", "sec-websocket-protocol"];
+
+/// A parsed HTTP request head.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    /// Header names lowercased, in request order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl RequestHead {
+    /// The first value of a header, by lowercase name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    fn header_has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// The headers addons may see.
+    pub fn forwarded_headers(&self) -> Vec<(String, String)> {
+        self.headers.iter().filter(|(n, _)| FORWARDED_HEADERS.contains(&n.as_str())).cloned().collect()
+    }
+}
+
+/// Why a request head could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error("connection closed before the request head was complete")]
+    Eof,
+    #[error("request head larger than {MAX_HEAD_BYTES} bytes")]
+    TooLarge,
+    #[error("malformed HTTP request: {0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Reads one request head. Returns it and the bytes that followed it, which belong to
+/// the WebSocket stream.
+pub async fn read_head(stream: &mut TcpStream) -> Result<(RequestHead, Vec<u8>), HeadError> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut chunk = [0u8; 2048];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HeadError::Eof);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let head = to_head(&request)?;
+                return Ok((head, buf.split_off(len)));
+            }
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
+            Ok(httparse::Status::Partial) => continue,
+            Err(err) => return Err(HeadError::Malformed(err.to_string())),
+        }
+    }
+}
+
+fn to_head(request: &httparse::Request<'_, '_>) -> Result<RequestHead, HeadError> {
+    let method = request.method.unwrap_or_default().to_owned();
+    let target = request.path.unwrap_or_default();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut headers = Vec::with_capacity(request.headers.len());
+    for header in request.headers.iter() {
+        let value = std::str::from_utf8(header.value)
+            .map_err(|_| HeadError::Malformed(format!("header {} is not UTF-8", header.name)))?;
+        headers.push((header.name.to_ascii_lowercase(), value.trim().to_owned()));
+    }
+    Ok(RequestHead { method, path: path.to_owned(), query: query.to_owned(), headers })
+}
+
+/// A plain HTTP answer instead of an upgrade.
+#[derive(Debug)]
+pub struct Rejection {
+    pub status: u16,
+    pub message: String,
+    /// Extra response headers, e.g. `Upgrade: websocket` on 426.
+    pub headers: Vec<(&'static str, &'static str)>,
+}
+
+impl Rejection {
+    pub fn new(status: u16, message: impl Into<String>) -> Rejection {
+        Rejection { status, message: message.into(), headers: Vec::new() }
+    }
+}
+
+/// Checks that `head` is a valid WebSocket upgrade (RFC 6455 §4.2.1) and returns the
+/// `Sec-WebSocket-Key`.
+pub fn check_upgrade(head: &RequestHead) -> Result<&str, Rejection> {
+    let wants_upgrade = head.header_has_token("upgrade", "websocket");
+    if !wants_upgrade {
+        let mut rejection = Rejection::new(
+            426,
+            format!(
+                "{} is a WebSocket endpoint. Connect with a WebSocket client, e.g. new WebSocket('ws://<host>{}').",
+                head.path, head.path
+            ),
+        );
+        rejection.headers.push(("Upgrade", "websocket"));
+        rejection.headers.push(("Connection", "Upgrade"));
+        return Err(rejection);
+    }
+    if head.method != "GET" {
+        let mut rejection =
+            Rejection::new(405, format!("a WebSocket upgrade must use GET, not {}", head.method));
+        rejection.headers.push(("Allow", "GET"));
+        return Err(rejection);
+    }
+    if !head.header_has_token("connection", "upgrade") {
+        return Err(Rejection::new(400, "the upgrade request lacks `Connection: Upgrade`"));
+    }
+    if head.header("sec-websocket-version") != Some("13") {
+        let mut rejection =
+            Rejection::new(426, "unsupported WebSocket version; this server speaks version 13");
+        rejection.headers.push(("Sec-WebSocket-Version", "13"));
+        return Err(rejection);
+    }
+    match head.header("sec-websocket-key") {
+        Some(key) if !key.is_empty() => Ok(key),
+        _ => Err(Rejection::new(400, "the upgrade request lacks Sec-WebSocket-Key")),
+    }
+}
+
+/// Writes a plain-text HTTP response and closes the write side.
+pub async fn write_rejection(stream: &mut TcpStream, rejection: &Rejection) -> io::Result<()> {
+    let body = format!("{}\n", rejection.message);
+    let mut response = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
+        rejection.status,
+        reason_phrase(rejection.status),
+        body.len()
+    );
+    for (name, value) in &rejection.headers {
+        response.push_str(&format!("{name}: {value}\r\n"));
+    }
+    response.push_str("\r\n");
+    response.push_str(&body);
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Writes `101 Switching Protocols` for a checked upgrade request.
+pub async fn write_switching_protocols(stream: &mut TcpStream, key: &str) -> io::Result<()> {
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        derive_accept_key(key.as_bytes())
+    );
+    stream.write_all(response.as_bytes()).await
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(method: &str, headers: &[(&str, &str)]) -> RequestHead {
+        RequestHead {
+            method: method.into(),
+            path: "/ws/echo".into(),
+            query: String::new(),
+            headers: headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    const GOOD: [(&str, &str); 4] = [
+        ("upgrade", "websocket"),
+        ("connection", "keep-alive, Upgrade"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+
+    #[test]
+    fn a_browser_upgrade_passes() {
+        assert_eq!(check_upgrade(&head("GET", &GOOD)).unwrap(), "dGhlIHNhbXBsZSBub25jZQ==");
+    }
+
+    #[test]
+    fn plain_http_gets_426() {
+        assert_eq!(check_upgrade(&head("GET", &[])).unwrap_err().status, 426);
+    }
+
+    #[test]
+    fn each_bad_upgrade_is_named() {
+        assert_eq!(check_upgrade(&head("POST", &GOOD)).unwrap_err().status, 405);
+        let mut h = head("GET", &GOOD);
+        h.headers.retain(|(n, _)| n != "connection");
+        assert_eq!(check_upgrade(&h).unwrap_err().status, 400);
+        let mut h = head("GET", &GOOD);
+        h.headers.retain(|(n, _)| n != "sec-websocket-key");
+        assert_eq!(check_upgrade(&h).unwrap_err().status, 400);
+        let mut h = head("GET", &GOOD);
+        h.headers[2].1 = "8".into();
+        assert_eq!(check_upgrade(&h).unwrap_err().status, 426);
+    }
+}

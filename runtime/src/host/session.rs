@@ -1,0 +1,127 @@
+//! `sockhost:addon/session`: the connection an instance serves.
+//!
+//! The host owns the socket. The instance's store holds the write half of the WebSocket
+//! ([`Session::attach`]); `send-text` / `send-binary` write one frame and flush it before
+//! returning to the guest, so a reply streams to the client while the addon is still
+//! running. When the client reads slowly the write waits, which pauses the addon: the
+//! backpressure reaches the producer instead of growing a buffer. The read half stays
+//! with the connection task, which keeps reading (and answering pings) during callbacks.
+
+use futures_util::SinkExt;
+use futures_util::stream::SplitSink;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame as WsCloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use super::HostState;
+use crate::bindings::sockhost::addon::session::{Host, SendError};
+use crate::bindings::{CloseFrame, ConnectionInfo};
+use crate::error::{close_code, truncate_close_reason};
+
+/// The write half of a client's WebSocket.
+pub type WsSink = SplitSink<WebSocketStream<TcpStream>, WsMessage>;
+
+/// Largest frame an addon may send in one call.
+pub const MAX_OUTBOUND_FRAME: usize = 16 << 20;
+
+/// Per-instance session state.
+pub struct Session {
+    info: ConnectionInfo,
+    sink: Option<WsSink>,
+    /// Set once a close frame went out (from the addon or the host). Later sends fail.
+    close_sent: Option<(u16, String)>,
+}
+
+impl Session {
+    pub(crate) fn new(info: ConnectionInfo) -> Session {
+        Session { info, sink: None, close_sent: None }
+    }
+
+    /// Gives the session the socket's write half, once the upgrade has succeeded.
+    pub(crate) fn attach(&mut self, sink: WsSink) {
+        self.sink = Some(sink);
+    }
+
+    pub(crate) fn info(&self) -> &ConnectionInfo {
+        &self.info
+    }
+
+    /// The close frame already sent on this connection, if any.
+    pub(crate) fn close_sent(&self) -> Option<&(u16, String)> {
+        self.close_sent.as_ref()
+    }
+
+    /// Writes and flushes one frame. Fails with `closed` once a close frame went out or
+    /// the socket broke.
+    pub(crate) async fn send(&mut self, message: WsMessage) -> Result<(), SendError> {
+        if self.close_sent.is_some() {
+            return Err(SendError::Closed);
+        }
+        let Some(sink) = self.sink.as_mut() else {
+            return Err(SendError::Closed);
+        };
+        match sink.send(message).await {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                tracing::debug!(error = %err, "send failed; the connection is gone");
+                self.close_sent = Some((close_code::ABNORMAL, String::new()));
+                Err(SendError::Closed)
+            }
+        }
+    }
+
+    /// Sends a close frame once; later calls do nothing. Codes a server may not send are
+    /// replaced with 1008, and the replacement is logged.
+    pub(crate) async fn close(&mut self, code: u16, reason: &str) {
+        if self.close_sent.is_some() {
+            return;
+        }
+        let code = if close_code::is_sendable(code) {
+            code
+        } else {
+            tracing::warn!(code, "addon asked for a close code a server may not send; using 1008");
+            close_code::POLICY
+        };
+        let reason = truncate_close_reason(reason).to_owned();
+        self.close_sent = Some((code, reason.clone()));
+        if let Some(sink) = self.sink.as_mut() {
+            let frame = WsCloseFrame { code: CloseCode::from(code), reason: reason.into() };
+            if let Err(err) = sink.send(WsMessage::Close(Some(frame))).await {
+                tracing::debug!(error = %err, "close frame not sent; the connection is gone");
+            }
+        }
+    }
+
+    /// Flushes what is buffered and shuts the write side down.
+    pub(crate) async fn shutdown(&mut self) {
+        if let Some(mut sink) = self.sink.take() {
+            let _ = sink.close().await;
+        }
+    }
+}
+
+impl Host for HostState {
+    async fn send_text(&mut self, text: String) -> Result<(), SendError> {
+        if text.len() > MAX_OUTBOUND_FRAME {
+            return Err(SendError::TooLarge);
+        }
+        self.session.send(WsMessage::text(text)).await
+    }
+
+    async fn send_binary(&mut self, data: Vec<u8>) -> Result<(), SendError> {
+        if data.len() > MAX_OUTBOUND_FRAME {
+            return Err(SendError::TooLarge);
+        }
+        self.session.send(WsMessage::binary(data)).await
+    }
+
+    async fn close(&mut self, frame: CloseFrame) {
+        self.session.close(frame.code, &frame.reason).await;
+    }
+
+    fn info(&mut self) -> ConnectionInfo {
+        self.session.info.clone()
+    }
+}
