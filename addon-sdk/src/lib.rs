@@ -1,0 +1,419 @@
+//! Write sockhost addons: WebAssembly components that each serve one WebSocket connection.
+//!
+//! An addon is a type that implements [`Addon`], exported with [`export_addon!`]:
+//!
+//! ```
+//! use sockhost_addon_sdk::{Addon, Error, Message, export_addon, send_text};
+//!
+//! #[derive(Default)]
+//! struct Shout { seen: u32 }
+//!
+//! impl Addon for Shout {
+//!     fn on_message(&mut self, msg: Message) -> Result<(), Error> {
+//!         self.seen += 1;
+//!         if let Message::Text(text) = msg {
+//!             send_text(&format!("{}: {}", self.seen, text.to_uppercase()))?;
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! export_addon!(Shout);
+//! ```
+//!
+//! Build it as a `cdylib` for `wasm32-wasip2` (`scripts/build-addons` does this for the
+//! addons in this repository) and drop `shout.wasm` into the server's addon directory: it is
+//! served at `/ws/shout`.
+//!
+//! # The model
+//!
+//! - The server creates one instance of the component per connection, so the `Addon` value
+//!   *is* the connection's state. It is created with [`Default`] when the connection opens
+//!   and dropped after [`Addon::on_close`]. Two clients never share memory; state shared
+//!   between connections must go through the host.
+//! - Callbacks never overlap: [`Addon::on_open`] once, then [`Addon::on_message`] once per
+//!   client message in arrival order, then [`Addon::on_close`] once.
+//! - Replies are pushed with [`send_text`], [`send_binary`] or [`send_json`], any number of
+//!   times from any callback: each frame reaches the client as soon as it is sent, which
+//!   is how replies are streamed.
+//! - Returning an [`Error`] from `on_message` sends the client an error frame
+//!   (`"code":"addon_error"`) and keeps the connection open. A panic is a trap: the client
+//!   gets `"code":"addon_trap"` and the connection is closed with 1011.
+//! - [`log`] writes to the host's log, tagged with the addon and connection; so do
+//!   `println!` (info) and `eprintln!` (warn).
+//! - [`protocol`] has typed helpers for the JSON chat envelope that clients speak.
+
+pub mod log;
+pub mod protocol;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::__private::bindings::sockhost::addon::session;
+
+/// One connection's addon. Every method has a default that does nothing, so an addon
+/// implements only the callbacks it needs.
+///
+/// ```
+/// use sockhost_addon_sdk::{Addon, ConnectionInfo, Refusal};
+///
+/// #[derive(Default)]
+/// struct OnlyFromExample;
+///
+/// impl Addon for OnlyFromExample {
+///     fn on_open(&mut self, info: &ConnectionInfo) -> Result<(), Refusal> {
+///         match info.header("origin") {
+///             Some("https://example.com") => Ok(()),
+///             _ => Err(Refusal::policy_violation("origin not allowed")),
+///         }
+///     }
+/// }
+/// ```
+pub trait Addon: Default + 'static {
+    /// Called once, after the WebSocket handshake and before any message.
+    ///
+    /// Returning a [`Refusal`] closes the connection with its code and reason; frames sent
+    /// before refusing are delivered first, and no other callback follows.
+    fn on_open(&mut self, info: &ConnectionInfo) -> Result<(), Refusal> {
+        let _ = info;
+        Ok(())
+    }
+
+    /// Called once for each message from the client, in arrival order.
+    ///
+    /// An error is reported to the client as
+    /// `{"type":"error","message":<error>,"code":"addon_error"}`; the connection stays
+    /// open.
+    fn on_message(&mut self, msg: Message) -> Result<(), Error> {
+        let _ = msg;
+        Ok(())
+    }
+
+    /// Called once when the connection ends, with the client's close code and reason (1006
+    /// and `""` when the peer vanished). Nothing can be sent any more.
+    fn on_close(&mut self, code: u16, reason: &str) {
+        let _ = (code, reason);
+    }
+}
+
+/// One WebSocket data message from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A text frame, already checked to be valid UTF-8 by the host.
+    Text(String),
+    /// A binary frame.
+    Binary(Vec<u8>),
+}
+
+/// What the host knows about the connection. It never changes during the connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    /// Unique within one server process; the host's log lines call it `conn`.
+    pub id: u64,
+    /// The addon's name, e.g. `echo` for `echo.wasm`.
+    pub addon: String,
+    /// The request path without the query string, e.g. `/ws/echo`.
+    pub path: String,
+    /// The raw query string without the `?` (not percent-decoded); empty when absent.
+    pub query: String,
+    /// The peer as `ip:port`; behind a reverse proxy, the proxy.
+    pub remote_address: String,
+    /// A selection of the request headers (`origin`, `user-agent`, `x-forwarded-for`,
+    /// `x-real-ip`, `accept-language`, `sec-websocket-protocol`), names in lowercase, in
+    /// request order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl ConnectionInfo {
+    /// The first value of the header `name`, compared case-insensitively.
+    ///
+    /// ```
+    /// # use sockhost_addon_sdk::ConnectionInfo;
+    /// let info = ConnectionInfo {
+    ///     headers: vec![("origin".into(), "https://example.com".into())],
+    ///     ..Default::default()
+    /// };
+    /// assert_eq!(info.header("Origin"), Some("https://example.com"));
+    /// assert_eq!(info.header("user-agent"), None);
+    /// ```
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Refuses a connection from [`Addon::on_open`]: the host closes it with this code and
+/// reason.
+///
+/// The code should be one a server may send (1000, 1001, 1003, 1007, 1008, 1009, 1011, or
+/// 3000–4999); the host replaces any other with 1008. The reason is cut to 123 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Refusal {
+    /// A refusal with any close code, e.g. an application code like 4003.
+    pub fn new(code: u16, reason: impl Into<String>) -> Self {
+        Self { code, reason: reason.into() }
+    }
+
+    /// A refusal with 1008 (policy violation), the generic "not allowed".
+    pub fn policy_violation(reason: impl Into<String>) -> Self {
+        Self::new(1008, reason)
+    }
+}
+
+/// Why [`Addon::on_message`] failed: a message for the client.
+///
+/// Any [`std::error::Error`] converts into it, so `?` works on most results:
+///
+/// ```
+/// use sockhost_addon_sdk::Error;
+///
+/// fn double(text: &str) -> Result<String, Error> {
+///     let n: i64 = text.trim().parse()?;
+///     if n.abs() > 1_000_000 {
+///         return Err(Error::msg(format!("{n} is too big")));
+///     }
+///     Ok((n * 2).to_string())
+/// }
+///
+/// assert_eq!(double("21").unwrap(), "42");
+/// assert_eq!(double("x").unwrap_err().to_string(), "invalid digit found in string");
+/// ```
+// Like `anyhow::Error`, it does not implement `std::error::Error` itself: that is what lets
+// the blanket `From` below coexist with `From<T> for T`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error(String);
+
+impl Error {
+    /// An error with the given message.
+    pub fn msg(message: impl fmt::Display) -> Self {
+        Self(message.to_string())
+    }
+
+    /// The message the client will see.
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<E: std::error::Error> From<E> for Error {
+    fn from(error: E) -> Self {
+        Self::msg(error)
+    }
+}
+
+/// Why a frame could not be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SendError {
+    /// The connection is closed or closing: nothing more can be sent, the addon should
+    /// return.
+    Closed,
+    /// The frame is larger than the host accepts for one message (16 MiB); nothing was
+    /// sent.
+    TooLarge,
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SendError::Closed => "the connection is closed",
+            SendError::TooLarge => "the frame is too large to send",
+        })
+    }
+}
+
+impl std::error::Error for SendError {}
+
+impl From<session::SendError> for SendError {
+    fn from(error: session::SendError) -> Self {
+        match error {
+            session::SendError::Closed => SendError::Closed,
+            session::SendError::TooLarge => SendError::TooLarge,
+        }
+    }
+}
+
+/// Sends one text frame to the client right away (the call waits while the client is slow
+/// to read, rather than buffering without bound).
+///
+/// ```no_run
+/// use sockhost_addon_sdk::{SendError, send_text};
+///
+/// for i in 1..=3 {
+///     match send_text(&format!("tick {i}")) {
+///         Ok(()) => {}
+///         // The client left: stop streaming quietly.
+///         Err(SendError::Closed) => break,
+///         Err(e) => panic!("{e}"),
+///     }
+/// }
+/// ```
+pub fn send_text(text: &str) -> Result<(), SendError> {
+    session::send_text(text).map_err(SendError::from)
+}
+
+/// Sends one binary frame to the client. Same behaviour as [`send_text`].
+pub fn send_binary(data: &[u8]) -> Result<(), SendError> {
+    session::send_binary(data).map_err(SendError::from)
+}
+
+/// Sends `value` as JSON in one text frame.
+///
+/// ```no_run
+/// use sockhost_addon_sdk::send_json;
+///
+/// #[derive(serde::Serialize)]
+/// struct Score { player: String, points: u32 }
+///
+/// send_json(&Score { player: "ada".into(), points: 3 })?;
+/// # Ok::<(), sockhost_addon_sdk::SendError>(())
+/// ```
+///
+/// # Panics
+///
+/// If `value` cannot be represented as JSON (a map whose keys are not strings or numbers,
+/// or a `Serialize` impl that fails): that is a bug in the addon, not a runtime condition.
+pub fn send_json<T: Serialize + ?Sized>(value: &T) -> Result<(), SendError> {
+    let json = serde_json::to_string(value).expect("value cannot be serialized as JSON");
+    send_text(&json)
+}
+
+/// Starts closing the connection with `code` and `reason` (same rules as [`Refusal`]).
+///
+/// Later sends fail with [`SendError::Closed`]; the current callback runs to its end and
+/// [`Addon::on_close`] follows once the close handshake is over.
+pub fn close(code: u16, reason: &str) {
+    session::close(&session::CloseFrame { code, reason: reason.to_owned() });
+}
+
+/// The same information [`Addon::on_open`] received, available in any callback.
+pub fn connection_info() -> ConnectionInfo {
+    session::info().into()
+}
+
+impl From<session::ConnectionInfo> for ConnectionInfo {
+    fn from(info: session::ConnectionInfo) -> Self {
+        Self {
+            id: info.id,
+            addon: info.addon,
+            path: info.path,
+            query: info.query,
+            remote_address: info.remote_address,
+            headers: info.headers,
+        }
+    }
+}
+
+/// Generates the component's exports for an [`Addon`] type. Use it once per crate.
+///
+/// ```
+/// #[derive(Default)]
+/// struct Silent;
+///
+/// impl sockhost_addon_sdk::Addon for Silent {}
+///
+/// sockhost_addon_sdk::export_addon!(Silent);
+/// ```
+#[macro_export]
+macro_rules! export_addon {
+    ($addon:ty) => {
+        const _: () = {
+            use $crate::__private::bindings::exports::sockhost::addon::handler as __handler;
+
+            ::std::thread_local! {
+                static __SOCKHOST_ADDON_STATE: $crate::__private::State<$addon> =
+                    const { ::std::cell::RefCell::new(::std::option::Option::None) };
+            }
+
+            struct __SockhostAddonExport;
+
+            impl __handler::Guest for __SockhostAddonExport {
+                fn on_open(
+                    info: __handler::ConnectionInfo,
+                ) -> ::core::result::Result<(), __handler::CloseFrame> {
+                    $crate::__private::on_open(&__SOCKHOST_ADDON_STATE, info)
+                }
+
+                fn on_message(msg: __handler::Message) -> ::core::result::Result<(), ::std::string::String> {
+                    $crate::__private::on_message(&__SOCKHOST_ADDON_STATE, msg)
+                }
+
+                fn on_close(code: u16, reason: ::std::string::String) {
+                    $crate::__private::on_close(&__SOCKHOST_ADDON_STATE, code, reason)
+                }
+            }
+
+            $crate::__private::bindings::export!(
+                __SockhostAddonExport with_types_in $crate::__private::bindings
+            );
+        };
+    };
+}
+
+/// What [`export_addon!`] expands to calls into; not a public API.
+#[doc(hidden)]
+pub mod __private {
+    use std::cell::RefCell;
+    use std::thread::LocalKey;
+
+    use crate::Addon;
+    use bindings::exports::sockhost::addon::handler;
+
+    pub mod bindings {
+        wit_bindgen::generate!({
+            world: "addon",
+            path: "../wit",
+            pub_export_macro: true,
+            export_macro_name: "export",
+        });
+    }
+
+    /// The connection's addon value. It lives in a thread-local because each export is a
+    /// free function called by the host; wasm is single-threaded and callbacks never
+    /// overlap, so the `RefCell` is never contended.
+    pub type State<T> = RefCell<Option<T>>;
+
+    pub fn on_open<T: Addon>(
+        state: &'static LocalKey<State<T>>,
+        info: handler::ConnectionInfo,
+    ) -> Result<(), handler::CloseFrame> {
+        let mut addon = T::default();
+        match addon.on_open(&info.into()) {
+            Ok(()) => {
+                state.set(Some(addon));
+                Ok(())
+            }
+            Err(refusal) => Err(handler::CloseFrame { code: refusal.code, reason: refusal.reason }),
+        }
+    }
+
+    pub fn on_message<T: Addon>(
+        state: &'static LocalKey<State<T>>,
+        msg: handler::Message,
+    ) -> Result<(), String> {
+        let msg = match msg {
+            handler::Message::Text(text) => crate::Message::Text(text),
+            handler::Message::Binary(data) => crate::Message::Binary(data),
+        };
+        // The host always calls on-open first; falling back to a default value rather than
+        // panicking keeps a misbehaving host from turning into a trap.
+        state.with_borrow_mut(|addon| addon.get_or_insert_with(T::default).on_message(msg).map_err(|e| e.0))
+    }
+
+    pub fn on_close<T: Addon>(state: &'static LocalKey<State<T>>, code: u16, reason: String) {
+        // Taken out, so the value is dropped when the connection is over even if the host
+        // keeps the instance around a little longer.
+        let mut addon = state.take().unwrap_or_default();
+        addon.on_close(code, &reason);
+    }
+}
