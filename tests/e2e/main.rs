@@ -1,0 +1,4 @@
+mod core;
+mod loading;
+mod process;
+mod support;

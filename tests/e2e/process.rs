@@ -1,0 +1,218 @@
+//! The real `sockhost` binary: defaults, start-up log, configuration errors.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sockhost");
+
+/// A running `sockhost` process, killed on drop.
+struct Process {
+    child: Child,
+    /// Lines the process logged up to and including the "listening" line.
+    startup: Vec<String>,
+    port: u16,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary in `cwd` with `args` and `env`, and reads its log until it listens.
+fn spawn(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Process {
+    let mut command = Command::new(BIN);
+    command.current_dir(cwd).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env("NO_COLOR", "1");
+    for key in
+        ["SOCKHOST_CONFIG", "SOCKHOST_LISTEN", "SOCKHOST_PORT", "SOCKHOST_PUBLIC_HOST", "SOCKHOST_ADDONS_DIR"]
+    {
+        command.env_remove(key);
+    }
+    command.env("RUST_LOG", "info");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("spawn sockhost");
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut startup = Vec::new();
+    loop {
+        let line = lines_rx
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("sockhost did not start; log: {startup:#?}"));
+        let listening = line.contains("listening on");
+        startup.push(strip_ansi(&line));
+        if listening {
+            break;
+        }
+    }
+    // Keep draining the pipe so the process never blocks on a full stderr.
+    std::thread::spawn(move || while lines_rx.recv().is_ok() {});
+    let port = startup
+        .last()
+        .and_then(|line| line.split("listening on ").nth(1))
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|addr| addr.rsplit(':').next())
+        .and_then(|port| port.parse().ok())
+        .expect("port in the listening line");
+    // The mounted lines come right after the listening line: give them a moment.
+    std::thread::sleep(Duration::from_millis(100));
+    Process { child, startup, port }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Runs the binary to completion and returns its exit status and stderr.
+fn run_to_exit(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut command = Command::new(BIN);
+    command.current_dir(cwd).args(args);
+    for key in
+        ["SOCKHOST_CONFIG", "SOCKHOST_LISTEN", "SOCKHOST_PORT", "SOCKHOST_PUBLIC_HOST", "SOCKHOST_ADDONS_DIR"]
+    {
+        command.env_remove(key);
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run sockhost");
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.code().unwrap_or(-1), strip_ansi(&text))
+}
+
+#[tokio::test]
+async fn the_binary_serves_addons_from_the_working_directory_and_logs_their_urls() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("addons")).unwrap();
+    std::fs::write(work.path().join("addons/echo.wasm"), bundled_addon("echo")).unwrap();
+    // No flags, no config file: the defaults, except the port (8080 may be taken here).
+    let process = spawn(work.path(), &[], &[("SOCKHOST_PORT", "0")]);
+    let log = process.startup.join("\n");
+    assert!(log.contains("listening on 0.0.0.0:"), "default listen address is 0.0.0.0: {log}");
+    std::thread::sleep(Duration::from_millis(200));
+
+    let url = format!("ws://localhost:{}/ws/echo", process.port);
+    let mut client = Client::connect(&format!("ws://127.0.0.1:{}/ws/echo", process.port)).await;
+    client.send_text("from the binary").await;
+    assert_eq!(client.recv_text().await, "from the binary");
+    drop(process);
+    let _ = url;
+}
+
+#[tokio::test]
+async fn the_binary_logs_each_mounted_addon_with_its_url() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("addons")).unwrap();
+    std::fs::write(work.path().join("addons/echo.wasm"), bundled_addon("echo")).unwrap();
+    std::fs::write(work.path().join("sockhost.toml"), "[server]\nport = 0\npublic_host = \"shop.example\"\n")
+        .unwrap();
+    let mut command = Command::new(BIN);
+    command.current_dir(work.path()).stderr(Stdio::piped()).stdout(Stdio::null()).env("RUST_LOG", "info");
+    for key in
+        ["SOCKHOST_CONFIG", "SOCKHOST_LISTEN", "SOCKHOST_PORT", "SOCKHOST_PUBLIC_HOST", "SOCKHOST_ADDONS_DIR"]
+    {
+        command.env_remove(key);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let mounted = loop {
+        let line = strip_ansi(&lines.next().expect("log line").unwrap());
+        seen.push(line.clone());
+        if line.contains("mounted ws://") {
+            break line;
+        }
+        assert!(seen.len() < 50, "no mounted line: {seen:#?}");
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let port = seen
+        .iter()
+        .find_map(|l| l.split("listening on ").nth(1))
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|addr| addr.rsplit(':').next())
+        .unwrap()
+        .to_owned();
+    assert!(mounted.contains(&format!("ws://shop.example:{port}/ws/echo")), "{mounted}");
+}
+
+#[test]
+fn a_port_in_use_stops_start_up_with_one_line_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let work = tempfile::tempdir().unwrap();
+    let (code, output) = run_to_exit(work.path(), &["--listen", "127.0.0.1", "--port", &port], &[]);
+    assert_ne!(code, 0);
+    let line = output.lines().find(|l| l.contains("error")).unwrap_or_else(|| panic!("{output}"));
+    assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
+    assert!(line.contains("already in use") && line.contains("--port"), "{line}");
+}
+
+#[test]
+fn bad_config_values_stop_start_up_naming_the_key() {
+    let work = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str); 3] = [
+        ("[server]\nport = \"http\"\n", "port"),
+        ("[server]\nlisten_addr = \"0.0.0.0\"\n", "listen_addr"),
+        ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+    ];
+    for (text, key) in cases {
+        std::fs::write(work.path().join("sockhost.toml"), text).unwrap();
+        let (code, output) = run_to_exit(work.path(), &[], &[]);
+        assert_ne!(code, 0, "{text}");
+        assert!(output.contains(key) && output.contains("sockhost.toml"), "{text}: {output}");
+    }
+    std::fs::remove_file(work.path().join("sockhost.toml")).unwrap();
+
+    let (code, output) = run_to_exit(work.path(), &[], &[("SOCKHOST_PORT", "eighty")]);
+    assert_ne!(code, 0);
+    assert!(output.contains("--port") && output.contains("eighty"), "{output}");
+    let (code, output) = run_to_exit(work.path(), &["--config", "missing.toml"], &[]);
+    assert_ne!(code, 0);
+    assert!(output.contains("missing.toml"), "{output}");
+}
+
+#[test]
+fn help_explains_every_setting() {
+    let work = tempfile::tempdir().unwrap();
+    let (code, output) = run_to_exit(work.path(), &["--help"], &[]);
+    assert_eq!(code, 0);
+    for needle in [
+        "--listen",
+        "--port",
+        "--public-host",
+        "--addons-dir",
+        "--config",
+        "SOCKHOST_PORT",
+        "8080",
+        "0.0.0.0",
+    ] {
+        assert!(output.contains(needle), "--help lacks {needle}: {output}");
+    }
+}

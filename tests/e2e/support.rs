@@ -1,0 +1,251 @@
+//! Shared helpers for the end-to-end tests: servers on loopback (in-process or the real
+//! binary), WebSocket clients, raw HTTP, addon files, and a capture of the server's log.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for something that should happen promptly before it fails.
+/// This guards against hangs; it is never a performance assertion.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// A bundled addon, as built by scripts/build-addons into addons/<name>.wasm.
+pub fn bundled_addon(name: &str) -> Vec<u8> {
+    read_built(&repo_root().join("addons").join(format!("{name}.wasm")))
+}
+
+/// A test addon from tests/addons, as built by scripts/build-addons.
+pub fn test_addon(name: &str) -> Vec<u8> {
+    let dir = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => repo_root().join("target"),
+    };
+    read_built(&dir.join("test-addons").join(format!("{name}.wasm")))
+}
+
+fn read_built(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|err| {
+        panic!("cannot read {}: {err}. Build the addons first: scripts/build-addons", path.display())
+    })
+}
+
+/// Writes addon files into a fresh directory.
+pub fn addons_dir(files: &[(&str, &[u8])]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (file, bytes) in files {
+        std::fs::write(dir.path().join(file), bytes).unwrap();
+    }
+    dir
+}
+
+/// A server running in this process on 127.0.0.1 with a free port.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub addon_names: Vec<String>,
+    dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl TestServer {
+    /// Starts a server whose addons directory holds `files` (file name, bytes).
+    pub async fn start(files: &[(&str, &[u8])]) -> TestServer {
+        capture_logs();
+        let dir = addons_dir(files);
+        let config = sockhost::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            addons_dir: dir.path().to_owned(),
+            limits: sockhost::ServerLimits { max_connections: 64, ..Default::default() },
+            ..Default::default()
+        };
+        let server = sockhost::Server::start(config).await.expect("server starts");
+        let addr = server.local_addr();
+        let addon_names = server.addon_names();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(server.run_until(async {
+            let _ = stopped.await;
+        }));
+        TestServer { addr, addon_names, dir, stop: Some(stop) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    pub fn addons_path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub async fn connect(&self, path: &str) -> Client {
+        Client::connect(&self.url(path)).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A WebSocket client whose reads fail the test instead of hanging.
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timed out")
+            .unwrap_or_else(|err| panic!("connect to {url}: {err}"));
+        Client { ws }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    pub async fn send_binary(&mut self, data: &[u8]) {
+        self.ws.send(Message::binary(data.to_vec())).await.expect("send");
+    }
+
+    /// The next data or close message.
+    pub async fn recv(&mut self) -> Message {
+        loop {
+            let message = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("no message from the server in time")
+                .expect("the stream ended")
+                .expect("read failed");
+            match message {
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn recv_text(&mut self) -> String {
+        match self.recv().await {
+            Message::Text(text) => text.as_str().to_owned(),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+
+    pub async fn recv_json(&mut self) -> Value {
+        let text = self.recv_text().await;
+        serde_json::from_str(&text).unwrap_or_else(|err| panic!("not JSON ({err}): {text}"))
+    }
+
+    /// Reads until the server's close frame and returns its code and reason.
+    pub async fn recv_close(&mut self) -> (u16, String) {
+        match self.recv().await {
+            Message::Close(Some(frame)) => (frame.code.into(), frame.reason.as_str().to_owned()),
+            Message::Close(None) => (1005, String::new()),
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+
+    pub async fn close(mut self, code: u16, reason: &str) {
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let frame = CloseFrame { code: code.into(), reason: reason.into() };
+        self.ws.close(Some(frame)).await.expect("close");
+        // Read until the server answers the close.
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(PATIENCE, self.ws.next()).await {}
+    }
+}
+
+/// Sends a raw HTTP request and returns the status code and the whole response text.
+pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .expect("no HTTP response in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    (status, text)
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")).await
+}
+
+// ---- log capture ---------------------------------------------------------------------
+
+static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends the server's log (all tests in this process) into a buffer that
+/// [`log_lines`] reads. Installed once.
+pub fn capture_logs() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let filter = tracing_subscriber::EnvFilter::new("debug");
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(|| LogWriter).init();
+    });
+}
+
+/// Captured log lines that contain every one of `needles`. A needle `conn=N` matches
+/// that connection id exactly (not `conn=N0`).
+pub fn log_lines(needles: &[&str]) -> Vec<String> {
+    let log = LOG.lock().unwrap();
+    String::from_utf8_lossy(&log)
+        .lines()
+        .filter(|line| needles.iter().all(|n| contains_field(line, n)))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn contains_field(line: &str, needle: &str) -> bool {
+    if !needle.starts_with("conn=") {
+        return line.contains(needle);
+    }
+    line.match_indices(needle)
+        .any(|(at, _)| !line[at + needle.len()..].starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// Waits until a log line containing every needle appears, and returns it.
+pub async fn wait_for_log(needles: &[&str]) -> String {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(line) = log_lines(needles).into_iter().next() {
+            return line;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no log line with {needles:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
