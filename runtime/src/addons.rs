@@ -1,8 +1,9 @@
 //! Finding, checking and compiling addons, and making one instance per connection.
 //!
 //! An addon is `<dir>/<name>.wasm`: a WebAssembly component targeting the
-//! `sockhost:addon/addon` world. Loading is all-or-nothing per file and never fatal for
-//! the server: a file that fails is reported with its path and the exact reason
+//! `sockhost:addon/addon` world, with an optional manifest `<dir>/<name>.toml` that sets
+//! its policy (see [`crate::policy`]). Loading is all-or-nothing per file and never fatal
+//! for the server: a file that fails is reported with its path and the exact reason
 //! ([`LoadError`]) and skipped, and the rest still mount.
 //!
 //! Each file is compiled once, on its own thread, then linked into an [`AddonPre`]
@@ -13,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use wasmtime::component::{Component, Linker};
@@ -20,6 +22,8 @@ use wasmtime::{Engine, Store};
 
 use crate::bindings::{Addon, AddonPre};
 use crate::host::HostState;
+use crate::policy::{AddonPolicy, ManifestError};
+use crate::sandbox;
 
 /// Why an addon file was not mounted.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +46,8 @@ pub enum LoadError {
     Link(anyhow::Error),
     #[error("does not export the sockhost:addon/handler@0.1.0 interface: {0:#}")]
     WrongWorld(anyhow::Error),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
 }
 
 /// A compiled, linked addon, ready to instantiate once per connection.
@@ -49,6 +55,9 @@ pub struct LoadedAddon {
     name: String,
     path: PathBuf,
     pre: AddonPre<HostState>,
+    policy: AddonPolicy,
+    /// Connections open to this addon now.
+    open_connections: AtomicU32,
 }
 
 impl LoadedAddon {
@@ -62,13 +71,41 @@ impl LoadedAddon {
         &self.path
     }
 
-    /// A fresh instance of the addon with its own store, for one connection.
+    /// The policy from the addon's manifest (or the defaults).
+    pub fn policy(&self) -> &AddonPolicy {
+        &self.policy
+    }
+
+    /// Connections open to this addon now.
+    pub fn open_connections(&self) -> u32 {
+        self.open_connections.load(Ordering::Relaxed)
+    }
+
+    /// Reserves one of the addon's `max_connections`; released when the guard drops.
+    pub(crate) fn reserve_connection(self: &Arc<Self>) -> Option<AddonSlot> {
+        let max = self.policy.max_connections;
+        self.open_connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| (open < max).then_some(open + 1))
+            .ok()
+            .map(|_| AddonSlot(self.clone()))
+    }
+
+    /// A fresh instance of the addon with its own store and limits, for one connection.
     pub async fn instantiate(&self, state: HostState) -> wasmtime::Result<(Store<HostState>, Addon)> {
         let mut store = Store::new(self.pre.engine(), state);
-        // A guest still running when the epoch ticks yields to the scheduler and goes on.
-        store.epoch_deadline_async_yield_and_update(1);
+        sandbox::install(&mut store);
+        sandbox::start_callback(&mut store);
         let instance = self.pre.instantiate_async(&mut store).await?;
         Ok((store, instance))
+    }
+}
+
+/// One of an addon's connection slots, held for the life of a connection.
+pub(crate) struct AddonSlot(Arc<LoadedAddon>);
+
+impl Drop for AddonSlot {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -152,13 +189,14 @@ pub fn load_file(engine: &Engine, linker: &Linker<HostState>, path: &Path) -> Re
     }
     let bytes = std::fs::read(path)?;
     check_header(&bytes)?;
+    let policy = AddonPolicy::for_addon(path)?;
 
     let started = Instant::now();
     let component = Component::from_binary(engine, &bytes).map_err(|e| LoadError::Compile(e.into()))?;
     let instance_pre = linker.instantiate_pre(&component).map_err(|e| LoadError::Link(e.into()))?;
     let pre = AddonPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(e.into()))?;
     tracing::debug!(addon = %stem, elapsed_ms = started.elapsed().as_millis() as u64, "compiled");
-    Ok(LoadedAddon { name: stem, path: path.to_owned(), pre })
+    Ok(LoadedAddon { name: stem, path: path.to_owned(), pre, policy, open_connections: AtomicU32::new(0) })
 }
 
 /// Addon names become URL path segments: keep them to a safe, unambiguous alphabet.

@@ -76,6 +76,7 @@ struct FileServer {
 struct FileLimits {
     max_connections: Option<u32>,
     handshake_timeout_ms: Option<u64>,
+    drain_timeout_ms: Option<u64>,
 }
 
 /// The validated configuration the server runs with.
@@ -101,11 +102,19 @@ pub struct ServerLimits {
     /// How long a client may take to send its complete HTTP upgrade request.
     /// File key `limits.handshake_timeout_ms`; default 10 s.
     pub handshake_timeout: Duration,
+    /// On SIGINT/SIGTERM, how long open connections get to close (1001, then each
+    /// addon's `on-close`) before the process exits anyway.
+    /// File key `limits.drain_timeout_ms`; default 10 s.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServerLimits {
     fn default() -> Self {
-        ServerLimits { max_connections: 10_000, handshake_timeout: Duration::from_secs(10) }
+        ServerLimits {
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -166,6 +175,9 @@ impl Config {
                 bail!("invalid value for limits.handshake_timeout_ms: must be at least 1");
             }
             limits.handshake_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = file.limits.drain_timeout_ms {
+            limits.drain_timeout = Duration::from_millis(ms);
         }
 
         Ok(Config { listen: SocketAddr::new(listen_ip, port), public_host, addons_dir, limits })

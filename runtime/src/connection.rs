@@ -3,7 +3,7 @@
 //! The data path is one straight line, run by one task per connection:
 //!
 //! ```text
-//! socket ─► Reader ─► pending (bounded) ─► instance.on-message ─► session.send-* ─► socket
+//! socket ─► Reader ─► limits ─► pending (bounded) ─► instance.on-message ─► session.send-* ─► socket
 //! ```
 //!
 //! Callbacks on the instance never overlap and see messages in arrival order. While a
@@ -12,27 +12,35 @@
 //! in a small queue ([`MAX_PENDING`]). When that queue is full the task stops reading,
 //! and TCP flow control slows the client down.
 //!
+//! Between callbacks the task also keeps the connection honest: it pings a silent client
+//! and drops one that does not answer, closes an idle one, enforces the message rate, and
+//! closes with 1001 when the server shuts down.
+//!
 //! Every way a connection ends goes through [`AddonConnection::serve`], so `on-close`
-//! runs exactly once: with the client's close code, with the code the host sent after a
-//! protocol error, or with 1006 when the peer vanished. It does not run after `on-open`
-//! refused the connection or after the instance trapped (a trapped instance cannot be
-//! entered again).
+//! runs exactly once: with the client's close code, with the code the host sent, or with
+//! 1006 when the peer vanished. It does not run after `on-open` refused the connection or
+//! after the instance failed (a trapped instance cannot be entered again).
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+use tokio_util::sync::CancellationToken;
 use wasmtime::{Store, Trap};
 
 use crate::bindings::{Addon, Message};
-use crate::error::{Envelope, FailureKind, close_code};
+use crate::error::{Envelope, FailureCounts, FailureKind, close_code};
 use crate::host::HostState;
+use crate::policy::AddonPolicy;
+use crate::sandbox::{self, LimitHit, TokenBucket};
 
 /// Client messages read ahead while a callback runs, before reading pauses.
 pub const MAX_PENDING: usize = 16;
@@ -51,6 +59,7 @@ enum Inbound {
     },
     /// The client broke the protocol; the host must close with this code.
     Broken {
+        kind: FailureKind,
         code: u16,
         reason: String,
     },
@@ -60,6 +69,8 @@ enum Inbound {
 struct Reader {
     stream: SplitStream<WebSocketStream<TcpStream>>,
     finished: bool,
+    /// When the last frame of any kind (pongs included) arrived.
+    last_frame: Instant,
 }
 
 impl Reader {
@@ -74,7 +85,10 @@ impl Reader {
                 Some(Ok(WsMessage::Text(text))) => Inbound::Message(Message::Text(text.as_str().to_owned())),
                 Some(Ok(WsMessage::Binary(data))) => Inbound::Message(Message::Binary(data.to_vec())),
                 // tungstenite queues the pong itself and flushes it with the next read or write.
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {
+                    self.last_frame = Instant::now();
+                    continue;
+                }
                 Some(Ok(WsMessage::Close(frame))) => match frame {
                     Some(frame) => {
                         Inbound::Closed { code: frame.code.into(), reason: frame.reason.as_str().to_owned() }
@@ -84,6 +98,7 @@ impl Reader {
                 Some(Err(err)) => classify_read_error(err),
                 None => Inbound::Closed { code: close_code::ABNORMAL, reason: String::new() },
             };
+            self.last_frame = Instant::now();
             if !matches!(event, Inbound::Message(_)) {
                 self.finished = true;
             }
@@ -93,18 +108,23 @@ impl Reader {
 }
 
 fn classify_read_error(err: WsError) -> Inbound {
+    let broken = |kind, code, reason: String| Inbound::Broken { kind, code, reason };
     match err {
-        WsError::Utf8(_) => Inbound::Broken {
-            code: close_code::INVALID_DATA,
-            reason: "text frame is not valid UTF-8".to_owned(),
-        },
-        WsError::Capacity(cap) => Inbound::Broken { code: close_code::TOO_BIG, reason: cap.to_string() },
+        WsError::Utf8(_) => {
+            broken(FailureKind::InvalidUtf8, close_code::INVALID_DATA, "text frame is not valid UTF-8".into())
+        }
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => broken(
+            FailureKind::Oversize,
+            close_code::TOO_BIG,
+            format!("message of {size} bytes exceeds the limit of {max_size}"),
+        ),
+        WsError::Capacity(cap) => broken(FailureKind::Oversize, close_code::TOO_BIG, cap.to_string()),
         // EOF without a close frame: the peer vanished.
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
             Inbound::Closed { code: close_code::ABNORMAL, reason: String::new() }
         }
         WsError::Protocol(protocol) => {
-            Inbound::Broken { code: close_code::PROTOCOL_ERROR, reason: protocol.to_string() }
+            broken(FailureKind::Protocol, close_code::PROTOCOL_ERROR, protocol.to_string())
         }
         other => {
             tracing::debug!(error = %other, "connection lost");
@@ -113,31 +133,59 @@ fn classify_read_error(err: WsError) -> Inbound {
     }
 }
 
+/// What the connection task woke up for.
+enum Wake {
+    Event(Inbound),
+    /// A keep-alive deadline (idle, ping, pong) passed.
+    Timer,
+    Shutdown,
+}
+
 /// A connection served by its own addon instance.
 pub(crate) struct AddonConnection {
     store: Store<HostState>,
     instance: Addon,
     reader: Reader,
     pending: VecDeque<Inbound>,
+    policy: Arc<AddonPolicy>,
+    failures: Arc<FailureCounts>,
+    shutdown: CancellationToken,
+    rate: Option<TokenBucket>,
+    last_message: Instant,
+    ping_sent: Option<Instant>,
 }
 
 impl AddonConnection {
     /// Joins an instance (made before the upgrade) with the upgraded socket.
-    pub(crate) fn new(mut store: Store<HostState>, instance: Addon, ws: WebSocketStream<TcpStream>) -> Self {
+    pub(crate) fn new(
+        mut store: Store<HostState>,
+        instance: Addon,
+        ws: WebSocketStream<TcpStream>,
+        policy: Arc<AddonPolicy>,
+        failures: Arc<FailureCounts>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (sink, stream) = ws.split();
         store.data_mut().session.attach(sink);
+        let now = Instant::now();
         AddonConnection {
             store,
             instance,
-            reader: Reader { stream, finished: false },
+            reader: Reader { stream, finished: false, last_frame: now },
             pending: VecDeque::with_capacity(MAX_PENDING),
+            rate: policy.message_rate.map(|rate| TokenBucket::new(rate.per_second, rate.burst)),
+            policy,
+            failures,
+            shutdown,
+            last_message: now,
+            ping_sent: None,
         }
     }
 
     /// Runs the connection to its end.
     pub(crate) async fn serve(mut self) {
         let info = self.store.data().session.info().clone();
-        self.store.set_epoch_deadline(1);
+        sandbox::start_callback(&mut self.store);
         let handler = self.instance.sockhost_addon_handler();
         let opened =
             read_while(handler.call_on_open(&mut self.store, &info), &mut self.reader, &mut self.pending)
@@ -150,32 +198,56 @@ impl AddonConnection {
                 self.finish_close().await;
                 return;
             }
-            Err(err) => return self.trapped("on-open", err).await,
+            Err(err) => return self.failed("on-open", err).await,
         }
 
         let (code, reason) = loop {
-            match self.next_event().await {
+            let event = match self.wake().await {
+                Wake::Event(event) => event,
+                Wake::Timer => {
+                    self.keep_alive().await;
+                    continue;
+                }
+                Wake::Shutdown => {
+                    self.store.data_mut().session.close(close_code::GOING_AWAY, "server shutting down").await;
+                    continue;
+                }
+            };
+            match event {
                 Inbound::Message(message) => {
                     if self.store.data().session.close_sent().is_some() {
                         // After a close frame went out, data from the client is discarded (RFC 6455 §5.5.1).
                         continue;
                     }
-                    self.store.set_epoch_deadline(1);
+                    self.last_message = Instant::now();
+                    if let Some(rate) = self.rate.as_mut()
+                        && !rate.try_take()
+                    {
+                        let limit = self.policy.message_rate.map(|r| r.per_second).unwrap_or_default();
+                        self.fail_client(
+                            FailureKind::RateLimited,
+                            close_code::POLICY,
+                            &format!("rate limit: more than {limit} messages per second"),
+                        )
+                        .await;
+                        continue;
+                    }
+                    sandbox::start_callback(&mut self.store);
                     let handler = self.instance.sockhost_addon_handler();
                     let call = handler.call_on_message(&mut self.store, &message);
                     match read_while(call, &mut self.reader, &mut self.pending).await {
                         Ok(Ok(())) => {}
                         Ok(Err(reason)) => {
-                            tracing::warn!(code = FailureKind::AddonError.code(), cause = %reason, "on-message returned an error");
+                            self.failures.record(FailureKind::AddonError);
+                            tracing::warn!(kind = FailureKind::AddonError.code(), cause = %reason, "on-message returned an error");
                             self.send_error(FailureKind::AddonError, &reason).await;
                         }
-                        Err(err) => return self.trapped("on-message", err).await,
+                        Err(err) => return self.failed("on-message", err).await,
                     }
                 }
                 Inbound::Closed { code, reason } => break (code, reason),
-                Inbound::Broken { code, reason } => {
-                    tracing::info!(code, cause = %reason, "client broke the protocol; closing");
-                    self.store.data_mut().session.close(code, &reason).await;
+                Inbound::Broken { kind, code, reason } => {
+                    self.fail_client(kind, code, &reason).await;
                     break (code, reason);
                 }
             }
@@ -184,28 +256,95 @@ impl AddonConnection {
         // Flushes tungstenite's reply to the client's close frame before running on-close.
         self.store.data_mut().session.shutdown().await;
         tracing::debug!(code, reason = %reason, "connection closed");
-        self.store.set_epoch_deadline(1);
+        sandbox::start_callback(&mut self.store);
         let handler = self.instance.sockhost_addon_handler();
         if let Err(err) = handler.call_on_close(&mut self.store, code, &reason).await {
-            tracing::error!(stage = "on-close", cause = %describe(&err), "addon trapped");
+            let (kind, cause) = self.classify(&err);
+            self.failures.record(kind);
+            tracing::error!(stage = "on-close", kind = kind.code(), cause = %cause, "addon failed");
         }
     }
 
-    /// The next client event, from the read-ahead queue first. Once the host sent a
-    /// close frame, waits at most [`CLOSE_HANDSHAKE_TIMEOUT`] for the client's answer.
-    async fn next_event(&mut self) -> Inbound {
+    /// Waits for the next thing to do: a client event (from the read-ahead queue first),
+    /// a keep-alive deadline, or shutdown. Once the host sent a close frame, the client
+    /// gets [`CLOSE_HANDSHAKE_TIMEOUT`] to answer it.
+    async fn wake(&mut self) -> Wake {
         if let Some(event) = self.pending.pop_front() {
-            return event;
+            return Wake::Event(event);
         }
-        match self.store.data().session.close_sent() {
-            None => self.reader.next().await,
-            Some((code, reason)) => {
-                let (code, reason) = (*code, reason.clone());
-                tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, self.reader.next())
-                    .await
-                    .unwrap_or(Inbound::Closed { code, reason })
+        let session = &self.store.data().session;
+        if let Some((code, reason)) = session.close_sent() {
+            let gone = Inbound::Closed { code: *code, reason: reason.clone() };
+            if session.stalled() {
+                self.failures.record(FailureKind::SlowClient);
+                tracing::warn!(
+                    kind = FailureKind::SlowClient.code(),
+                    timeout_s = self.policy.send_timeout.as_secs(),
+                    "client stopped reading; socket dropped"
+                );
+                return Wake::Event(gone);
+            }
+            return match tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, self.reader.next()).await {
+                Ok(event) => Wake::Event(event),
+                Err(_) => Wake::Event(gone),
+            };
+        }
+        let deadline = self.next_deadline();
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Wake::Shutdown,
+            event = self.reader.next() => Wake::Event(event),
+            _ = tokio::time::sleep_until(deadline) => Wake::Timer,
+        }
+    }
+
+    /// The next keep-alive deadline: idle timeout, ping due, or pong overdue.
+    fn next_deadline(&self) -> Instant {
+        let idle = self.last_message + self.policy.idle_timeout;
+        let ping = match self.ping_sent {
+            Some(sent) => sent + self.policy.ping_interval,
+            None => self.reader.last_frame + self.policy.ping_interval,
+        };
+        idle.min(ping)
+    }
+
+    async fn keep_alive(&mut self) {
+        let now = Instant::now();
+        if now >= self.last_message + self.policy.idle_timeout {
+            let idle = self.policy.idle_timeout.as_secs();
+            self.fail_client(
+                FailureKind::Idle,
+                close_code::NORMAL,
+                &format!("idle timeout: no message for {idle} s"),
+            )
+            .await;
+            return;
+        }
+        if let Some(sent) = self.ping_sent {
+            if self.reader.last_frame >= sent {
+                self.ping_sent = None;
+            } else if now >= sent + self.policy.ping_interval {
+                self.failures.record(FailureKind::Unresponsive);
+                tracing::info!(
+                    kind = FailureKind::Unresponsive.code(),
+                    "ping unanswered; dropping the connection"
+                );
+                self.pending.push_back(Inbound::Closed { code: close_code::ABNORMAL, reason: String::new() });
+                self.reader.finished = true;
+                return;
             }
         }
+        if self.ping_sent.is_none() && now >= self.reader.last_frame + self.policy.ping_interval {
+            self.store.data_mut().session.ping().await;
+            self.ping_sent = Some(now);
+        }
+    }
+
+    /// The client broke a rule: count it, log it, close with `code`.
+    async fn fail_client(&mut self, kind: FailureKind, code: u16, reason: &str) {
+        self.failures.record(kind);
+        tracing::info!(kind = kind.code(), code, cause = %reason, "closing the connection");
+        self.store.data_mut().session.close(code, reason).await;
     }
 
     async fn send_error(&mut self, kind: FailureKind, message: &str) {
@@ -214,20 +353,42 @@ impl AddonConnection {
         let _ = self.store.data_mut().session.send(WsMessage::text(frame)).await;
     }
 
-    /// The instance trapped: tell the client, close with 1011, never enter it again.
-    async fn trapped(mut self, stage: &'static str, err: wasmtime::Error) {
-        let cause = describe(&err);
-        tracing::error!(stage, code = FailureKind::AddonTrap.code(), cause = %cause, "addon trapped; closing with 1011");
+    /// Names why a call into the instance failed.
+    fn classify(&self, err: &wasmtime::Error) -> (FailureKind, String) {
+        match self.store.data().limits.hit() {
+            Some(LimitHit::Cpu) => (
+                FailureKind::AddonTimeout,
+                format!("exceeded its CPU limit of {} ms", self.policy.cpu_limit.as_millis()),
+            ),
+            Some(LimitHit::Memory) => (
+                FailureKind::AddonOom,
+                format!("exceeded its memory limit of {} bytes", self.policy.memory_limit),
+            ),
+            None => (FailureKind::AddonTrap, format!("crashed: {}", describe(err))),
+        }
+    }
+
+    /// The instance failed (trap, CPU or memory limit): tell the client, close with
+    /// 1011, never enter the instance again.
+    async fn failed(mut self, stage: &'static str, err: wasmtime::Error) {
+        let (kind, cause) = self.classify(&err);
+        self.failures.record(kind);
+        tracing::error!(stage, kind = kind.code(), cause = %cause, detail = %describe(&err), "addon failed; closing with 1011");
         let addon = self.store.data().session.info().addon.clone();
-        self.send_error(FailureKind::AddonTrap, &format!("addon '{addon}' crashed: {cause}")).await;
-        self.store.data_mut().session.close(close_code::INTERNAL_ERROR, "addon crashed").await;
+        self.send_error(kind, &format!("addon '{addon}' {cause}")).await;
+        self.store.data_mut().session.close(close_code::INTERNAL_ERROR, kind.code()).await;
         self.finish_close().await;
     }
 
     /// After the host sent a close frame: waits for the client's close (bounded) so the
     /// frames before it are not lost to a reset, then shuts the socket.
     async fn finish_close(&mut self) {
-        while !matches!(self.next_event().await, Inbound::Closed { .. } | Inbound::Broken { .. }) {}
+        loop {
+            match self.wake().await {
+                Wake::Event(Inbound::Closed { .. } | Inbound::Broken { .. }) => break,
+                _ => continue,
+            }
+        }
         self.store.data_mut().session.shutdown().await;
     }
 }

@@ -5,30 +5,103 @@
 //! the seed protocol's error envelope) and whether the connection survives it. Keeping the
 //! mapping here means the connection task branches on a type, never on strings.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::Serialize;
 
-/// A failure on one connection that the client is told about.
+/// Every way a connection can fail, on either side. Each one is logged with the addon
+/// and connection id and counted in [`FailureCounts`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
-    /// `on-message` returned `err(reason)`. The connection stays open.
+    /// `on-message` returned `err(reason)`. Error frame; the connection stays open.
     AddonError,
-    /// The instance trapped (a panic, `unreachable`, an out-of-bounds access, ...).
-    /// The instance is unusable, so the connection is closed with 1011.
+    /// The instance trapped (a panic, `unreachable`, an out-of-bounds access, stack
+    /// overflow...). Error frame, then close 1011: the instance is unusable.
     AddonTrap,
+    /// A callback ran past the addon's `cpu_limit_ms`. Error frame, then close 1011.
+    AddonTimeout,
+    /// The instance needed more memory than the addon's `memory_limit`. Error frame,
+    /// then close 1011.
+    AddonOom,
+    /// The client sent faster than `messages_per_second`. Close 1008.
+    RateLimited,
+    /// A client message was larger than `max_message_bytes`. Close 1009.
+    Oversize,
+    /// A text frame was not valid UTF-8. Close 1007.
+    InvalidUtf8,
+    /// The client broke the WebSocket protocol otherwise. Close 1002.
+    Protocol,
+    /// No client message for `idle_timeout_s`. Close 1000.
+    Idle,
+    /// A ping went unanswered for `ping_interval_s`: the peer is gone. Socket dropped.
+    Unresponsive,
+    /// The client did not read for `send_timeout_s` while the addon sent. Socket dropped.
+    SlowClient,
+    /// `Origin` not in the addon's `allowed_origins`. HTTP 403 before the upgrade.
+    Origin,
+    /// The addon's or the server's connection limit was reached. HTTP 503.
+    Capacity,
+    /// The request head did not arrive within the handshake timeout. HTTP 408.
+    HandshakeTimeout,
+    /// The request was not HTTP, or not a valid upgrade. HTTP 4xx.
+    BadRequest,
 }
 
 impl FailureKind {
-    /// The `code` field of the error frame.
+    /// Every kind, in a fixed order.
+    pub const ALL: [FailureKind; 15] = [
+        FailureKind::AddonError,
+        FailureKind::AddonTrap,
+        FailureKind::AddonTimeout,
+        FailureKind::AddonOom,
+        FailureKind::RateLimited,
+        FailureKind::Oversize,
+        FailureKind::InvalidUtf8,
+        FailureKind::Protocol,
+        FailureKind::Idle,
+        FailureKind::Unresponsive,
+        FailureKind::SlowClient,
+        FailureKind::Origin,
+        FailureKind::Capacity,
+        FailureKind::HandshakeTimeout,
+        FailureKind::BadRequest,
+    ];
+
+    /// The kind's name: the `code` of error frames, and the `kind` field of log lines.
     pub fn code(self) -> &'static str {
         match self {
             FailureKind::AddonError => "addon_error",
             FailureKind::AddonTrap => "addon_trap",
+            FailureKind::AddonTimeout => "addon_timeout",
+            FailureKind::AddonOom => "addon_oom",
+            FailureKind::RateLimited => "rate_limited",
+            FailureKind::Oversize => "oversize",
+            FailureKind::InvalidUtf8 => "invalid_utf8",
+            FailureKind::Protocol => "protocol",
+            FailureKind::Idle => "idle",
+            FailureKind::Unresponsive => "unresponsive",
+            FailureKind::SlowClient => "slow_client",
+            FailureKind::Origin => "origin",
+            FailureKind::Capacity => "capacity",
+            FailureKind::HandshakeTimeout => "handshake_timeout",
+            FailureKind::BadRequest => "bad_request",
         }
     }
+}
 
-    /// Whether the connection must be closed after this failure.
-    pub fn is_fatal(self) -> bool {
-        matches!(self, FailureKind::AddonTrap)
+/// Failures counted by kind since the server started.
+#[derive(Debug, Default)]
+pub struct FailureCounts {
+    counts: [AtomicU64; FailureKind::ALL.len()],
+}
+
+impl FailureCounts {
+    pub fn record(&self, kind: FailureKind) {
+        self.counts[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, kind: FailureKind) -> u64 {
+        self.counts[kind as usize].load(Ordering::Relaxed)
     }
 }
 
@@ -101,6 +174,17 @@ mod tests {
         assert_eq!(json, r#"{"type":"error","message":"boom","code":"addon_error"}"#);
         let json = Envelope::System { message: "hi" }.to_json();
         assert_eq!(json, r#"{"type":"system","message":"hi"}"#);
+    }
+
+    #[test]
+    fn kinds_index_their_own_counter() {
+        for (index, kind) in FailureKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, index);
+        }
+        let counts = FailureCounts::default();
+        counts.record(FailureKind::AddonOom);
+        assert_eq!(counts.get(FailureKind::AddonOom), 1);
+        assert_eq!(counts.get(FailureKind::AddonTrap), 0);
     }
 
     #[test]

@@ -77,17 +77,22 @@ pub async fn read_head(stream: &mut TcpStream) -> Result<(RequestHead, Vec<u8>),
             return Err(HeadError::Eof);
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let head = to_head(&request)?;
-                return Ok((head, buf.split_off(len)));
-            }
-            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
-            Ok(httparse::Status::Partial) => continue,
-            Err(err) => return Err(HeadError::Malformed(err.to_string())),
+        if let Some((head, len)) = parse_head(&buf)? {
+            return Ok((head, buf.split_off(len)));
         }
+    }
+}
+
+/// Parses a request head from the start of `buf`: `None` while it is incomplete, else the
+/// head and its length in bytes. Never panics, whatever the bytes.
+pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Ok(Some((to_head(&request)?, len))),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(err) => Err(HeadError::Malformed(err.to_string())),
     }
 }
 
@@ -201,6 +206,29 @@ fn reason_phrase(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Whatever arrives before the upgrade, parsing and checking it never panics.
+        #[test]
+        fn any_bytes_are_parsed_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Ok(Some((head, len))) = parse_head(&bytes) {
+                prop_assert!(len <= bytes.len());
+                let _ = check_upgrade(&head);
+            }
+        }
+
+        /// Valid-looking requests with arbitrary paths and header values.
+        #[test]
+        fn arbitrary_paths_and_headers_never_panic(path in "/[ -~]{0,40}", value in "[ -~]{0,40}") {
+            let request = format!("GET {path} HTTP/1.1\r\nUpgrade: {value}\r\nConnection: {value}\r\nSec-WebSocket-Key: {value}\r\n\r\n");
+            if let Ok(Some((head, _))) = parse_head(request.as_bytes()) {
+                let _ = check_upgrade(&head);
+            }
+        }
+    }
 
     fn head(method: &str, headers: &[(&str, &str)]) -> RequestHead {
         RequestHead {

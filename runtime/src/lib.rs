@@ -11,6 +11,8 @@
 //! - [`config`]: flags, environment and `sockhost.toml` → [`Config`];
 //! - [`engine`]: the wasmtime engine (pooling, async, epochs);
 //! - [`addons`]: scanning, checking and compiling addon files;
+//! - [`policy`]: addon manifests (`<name>.toml`): limits and grants;
+//! - [`sandbox`]: memory and CPU limits inside an instance's store;
 //! - [`server`]: listener and routing; `handshake`: HTTP head and upgrade;
 //! - `connection`: one connection's life, from upgrade to `on-close`;
 //! - [`host`]: the capabilities addons import (session, log, WASI);
@@ -24,9 +26,12 @@ pub mod engine;
 pub mod error;
 mod handshake;
 pub mod host;
+pub mod policy;
+pub mod sandbox;
 pub mod server;
 
 pub use config::{Cli, Config, ServerLimits};
+pub use error::{FailureCounts, FailureKind};
 pub use server::Server;
 
 /// Installs the log subscriber: human-readable lines on stderr, filtered by `RUST_LOG`

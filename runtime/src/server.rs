@@ -6,11 +6,18 @@
 //!   mounted addons, then an echo of every message;
 //! - `/ws/<name>`: the addon mounted as `<name>`, one instance per connection;
 //! - anything else: `404 Not Found`, without upgrading.
-
+//!
+//! Before an addon connection is upgraded the server checks, in order: the request is a
+//! valid upgrade (4xx), the `Origin` is allowed (403), the addon and the server have a
+//! free connection slot (503), and an instance can be made (503). Each refusal is logged
+//! and counted.
+//!
+//! Shutdown ([`Server::run_until`]): stop accepting, tell every connection to close with
+//! 1001, wait up to the drain timeout for them to finish (each runs its `on-close`).
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -18,14 +25,17 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::addons::{self, AddonSet, LoadedAddon};
 use crate::bindings::ConnectionInfo;
 use crate::config::Config;
 use crate::connection::AddonConnection;
-use crate::error::Envelope;
+use crate::error::{Envelope, FailureCounts, FailureKind};
 use crate::handshake::{self, HeadError, Rejection, RequestHead};
 use crate::host::{self, HostState};
 
@@ -33,8 +43,8 @@ use crate::host::{self, HostState};
 /// every read: it cost ~134 KB per connection and ~18% CPU when measured on a 2-core
 /// machine; 4 KiB costs ~7 KB and nothing measurable.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
-/// Largest message a client may send.
-const MAX_INBOUND_MESSAGE: usize = 16 << 20;
+/// Largest message a client may send to the built-in `/ws` endpoint; addons set their own.
+const BUILTIN_MAX_MESSAGE: usize = 64 << 10;
 
 /// A bound, loaded server, ready to [`run`](Server::run_until).
 pub struct Server {
@@ -48,6 +58,13 @@ struct Shared {
     config: Config,
     ws_config: WebSocketConfig,
     next_connection_id: AtomicU64,
+    /// Addon connections open now, against `limits.max_connections`.
+    open_connections: AtomicU32,
+    failures: Arc<FailureCounts>,
+    /// Cancelled when the server shuts down: every connection closes with 1001.
+    shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    tasks: TaskTracker,
 }
 
 impl Server {
@@ -90,9 +107,18 @@ impl Server {
 
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
-            .max_message_size(Some(MAX_INBOUND_MESSAGE))
-            .max_frame_size(Some(MAX_INBOUND_MESSAGE));
-        let shared = Shared { addons, config, ws_config, next_connection_id: AtomicU64::new(1) };
+            .max_message_size(Some(BUILTIN_MAX_MESSAGE))
+            .max_frame_size(Some(BUILTIN_MAX_MESSAGE));
+        let shared = Shared {
+            addons,
+            config,
+            ws_config,
+            next_connection_id: AtomicU64::new(1),
+            open_connections: AtomicU32::new(0),
+            failures: Arc::new(FailureCounts::default()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        };
         Ok(Server { listener, shared: Arc::new(shared) })
     }
 
@@ -106,7 +132,14 @@ impl Server {
         self.shared.addons.names().map(str::to_owned).collect()
     }
 
-    /// Accepts connections until `shutdown` completes, then stops accepting.
+    /// Failures counted by kind since start.
+    pub fn failures(&self) -> Arc<FailureCounts> {
+        self.shared.failures.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains: stops accepting, closes every
+    /// connection with 1001 (each addon's `on-close` runs), and returns when they are
+    /// done or the drain timeout has passed.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
@@ -114,7 +147,7 @@ impl Server {
                 _ = &mut shutdown => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        tokio::spawn(handle_tcp(self.shared.clone(), stream, peer));
+                        self.shared.tasks.spawn(handle_tcp(self.shared.clone(), stream, peer));
                     }
                     Err(err) => {
                         // Usually out of file descriptors: back off instead of spinning.
@@ -124,7 +157,23 @@ impl Server {
                 },
             }
         }
-        tracing::info!("stopped accepting connections");
+        drop(self.listener);
+        let open = self.shared.tasks.len();
+        let timeout = self.shared.config.limits.drain_timeout;
+        tracing::info!(
+            open,
+            timeout_ms = timeout.as_millis() as u64,
+            "shutting down: closing connections with 1001"
+        );
+        self.shared.shutdown.cancel();
+        self.shared.tasks.close();
+        match tokio::time::timeout(timeout, self.shared.tasks.wait()).await {
+            Ok(()) => tracing::info!("all connections closed"),
+            Err(_) => tracing::warn!(
+                left = self.shared.tasks.len(),
+                "drain timeout passed; exiting with connections open"
+            ),
+        }
     }
 }
 
@@ -164,31 +213,30 @@ fn route(path: &str) -> Route<'_> {
 async fn handle_tcp(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     // Streamed replies are many small frames: send each at once.
     let _ = stream.set_nodelay(true);
-    let (head, leftover) =
-        match tokio::time::timeout(shared.config.limits.handshake_timeout, handshake::read_head(&mut stream))
-            .await
-        {
-            Ok(Ok(read)) => read,
-            Ok(Err(err)) => {
-                tracing::debug!(%peer, "bad request head: {err}");
-                let rejection = match err {
-                    HeadError::TooLarge => Rejection::new(431, err.to_string()),
-                    HeadError::Malformed(_) => Rejection::new(400, err.to_string()),
-                    HeadError::Eof | HeadError::Io(_) => return,
-                };
-                let _ = handshake::write_rejection(&mut stream, &rejection).await;
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "handshake timed out");
-                let _ = handshake::write_rejection(
-                    &mut stream,
-                    &Rejection::new(408, "request head not received in time"),
-                )
-                .await;
-                return;
-            }
-        };
+    let read =
+        tokio::time::timeout(shared.config.limits.handshake_timeout, handshake::read_head(&mut stream)).await;
+    let (head, leftover) = match read {
+        Ok(Ok(read)) => read,
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, "bad request head: {err}");
+            let rejection = match err {
+                HeadError::TooLarge => Rejection::new(431, err.to_string()),
+                HeadError::Malformed(_) => Rejection::new(400, err.to_string()),
+                HeadError::Eof | HeadError::Io(_) => return,
+            };
+            shared.failures.record(FailureKind::BadRequest);
+            let _ = handshake::write_rejection(&mut stream, &rejection).await;
+            return;
+        }
+        Err(_) => {
+            shared.failures.record(FailureKind::HandshakeTimeout);
+            let kind = FailureKind::HandshakeTimeout.code();
+            tracing::info!(%peer, kind, "request head not received in time; dropped");
+            let rejection = Rejection::new(408, "request head not received in time");
+            let _ = handshake::write_rejection(&mut stream, &rejection).await;
+            return;
+        }
+    };
 
     let result = match route(&head.path) {
         Route::Builtin => serve_builtin(&shared, stream, &head, leftover).await,
@@ -235,13 +283,30 @@ fn mounted_list(shared: &Shared) -> String {
 
 /// Upgrades the socket; the request has already been checked.
 async fn upgrade(
-    shared: &Shared,
     mut stream: TcpStream,
     key: &str,
     leftover: Vec<u8>,
+    config: WebSocketConfig,
 ) -> std::io::Result<WebSocketStream<TcpStream>> {
     handshake::write_switching_protocols(&mut stream, key).await?;
-    Ok(WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(shared.ws_config)).await)
+    Ok(WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await)
+}
+
+/// One of the server's `limits.max_connections` slots, held for a connection's life.
+struct ServerSlot<'a>(&'a AtomicU32);
+
+impl<'a> ServerSlot<'a> {
+    fn reserve(open: &'a AtomicU32, max: u32) -> Option<ServerSlot<'a>> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| ServerSlot(open))
+    }
+}
+
+impl Drop for ServerSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 async fn serve_addon(
@@ -254,8 +319,40 @@ async fn serve_addon(
 ) -> std::io::Result<()> {
     let key = match handshake::check_upgrade(head) {
         Ok(key) => key.to_owned(),
-        Err(rejection) => return reject(&mut stream, rejection).await,
+        Err(rejection) => {
+            shared.failures.record(FailureKind::BadRequest);
+            return reject(&mut stream, rejection).await;
+        }
     };
+    let policy = addon.policy();
+    let origin = head.header("origin");
+    if !policy.allows_origin(origin) {
+        shared.failures.record(FailureKind::Origin);
+        let origin = origin.unwrap_or_default();
+        tracing::warn!(addon = addon.name(), %peer, origin, kind = FailureKind::Origin.code(), "origin not allowed; answering 403");
+        let rejection =
+            Rejection::new(403, format!("origin {origin} may not connect to addon '{}'", addon.name()));
+        return reject(&mut stream, rejection).await;
+    }
+    let max = shared.config.limits.max_connections;
+    let Some(_server_slot) = ServerSlot::reserve(&shared.open_connections, max) else {
+        shared.failures.record(FailureKind::Capacity);
+        tracing::warn!(addon = addon.name(), %peer, max, kind = FailureKind::Capacity.code(), "server connection limit reached; answering 503");
+        let rejection =
+            Rejection::new(503, format!("the server is at its limit of {max} connections; retry later"));
+        return reject(&mut stream, rejection).await;
+    };
+    let Some(_addon_slot) = addon.reserve_connection() else {
+        shared.failures.record(FailureKind::Capacity);
+        let max = policy.max_connections;
+        tracing::warn!(addon = addon.name(), %peer, max, kind = FailureKind::Capacity.code(), "addon connection limit reached; answering 503");
+        let rejection = Rejection::new(
+            503,
+            format!("addon '{}' is at its limit of {max} connections; retry later", addon.name()),
+        );
+        return reject(&mut stream, rejection).await;
+    };
+
     let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("conn", addon = addon.name(), conn = id);
     let info = ConnectionInfo {
@@ -269,22 +366,31 @@ async fn serve_addon(
 
     // The instance is made before the upgrade, so a failure is an HTTP 503 the client
     // can act on, not a socket that opens and dies.
-    let (store, instance) = match addon.instantiate(HostState::new(info)).instrument(span.clone()).await {
-        Ok(made) => made,
-        Err(err) => {
-            let cause = crate::connection::describe(&err);
-            span.in_scope(
-                || tracing::error!(cause = %cause, "cannot create an addon instance; answering 503"),
-            );
-            let rejection = Rejection::new(
-                503,
-                format!("addon '{}' cannot take a connection now: {cause}", addon.name()),
-            );
-            return reject(&mut stream, rejection).await;
-        }
-    };
-    let ws = upgrade(shared, stream, &key, leftover).await?;
-    AddonConnection::new(store, instance, ws).serve().instrument(span).await;
+    let (store, instance) =
+        match addon.instantiate(HostState::new(info, policy)).instrument(span.clone()).await {
+            Ok(made) => made,
+            Err(err) => {
+                let cause = crate::connection::describe(&err);
+                span.in_scope(
+                    || tracing::error!(cause = %cause, "cannot create an addon instance; answering 503"),
+                );
+                let rejection = Rejection::new(
+                    503,
+                    format!("addon '{}' cannot take a connection now: {cause}", addon.name()),
+                );
+                return reject(&mut stream, rejection).await;
+            }
+        };
+    let ws_config = shared
+        .ws_config
+        .max_message_size(Some(policy.max_message_bytes))
+        .max_frame_size(Some(policy.max_message_bytes));
+    let ws = upgrade(stream, &key, leftover, ws_config).await?;
+    let policy = Arc::new(policy.clone());
+    AddonConnection::new(store, instance, ws, policy, shared.failures.clone(), shared.shutdown.clone())
+        .serve()
+        .instrument(span)
+        .await;
     Ok(())
 }
 
@@ -299,7 +405,7 @@ async fn serve_builtin(
         Ok(key) => key.to_owned(),
         Err(rejection) => return reject(&mut stream, rejection).await,
     };
-    let mut ws = upgrade(shared, stream, &key, leftover).await?;
+    let mut ws = upgrade(stream, &key, leftover, shared.ws_config).await?;
     let greeting = format!(
         "sockhost test endpoint: messages you send are echoed back. Mounted addons: {} (connect to /ws/<addon>).",
         mounted_list(shared)
@@ -308,11 +414,21 @@ async fn serve_builtin(
     if ws.send(WsMessage::text(greeting)).await.is_err() {
         return Ok(());
     }
-    while let Some(Ok(message)) = ws.next().await {
+    loop {
+        let message = tokio::select! {
+            _ = shared.shutdown.cancelled() => {
+                let frame = CloseFrame { code: CloseCode::Away, reason: "server shutting down".into() };
+                let _ = ws.close(Some(frame)).await;
+                // Let the client answer the close before the socket goes.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+                return Ok(());
+            }
+            message = ws.next() => message,
+        };
         let reply = match message {
-            WsMessage::Text(_) | WsMessage::Binary(_) => message,
-            WsMessage::Close(_) => break,
-            _ => continue,
+            Some(Ok(message @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => message,
+            Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
+            Some(Ok(_)) => continue,
         };
         if ws.send(reply).await.is_err() {
             break;

@@ -1,4 +1,5 @@
 mod core;
+mod limits;
 mod loading;
 mod process;
 mod support;

@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::*;
@@ -13,7 +14,32 @@ struct Process {
     child: Child,
     /// Lines the process logged up to and including the "listening" line.
     startup: Vec<String>,
+    /// Every line the process logged so far.
+    log: Arc<Mutex<Vec<String>>>,
     port: u16,
+}
+
+impl Process {
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns whether it exited with success.
+    fn wait_exit(&mut self) -> bool {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(std::time::Instant::now() < deadline, "the process did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
 }
 
 impl Drop for Process {
@@ -58,7 +84,13 @@ fn spawn(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Process 
         }
     }
     // Keep draining the pipe so the process never blocks on a full stderr.
-    std::thread::spawn(move || while lines_rx.recv().is_ok() {});
+    let log = Arc::new(Mutex::new(startup.clone()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        while let Ok(line) = lines_rx.recv() {
+            sink.lock().unwrap().push(strip_ansi(&line));
+        }
+    });
     let port = startup
         .last()
         .and_then(|line| line.split("listening on ").nth(1))
@@ -68,7 +100,7 @@ fn spawn(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Process 
         .expect("port in the listening line");
     // The mounted lines come right after the listening line: give them a moment.
     std::thread::sleep(Duration::from_millis(100));
-    Process { child, startup, port }
+    Process { child, startup, log, port }
 }
 
 fn strip_ansi(line: &str) -> String {
@@ -215,4 +247,56 @@ fn help_explains_every_setting() {
     ] {
         assert!(output.contains(needle), "--help lacks {needle}: {output}");
     }
+}
+
+#[tokio::test]
+async fn sigterm_and_sigint_close_every_connection_with_1001_run_on_close_and_exit() {
+    for signal in ["-TERM", "-INT"] {
+        let work = tempfile::tempdir().unwrap();
+        std::fs::create_dir(work.path().join("addons")).unwrap();
+        std::fs::write(work.path().join("addons/testkit.wasm"), test_addon("testkit")).unwrap();
+        let mut process = spawn(work.path(), &["--listen", "127.0.0.1"], &[("SOCKHOST_PORT", "0")]);
+        let base = format!("ws://127.0.0.1:{}", process.port);
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let mut client = Client::connect(&format!("{base}/ws/testkit")).await;
+            assert_eq!(client.recv_text().await, "open");
+            clients.push(client);
+        }
+        let mut builtin = Client::connect(&format!("{base}/ws")).await;
+        builtin.recv_json().await;
+
+        process.signal(signal);
+        for client in &mut clients {
+            let (code, reason) = client.recv_close().await;
+            assert_eq!(code, 1001, "{signal}");
+            assert!(reason.contains("shutting down"), "{reason}");
+        }
+        assert_eq!(builtin.recv_close().await.0, 1001);
+        assert!(process.wait_exit(), "{signal}: exit status; log:\n{}", process.log_text());
+        let log = process.log_text();
+        assert_eq!(
+            log.matches("testkit on-close code=1001").count(),
+            3,
+            "{signal}: every on-close ran once:\n{log}"
+        );
+        assert!(log.contains("all connections closed"), "{log}");
+        // Nothing accepts connections any more.
+        assert!(std::net::TcpStream::connect(("127.0.0.1", process.port)).is_err());
+    }
+}
+
+#[tokio::test]
+async fn the_drain_timeout_bounds_shutdown() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("addons")).unwrap();
+    std::fs::write(work.path().join("addons/testkit.wasm"), test_addon("testkit")).unwrap();
+    std::fs::write(work.path().join("sockhost.toml"), "[limits]\ndrain_timeout_ms = 500\n").unwrap();
+    let mut process = spawn(work.path(), &["--listen", "127.0.0.1"], &[("SOCKHOST_PORT", "0")]);
+    // A client that never answers the close frame holds its connection open.
+    let mut stuck = Client::connect(&format!("ws://127.0.0.1:{}/ws/testkit", process.port)).await;
+    assert_eq!(stuck.recv_text().await, "open");
+    process.signal("-TERM");
+    assert!(process.wait_exit());
+    assert!(process.log_text().contains("drain timeout passed"), "{}", process.log_text());
 }

@@ -58,6 +58,7 @@ pub fn addons_dir(files: &[(&str, &[u8])]) -> tempfile::TempDir {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub addon_names: Vec<String>,
+    pub failures: std::sync::Arc<sockhost::FailureCounts>,
     dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -65,22 +66,32 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server whose addons directory holds `files` (file name, bytes).
     pub async fn start(files: &[(&str, &[u8])]) -> TestServer {
+        TestServer::start_with(files, |_| {}).await
+    }
+
+    /// Like [`TestServer::start`], with a chance to change the configuration.
+    pub async fn start_with(
+        files: &[(&str, &[u8])],
+        adjust: impl FnOnce(&mut sockhost::Config),
+    ) -> TestServer {
         capture_logs();
         let dir = addons_dir(files);
-        let config = sockhost::Config {
+        let mut config = sockhost::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             addons_dir: dir.path().to_owned(),
             limits: sockhost::ServerLimits { max_connections: 64, ..Default::default() },
             ..Default::default()
         };
+        adjust(&mut config);
         let server = sockhost::Server::start(config).await.expect("server starts");
         let addr = server.local_addr();
         let addon_names = server.addon_names();
+        let failures = server.failures();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(server.run_until(async {
             let _ = stopped.await;
         }));
-        TestServer { addr, addon_names, dir, stop: Some(stop) }
+        TestServer { addr, addon_names, failures, dir, stop: Some(stop) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -248,4 +259,89 @@ pub async fn wait_for_log(needles: &[&str]) -> String {
         assert!(tokio::time::Instant::now() < deadline, "no log line with {needles:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+// ---- hostile components --------------------------------------------------------------
+
+/// A component of the `addon` world, written in WAT, whose `on-message` misbehaves on
+/// command (the first byte of a text message):
+/// `l` loops forever, `m` grows memory until refused then traps (as Rust's allocator
+/// does), `s` overflows the stack, `u` hits `unreachable`, `d` divides by zero,
+/// `e` echoes the message, anything else answers "ok". No wasm toolchain involved.
+pub fn hostile_component() -> Vec<u8> {
+    const CORE: &str = r#"
+    (module
+      (import "sockhost:addon/session@0.1.0" "send-text" (func $send (param i32 i32 i32)))
+      (memory (export "memory") 1)
+      (global $heap (mut i32) (i32.const 1024))
+      (data (i32.const 32) "ok")
+
+      (func $realloc (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
+        (local $ret i32)
+        (local.set $ret
+          (i32.and (i32.add (global.get $heap) (i32.sub (local.get 2) (i32.const 1)))
+                   (i32.sub (i32.const 0) (local.get 2))))
+        (global.set $heap (i32.add (local.get $ret) (local.get 3)))
+        (block $done
+          (loop $grow
+            (br_if $done (i32.le_u (global.get $heap) (i32.mul (memory.size) (i32.const 65536))))
+            (br_if $done (i32.eq (memory.grow (i32.const 1)) (i32.const -1)))
+            (br $grow)))
+        (local.get $ret))
+
+      (func $recurse (param i64) (result i64)
+        (i64.add (call $recurse (i64.add (local.get 0) (i64.const 1))) (i64.const 1)))
+
+      (func (export "sockhost:addon/handler@0.1.0#on-open")
+        (param i64 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
+        (global.set $heap (i32.const 1024))
+        (i32.const 16))
+
+      (func (export "sockhost:addon/handler@0.1.0#on-message") (param $kind i32) (param $ptr i32) (param $len i32) (result i32)
+        (local $command i32)
+        (if (i32.gt_u (local.get $len) (i32.const 0))
+          (then (local.set $command (i32.load8_u (local.get $ptr)))))
+        (block $out
+          ;; l: spin forever
+          (if (i32.eq (local.get $command) (i32.const 108)) (then (loop $spin (br $spin))))
+          ;; m: grow until the host refuses, then trap like an allocator would
+          (if (i32.eq (local.get $command) (i32.const 109))
+            (then
+              (loop $more (br_if $more (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))
+              unreachable))
+          ;; s: unbounded recursion
+          (if (i32.eq (local.get $command) (i32.const 115)) (then (drop (call $recurse (i64.const 0)))))
+          ;; u: unreachable
+          (if (i32.eq (local.get $command) (i32.const 117)) (then unreachable))
+          ;; d: integer division by zero
+          (if (i32.eq (local.get $command) (i32.const 100))
+            (then (drop (i32.div_u (i32.const 1) (i32.sub (local.get $command) (i32.const 100))))))
+          ;; e: echo
+          (if (i32.eq (local.get $command) (i32.const 101))
+            (then (call $send (local.get $ptr) (local.get $len) (i32.const 48)) (br $out)))
+          (call $send (i32.const 32) (i32.const 2) (i32.const 48)))
+        (global.set $heap (i32.const 1024))
+        ;; A zeroed result area: ok.
+        (i32.const 16))
+
+      (func (export "sockhost:addon/handler@0.1.0#on-close") (param i32 i32 i32))
+    )"#;
+    let mut module = wat::parse_str(CORE).expect("hostile core module parses");
+    let mut resolve = wit_parser::Resolve::default();
+    let (package, _) = resolve.push_path(repo_root().join("wit")).expect("wit parses");
+    let world = resolve.select_world(&[package], Some("addon")).expect("addon world");
+    wit_component::embed_component_metadata(
+        &mut module,
+        &resolve,
+        world,
+        wit_component::StringEncoding::UTF8,
+        false,
+    )
+    .expect("metadata embeds");
+    wit_component::ComponentEncoder::default()
+        .module(&module)
+        .expect("module accepted")
+        .validate(true)
+        .encode()
+        .expect("component encodes")
 }

@@ -24,11 +24,14 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::{Addon, ConnectionInfo};
+use crate::policy::AddonPolicy;
+use crate::sandbox::InstanceLimits;
 
 /// The data of one addon instance's store: everything host calls may touch.
 pub struct HostState {
     pub(crate) session: session::Session,
     pub(crate) log: log::LogContext,
+    pub(crate) limits: InstanceLimits,
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -36,7 +39,7 @@ pub struct HostState {
 impl HostState {
     /// State for a new connection's instance. The socket is attached after the upgrade,
     /// with [`session::Session::attach`].
-    pub(crate) fn new(info: ConnectionInfo) -> HostState {
+    pub(crate) fn new(info: ConnectionInfo, policy: &AddonPolicy) -> HostState {
         let log = log::LogContext::new(&info.addon, info.id);
         let wasi = WasiCtx::builder()
             .stdout(log.guest_stdout())
@@ -45,7 +48,13 @@ impl HostState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        HostState { session: session::Session::new(info), log, wasi, table: ResourceTable::new() }
+        HostState {
+            session: session::Session::new(info, policy.send_timeout),
+            log,
+            limits: InstanceLimits::new(policy),
+            wasi,
+            table: ResourceTable::new(),
+        }
     }
 }
 

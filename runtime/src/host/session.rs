@@ -4,8 +4,14 @@
 //! ([`Session::attach`]); `send-text` / `send-binary` write one frame and flush it before
 //! returning to the guest, so a reply streams to the client while the addon is still
 //! running. When the client reads slowly the write waits, which pauses the addon: the
-//! backpressure reaches the producer instead of growing a buffer. The read half stays
-//! with the connection task, which keeps reading (and answering pings) during callbacks.
+//! backpressure reaches the producer instead of growing a buffer. So the outbound queue of
+//! a connection is bounded by the socket's own buffers plus the one frame being written.
+//! A client that does not read for the addon's `send_timeout_s` is cut off: the socket is
+//! dropped (a close frame could not get through a full buffer) and `send` fails with
+//! `closed`. The read half stays with the connection task, which keeps reading (and
+//! answering pings) during callbacks.
+
+use std::time::Duration;
 
 use futures_util::SinkExt;
 use futures_util::stream::SplitSink;
@@ -26,17 +32,28 @@ pub type WsSink = SplitSink<WebSocketStream<TcpStream>, WsMessage>;
 /// Largest frame an addon may send in one call.
 pub const MAX_OUTBOUND_FRAME: usize = 16 << 20;
 
+/// How long the host waits to flush its last frames when shutting a socket down.
+const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Per-instance session state.
 pub struct Session {
     info: ConnectionInfo,
     sink: Option<WsSink>,
+    send_timeout: Duration,
     /// Set once a close frame went out (from the addon or the host). Later sends fail.
     close_sent: Option<(u16, String)>,
+    /// Set when the client stopped reading for longer than `send_timeout`.
+    stalled: bool,
 }
 
 impl Session {
-    pub(crate) fn new(info: ConnectionInfo) -> Session {
-        Session { info, sink: None, close_sent: None }
+    pub(crate) fn new(info: ConnectionInfo, send_timeout: Duration) -> Session {
+        Session { info, sink: None, send_timeout, close_sent: None, stalled: false }
+    }
+
+    /// Whether the connection was cut off because the client stopped reading.
+    pub(crate) fn stalled(&self) -> bool {
+        self.stalled
     }
 
     /// Gives the session the socket's write half, once the upgrade has succeeded.
@@ -62,13 +79,28 @@ impl Session {
         let Some(sink) = self.sink.as_mut() else {
             return Err(SendError::Closed);
         };
-        match sink.send(message).await {
-            Ok(()) => Ok(()),
-            Err(err) => {
+        match tokio::time::timeout(self.send_timeout, sink.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => {
                 tracing::debug!(error = %err, "send failed; the connection is gone");
                 self.close_sent = Some((close_code::ABNORMAL, String::new()));
                 Err(SendError::Closed)
             }
+            Err(_) => {
+                // The client has not read for send_timeout: its buffers are full. Dropping
+                // the socket is the only way out; a close frame would not get through.
+                self.stalled = true;
+                self.sink = None;
+                self.close_sent = Some((close_code::POLICY, "client too slow to read".to_owned()));
+                Err(SendError::Closed)
+            }
+        }
+    }
+
+    /// Sends a ping; the connection task uses it to find dead peers.
+    pub(crate) async fn ping(&mut self) {
+        if self.close_sent.is_none() {
+            let _ = self.send(WsMessage::Ping(Default::default())).await;
         }
     }
 
@@ -88,16 +120,21 @@ impl Session {
         self.close_sent = Some((code, reason.clone()));
         if let Some(sink) = self.sink.as_mut() {
             let frame = WsCloseFrame { code: CloseCode::from(code), reason: reason.into() };
-            if let Err(err) = sink.send(WsMessage::Close(Some(frame))).await {
-                tracing::debug!(error = %err, "close frame not sent; the connection is gone");
+            match tokio::time::timeout(self.send_timeout, sink.send(WsMessage::Close(Some(frame)))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::debug!(error = %err, "close frame not sent; the connection is gone"),
+                Err(_) => {
+                    self.stalled = true;
+                    self.sink = None;
+                }
             }
         }
     }
 
-    /// Flushes what is buffered and shuts the write side down.
+    /// Flushes what is buffered (briefly) and shuts the write side down.
     pub(crate) async fn shutdown(&mut self) {
         if let Some(mut sink) = self.sink.take() {
-            let _ = sink.close().await;
+            let _ = tokio::time::timeout(SHUTDOWN_FLUSH_TIMEOUT, sink.close()).await;
         }
     }
 }

@@ -1,4 +1,6 @@
 //! The addon the end-to-end tests drive: each text command exercises one part of the host.
+//! Commands: count, stream, error, trap, info, close, print, log, flood; `?refuse=1` in the
+//! query refuses the connection.
 
 use std::time::Duration;
 
@@ -50,6 +52,15 @@ impl Addon for Testkit {
             "log" => {
                 log::info("testkit log line");
                 send_text("logged")?;
+            }
+            "flood" => {
+                // Sends until the host cuts off a client that does not read.
+                let frame = "x".repeat(16 * 1024);
+                let mut sent = 0u64;
+                while send_text(&frame).is_ok() {
+                    sent += 1;
+                }
+                log::info(&format!("testkit flood stopped after {sent} frames"));
             }
             other => send_text(&format!("unknown: {other}"))?,
         }

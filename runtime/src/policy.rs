@@ -1,0 +1,318 @@
+//! Addon manifests: the policy an operator sets for one addon in `addons/<name>.toml`.
+//!
+//! Deny by default: without a manifest an addon gets the defaults below, which are
+//! small, and no capability beyond the `sockhost:addon` world. A manifest can only be
+//! right or refused: an unknown key, a value of the wrong type or a value out of range
+//! means the addon is not mounted, and the log names the file, the key and the problem.
+//!
+//! | key | default | what it bounds |
+//! |---|---|---|
+//! | `memory_limit` | `"32MiB"` | linear memory of one instance |
+//! | `cpu_limit_ms` | `1000` | guest run time of one callback (host waits excluded) |
+//! | `max_connections` | `1000` | open connections to this addon |
+//! | `max_message_bytes` | `"64KiB"` | one client message |
+//! | `messages_per_second` | `20` (`0` = no limit) | client messages per connection, sustained |
+//! | `message_burst` | `40` | client messages per connection, in a burst |
+//! | `idle_timeout_s` | `600` | time without a client message before the host closes |
+//! | `ping_interval_s` | `30` | silence before the host pings; a ping unanswered as long again means the peer is gone |
+//! | `send_timeout_s` | `10` | how long one `send` may wait for a client that does not read |
+//! | `allowed_origins` | `[]` (any) | `Origin` header allow-list for browser clients |
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The manifest file's shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestFile {
+    memory_limit: Option<ByteSize>,
+    cpu_limit_ms: Option<u64>,
+    max_connections: Option<u32>,
+    max_message_bytes: Option<ByteSize>,
+    messages_per_second: Option<f64>,
+    message_burst: Option<u32>,
+    idle_timeout_s: Option<u64>,
+    ping_interval_s: Option<u64>,
+    send_timeout_s: Option<u64>,
+    allowed_origins: Option<Vec<String>>,
+}
+
+/// A byte count written as an integer or as a string with a unit: `"64KiB"`, `"32 MiB"`.
+#[derive(Debug, Clone, Copy)]
+struct ByteSize(u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Bytes(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => parse_size(&text).map(ByteSize).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 =
+        number.parse().map_err(|_| format!("{text:?} is not a size like \"64KiB\" or 65536"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1000 * 1000,
+        "GB" => 1000 * 1000 * 1000,
+        other => return Err(format!("unknown size unit {other:?}; use B, KiB, MiB or GiB")),
+    };
+    number.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// A token-bucket rate for client messages.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MessageRate {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// The validated policy of one addon.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AddonPolicy {
+    /// Largest linear memory one instance may have, in bytes.
+    pub memory_limit: usize,
+    /// Guest run time one callback may use.
+    pub cpu_limit: Duration,
+    /// Most open connections to this addon.
+    pub max_connections: u32,
+    /// Largest client message, in bytes.
+    pub max_message_bytes: usize,
+    /// Client message rate per connection; `None` means unlimited.
+    pub message_rate: Option<MessageRate>,
+    /// Time without a client message after which the host closes the connection.
+    pub idle_timeout: Duration,
+    /// Silence after which the host pings; an unanswered ping for as long again ends it.
+    pub ping_interval: Duration,
+    /// How long one `send` may wait for a client that does not read.
+    pub send_timeout: Duration,
+    /// Allowed `Origin` values; empty means any.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for AddonPolicy {
+    fn default() -> Self {
+        AddonPolicy {
+            memory_limit: 32 << 20,
+            cpu_limit: Duration::from_millis(1000),
+            max_connections: 1000,
+            max_message_bytes: 64 << 10,
+            message_rate: Some(MessageRate { per_second: 20.0, burst: 40 }),
+            idle_timeout: Duration::from_secs(600),
+            ping_interval: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(10),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// Largest memory limit a manifest may set (the pool reserves 4 GiB per slot).
+const MAX_MEMORY_LIMIT: u64 = 4 << 30;
+/// Largest message limit a manifest may set.
+const MAX_MESSAGE_LIMIT: u64 = 16 << 20;
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid manifest {file}: {problem}")]
+pub struct ManifestError {
+    pub file: String,
+    pub problem: String,
+}
+
+impl AddonPolicy {
+    /// Reads `<name>.toml` beside `wasm`, or returns the defaults when there is none.
+    pub fn for_addon(wasm: &Path) -> Result<AddonPolicy, ManifestError> {
+        let manifest = wasm.with_extension("toml");
+        match std::fs::read_to_string(&manifest) {
+            Ok(text) => AddonPolicy::parse(&text)
+                .map_err(|problem| ManifestError { file: manifest.display().to_string(), problem }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(AddonPolicy::default()),
+            Err(err) => Err(ManifestError {
+                file: manifest.display().to_string(),
+                problem: format!("cannot read it: {err}"),
+            }),
+        }
+    }
+
+    /// Parses a manifest's text; the error names the key and the problem.
+    pub fn parse(text: &str) -> Result<AddonPolicy, String> {
+        let file: ManifestFile =
+            toml::from_str(text).map_err(|err| err.to_string().trim().replace('\n', " "))?;
+        let mut policy = AddonPolicy::default();
+        let bad = |key: &str, problem: String| format!("key `{key}`: {problem}");
+
+        if let Some(ByteSize(bytes)) = file.memory_limit {
+            if !((1 << 20)..=MAX_MEMORY_LIMIT).contains(&bytes) {
+                return Err(bad("memory_limit", format!("{bytes} bytes is outside 1MiB..=4GiB")));
+            }
+            policy.memory_limit = bytes as usize;
+        }
+        if let Some(ms) = file.cpu_limit_ms {
+            if !(10..=3_600_000).contains(&ms) {
+                return Err(bad("cpu_limit_ms", format!("{ms} is outside 10..=3600000")));
+            }
+            policy.cpu_limit = Duration::from_millis(ms);
+        }
+        if let Some(max) = file.max_connections {
+            if max == 0 {
+                return Err(bad("max_connections", "must be at least 1".into()));
+            }
+            policy.max_connections = max;
+        }
+        if let Some(ByteSize(bytes)) = file.max_message_bytes {
+            if !(1..=MAX_MESSAGE_LIMIT).contains(&bytes) {
+                return Err(bad("max_message_bytes", format!("{bytes} bytes is outside 1..=16MiB")));
+            }
+            policy.max_message_bytes = bytes as usize;
+        }
+        let burst = match file.message_burst {
+            Some(0) => return Err(bad("message_burst", "must be at least 1".into())),
+            Some(burst) => Some(burst),
+            None => None,
+        };
+        match file.messages_per_second {
+            Some(rate) if !rate.is_finite() || rate < 0.0 => {
+                return Err(bad("messages_per_second", format!("{rate} is not a rate (use 0 for no limit)")));
+            }
+            Some(0.0) => policy.message_rate = None,
+            Some(rate) => {
+                let burst = burst.unwrap_or((rate * 2.0).ceil().max(1.0) as u32);
+                policy.message_rate = Some(MessageRate { per_second: rate, burst });
+            }
+            None => {
+                if let (Some(burst), Some(rate)) = (burst, policy.message_rate.as_mut()) {
+                    rate.burst = burst;
+                }
+            }
+        }
+        for (key, value, target) in [
+            ("idle_timeout_s", file.idle_timeout_s, &mut policy.idle_timeout),
+            ("ping_interval_s", file.ping_interval_s, &mut policy.ping_interval),
+            ("send_timeout_s", file.send_timeout_s, &mut policy.send_timeout),
+        ] {
+            if let Some(seconds) = value {
+                if !(1..=86_400).contains(&seconds) {
+                    return Err(bad(key, format!("{seconds} is outside 1..=86400")));
+                }
+                *target = Duration::from_secs(seconds);
+            }
+        }
+        if let Some(origins) = file.allowed_origins {
+            for origin in &origins {
+                let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
+                    && !origin.split_once("://").map(|(_, host)| host).unwrap_or("").contains(['/', ' '])
+                    && !origin.ends_with("://");
+                if !valid {
+                    return Err(bad(
+                        "allowed_origins",
+                        format!("{origin:?} is not an origin like \"https://shop.example.com\""),
+                    ));
+                }
+            }
+            policy.allowed_origins = origins;
+        }
+        Ok(policy)
+    }
+
+    /// Whether a browser request from `origin` may connect. Requests without an
+    /// `Origin` header (native and mini-program clients) are not browser cross-site
+    /// requests and are allowed.
+    pub fn allows_origin(&self, origin: Option<&str>) -> bool {
+        match origin {
+            Some(origin) if !self.allowed_origins.is_empty() => {
+                self.allowed_origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin))
+            }
+            _ => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_manifest_means_the_documented_defaults() {
+        let policy = AddonPolicy::parse("").unwrap();
+        assert_eq!(policy, AddonPolicy::default());
+        assert_eq!(policy.memory_limit, 32 << 20);
+        assert_eq!(policy.max_message_bytes, 64 << 10);
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let policy = AddonPolicy::parse(
+            r#"
+            memory_limit = "16MiB"
+            cpu_limit_ms = 250
+            max_connections = 5
+            max_message_bytes = 1024
+            messages_per_second = 2.5
+            message_burst = 3
+            idle_timeout_s = 60
+            ping_interval_s = 5
+            send_timeout_s = 2
+            allowed_origins = ["https://shop.example.com"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(policy.memory_limit, 16 << 20);
+        assert_eq!(policy.cpu_limit, Duration::from_millis(250));
+        assert_eq!(policy.max_connections, 5);
+        assert_eq!(policy.max_message_bytes, 1024);
+        assert_eq!(policy.message_rate, Some(MessageRate { per_second: 2.5, burst: 3 }));
+        assert_eq!(policy.idle_timeout, Duration::from_secs(60));
+        assert_eq!(policy.ping_interval, Duration::from_secs(5));
+        assert_eq!(policy.send_timeout, Duration::from_secs(2));
+        assert!(policy.allows_origin(Some("https://shop.example.com")));
+        assert!(!policy.allows_origin(Some("https://evil.example")));
+        assert!(policy.allows_origin(None));
+    }
+
+    #[test]
+    fn zero_rate_means_unlimited() {
+        assert_eq!(AddonPolicy::parse("messages_per_second = 0").unwrap().message_rate, None);
+    }
+
+    #[test]
+    fn each_bad_value_names_its_key() {
+        let cases = [
+            ("memory_limt = 5", "memory_limt"),
+            ("memory_limit = \"12 parsecs\"", "memory_limit"),
+            ("memory_limit = 10", "memory_limit"),
+            ("cpu_limit_ms = 0", "cpu_limit_ms"),
+            ("cpu_limit_ms = \"fast\"", "cpu_limit_ms"),
+            ("max_connections = 0", "max_connections"),
+            ("max_connections = -1", "max_connections"),
+            ("max_message_bytes = \"1GiB\"", "max_message_bytes"),
+            ("messages_per_second = -3", "messages_per_second"),
+            ("message_burst = 0", "message_burst"),
+            ("idle_timeout_s = 0", "idle_timeout_s"),
+            ("ping_interval_s = 100000", "ping_interval_s"),
+            ("send_timeout_s = 0", "send_timeout_s"),
+            ("allowed_origins = [\"shop.example.com\"]", "allowed_origins"),
+            ("allowed_origins = \"https://a.example\"", "allowed_origins"),
+        ];
+        for (text, key) in cases {
+            let err = AddonPolicy::parse(text).unwrap_err();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! Sandbox limits, fault containment and hostile input: each limit is hit for real and
+//! the test checks what the client sees, that the failure is logged and counted, and that
+//! nothing else is touched.
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use sockhost::FailureKind;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use crate::support::*;
+
+/// The hostile addon with a tight policy, next to the echo addon.
+async fn hostile_server(manifest: &str) -> TestServer {
+    let hostile = hostile_component();
+    let echo = bundled_addon("echo");
+    TestServer::start(&[
+        ("hostile.wasm", &hostile),
+        ("hostile.toml", manifest.as_bytes()),
+        ("echo.wasm", &echo),
+        ("echo.toml", b"messages_per_second = 0"),
+    ])
+    .await
+}
+
+/// Sends `command` and expects the error frame `code`, then close 1011.
+async fn expect_failure(client: &mut Client, command: &str, code: &str) -> String {
+    client.send_text(command).await;
+    let error = client.recv_json().await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["code"], code, "{error}");
+    assert_eq!(client.recv_close().await.0, 1011);
+    error["message"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_looping_addon_is_stopped_at_its_cpu_limit_while_others_are_served_on_the_same_thread() {
+    // #[tokio::test] runs the server and both clients on this one thread: the echo replies
+    // below can only happen if the looping guest yields.
+    let server = hostile_server("cpu_limit_ms = 700").await;
+    let mut looping = server.connect("/ws/hostile").await;
+    looping.send_text("loop").await;
+
+    let mut echo = server.connect("/ws/echo").await;
+    for n in 0..20 {
+        echo.send_text(&format!("still served {n}")).await;
+        assert_eq!(echo.recv_text().await, format!("still served {n}"));
+    }
+
+    let error = looping.recv_json().await;
+    assert_eq!(error["code"], "addon_timeout", "{error}");
+    assert!(error["message"].as_str().unwrap().contains("CPU limit of 700 ms"), "{error}");
+    assert_eq!(looping.recv_close().await.0, 1011);
+    assert_eq!(server.failures.get(FailureKind::AddonTimeout), 1);
+    wait_for_log(&["addon failed", "kind=\"addon_timeout\"", "addon=\"hostile\""]).await;
+}
+
+#[tokio::test]
+async fn time_waiting_on_the_host_is_not_charged_to_the_cpu_limit() {
+    // testkit's "stream" sleeps 200 ms (a host wait) between two sends; with a 50 ms CPU
+    // limit it must still finish, many times over.
+    let testkit = test_addon("testkit");
+    let server =
+        TestServer::start(&[("testkit.wasm", &testkit), ("testkit.toml", b"cpu_limit_ms = 50")]).await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    for _ in 0..3 {
+        client.send_text("stream").await;
+        assert_eq!(client.recv_text().await, "first");
+        assert_eq!(client.recv_text().await, "second");
+    }
+}
+
+#[tokio::test]
+async fn memory_past_the_limit_fails_inside_the_instance_as_addon_oom() {
+    let server = hostile_server("memory_limit = \"2MiB\"").await;
+    let mut client = server.connect("/ws/hostile").await;
+    let message = expect_failure(&mut client, "memory", "addon_oom").await;
+    assert!(message.contains("memory limit of 2097152 bytes"), "{message}");
+    assert_eq!(server.failures.get(FailureKind::AddonOom), 1);
+
+    // The next connection gets a fresh instance that works.
+    let mut next = server.connect("/ws/hostile").await;
+    next.send_text("ok?").await;
+    assert_eq!(next.recv_text().await, "ok");
+}
+
+#[tokio::test]
+async fn traps_close_with_1011_and_the_next_connection_works() {
+    let server = hostile_server("").await;
+    for (command, cause) in
+        [("stack", "call stack exhausted"), ("unreachable", "unreachable"), ("div", "divide by zero")]
+    {
+        let mut client = server.connect("/ws/hostile").await;
+        client.send_text("echo me").await;
+        assert_eq!(client.recv_text().await, "echo me");
+        let message = expect_failure(&mut client, command, "addon_trap").await;
+        assert!(message.contains(cause), "{command}: {message}");
+
+        let mut next = server.connect("/ws/hostile").await;
+        next.send_text("fine").await;
+        assert_eq!(next.recv_text().await, "ok", "after {command}");
+    }
+    assert_eq!(server.failures.get(FailureKind::AddonTrap), 3);
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_cut_off_and_the_sender_stops() {
+    let testkit = test_addon("testkit");
+    let server =
+        TestServer::start(&[("testkit.wasm", &testkit), ("testkit.toml", b"send_timeout_s = 1")]).await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text("info").await;
+    let id = client.recv_json().await["id"].as_u64().unwrap();
+    client.send_text("flood").await;
+    // Never read again: the server's writes fill the socket buffers and stall.
+    let conn = format!("conn={id}");
+    let line = wait_for_log(&["testkit flood stopped after", &conn]).await;
+    let frames: u64 = line.split("after ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    // 16 KiB frames: what got through is what the socket buffers hold, not an unbounded queue.
+    assert!(frames < 2048, "{frames} frames of 16 KiB were accepted: the outbound queue is not bounded");
+    wait_for_log(&["kind=\"slow_client\"", &conn]).await;
+    wait_for_log(&["testkit on-close code=1008", &conn]).await;
+    assert_eq!(server.failures.get(FailureKind::SlowClient), 1);
+}
+
+async fn testkit_server(manifest: &str) -> TestServer {
+    let testkit = test_addon("testkit");
+    TestServer::start(&[("testkit.wasm", &testkit), ("testkit.toml", manifest.as_bytes())]).await
+}
+
+#[tokio::test]
+async fn a_message_over_max_message_bytes_closes_with_1009() {
+    let server = testkit_server("max_message_bytes = 1024").await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text(&"x".repeat(1000)).await;
+    assert!(client.recv_text().await.starts_with("unknown: "));
+    client.send_text(&"x".repeat(2000)).await;
+    assert_eq!(client.recv_close().await.0, 1009);
+    assert_eq!(server.failures.get(FailureKind::Oversize), 1);
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
+    let server = testkit_server("").await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    let frame = Frame::message(vec![b'o', 0xff, 0xfe, b'k'], OpCode::Data(Data::Text), true);
+    client.ws.send(Message::Frame(frame)).await.unwrap();
+    assert_eq!(client.recv_close().await.0, 1007);
+    assert_eq!(server.failures.get(FailureKind::InvalidUtf8), 1);
+}
+
+#[tokio::test]
+async fn a_client_over_its_message_rate_is_closed_with_1008() {
+    let server = testkit_server("messages_per_second = 2\nmessage_burst = 5").await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    for _ in 0..20 {
+        client.ws.feed(Message::text("count")).await.unwrap();
+    }
+    client.ws.flush().await.unwrap();
+    for n in 1..=5 {
+        assert_eq!(client.recv_text().await, n.to_string(), "the burst is served");
+    }
+    let (code, reason) = client.recv_close().await;
+    assert_eq!(code, 1008);
+    assert!(reason.contains("rate limit"), "{reason}");
+    assert_eq!(server.failures.get(FailureKind::RateLimited), 1);
+}
+
+#[tokio::test]
+async fn an_idle_client_is_closed_after_the_idle_timeout() {
+    let server = testkit_server("idle_timeout_s = 1").await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    let (code, reason) = client.recv_close().await;
+    assert_eq!(code, 1000);
+    assert!(reason.contains("idle timeout"), "{reason}");
+    assert_eq!(server.failures.get(FailureKind::Idle), 1);
+}
+
+#[tokio::test]
+async fn a_peer_that_does_not_answer_pings_is_dropped() {
+    let server = testkit_server("ping_interval_s = 1").await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text("info").await;
+    let id = client.recv_json().await["id"].as_u64().unwrap();
+    // A client that never reads never answers the server's pings (a half-open socket).
+    let conn = format!("conn={id}");
+    wait_for_log(&["ping unanswered", &conn]).await;
+    wait_for_log(&["testkit on-close code=1006", &conn]).await;
+    assert_eq!(server.failures.get(FailureKind::Unresponsive), 1);
+    drop(client);
+}
+
+#[tokio::test]
+async fn a_client_that_answers_pings_stays_connected() {
+    let server = testkit_server("ping_interval_s = 1").await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    // Reading answers pings; keep reading for three ping intervals.
+    let reading = tokio::time::timeout(Duration::from_millis(3500), client.recv()).await;
+    assert!(reading.is_err(), "nothing but pings should arrive: {reading:?}");
+    client.send_text("count").await;
+    assert_eq!(client.recv_text().await, "1");
+}
+
+#[tokio::test]
+async fn a_slow_or_silent_handshake_is_dropped() {
+    let testkit = test_addon("testkit");
+    let server = TestServer::start_with(&[("testkit.wasm", &testkit)], |config| {
+        config.limits.handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // Half a request head, then nothing.
+    let mut slow = TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /ws/testkit HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, slow.read_to_end(&mut response)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&response).starts_with("HTTP/1.1 408"), "{response:?}");
+    // Nothing at all.
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, silent.read_to_end(&mut response)).await.unwrap().unwrap();
+    assert_eq!(server.failures.get(FailureKind::HandshakeTimeout), 2);
+}
+
+/// Sends an upgrade request by hand and returns the status and the response text
+/// (only the head for a 101, whose connection stays open).
+async fn upgrade_status(server: &TestServer, path: &str, origin: Option<&str>) -> (u16, String) {
+    let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{origin}\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n =
+            tokio::time::timeout(PATIENCE, stream.read(&mut chunk)).await.expect("response in time").unwrap();
+        assert!(n > 0, "connection closed before a response head");
+        response.extend_from_slice(&chunk[..n]);
+    }
+    if !response.starts_with(b"HTTP/1.1 101") {
+        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response)).await.unwrap().unwrap();
+    }
+    let text = String::from_utf8_lossy(&response).into_owned();
+    (text[9..12].parse().unwrap(), text)
+}
+
+#[tokio::test]
+async fn an_addon_over_max_connections_answers_503_before_upgrading() {
+    let server = testkit_server("max_connections = 2").await;
+    let mut a = server.connect("/ws/testkit").await;
+    let mut b = server.connect("/ws/testkit").await;
+    assert_eq!(a.recv_text().await, "open");
+    assert_eq!(b.recv_text().await, "open");
+    let (status, text) = upgrade_status(&server, "/ws/testkit", None).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("limit of 2 connections"), "{text}");
+    wait_for_log(&["addon connection limit reached", "addon=\"testkit\""]).await;
+    a.close(1000, "bye").await;
+    // The slot is free again once the connection is gone.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let mut c = Client::connect(&server.url("/ws/testkit")).await;
+        if let Message::Text(text) = c.recv().await
+            && text.as_str() == "open"
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(b);
+}
+
+#[tokio::test]
+async fn the_server_wide_connection_limit_answers_503() {
+    let testkit = test_addon("testkit");
+    let echo = bundled_addon("echo");
+    let server = TestServer::start_with(&[("testkit.wasm", &testkit), ("echo.wasm", &echo)], |config| {
+        config.limits.max_connections = 1;
+    })
+    .await;
+    let mut first = server.connect("/ws/testkit").await;
+    assert_eq!(first.recv_text().await, "open");
+    let (status, text) = upgrade_status(&server, "/ws/echo", None).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("server is at its limit of 1"), "{text}");
+    assert_eq!(server.failures.get(FailureKind::Capacity), 1);
+}
+
+#[tokio::test]
+async fn a_disallowed_origin_gets_403() {
+    let server = testkit_server("allowed_origins = [\"https://shop.example.com\"]").await;
+    let (status, text) = upgrade_status(&server, "/ws/testkit", Some("https://evil.example")).await;
+    assert_eq!(status, 403, "{text}");
+    let (status, _) = upgrade_status(&server, "/ws/testkit", Some("https://shop.example.com")).await;
+    assert_eq!(status, 101);
+    let (status, _) = upgrade_status(&server, "/ws/testkit", None).await;
+    assert_eq!(status, 101, "clients without an Origin (native, mini-programs) are not browsers");
+    assert_eq!(server.failures.get(FailureKind::Origin), 1);
+}
+
+#[tokio::test]
+async fn an_invalid_manifest_keeps_the_addon_unmounted_and_names_file_and_key() {
+    let testkit = test_addon("testkit");
+    let echo = bundled_addon("echo");
+    let server = TestServer::start(&[
+        ("testkit.wasm", &testkit),
+        ("testkit.toml", b"cpu_limit_ms = \"lots\""),
+        ("echo.wasm", &echo),
+        ("echo.toml", b"max_conections = 5"),
+    ])
+    .await;
+    assert!(server.addon_names.is_empty(), "{:?}", server.addon_names);
+    let dir = server.addons_path().display().to_string();
+    wait_for_log(&["addon not mounted", &format!("{dir}/testkit.toml"), "cpu_limit_ms"]).await;
+    wait_for_log(&["addon not mounted", &format!("{dir}/echo.toml"), "max_conections"]).await;
+}
+
+/// A fixed-seed generator for garbage.
+struct Garbage(u64);
+
+impl Garbage {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn bytes(&mut self, max: usize) -> Vec<u8> {
+        let len = (self.next() as usize) % max;
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+
+    /// Text that is almost the chat envelope: the interesting kind of malformed JSON.
+    fn json_ish(&mut self) -> String {
+        const PARTS: [&str; 14] = [
+            "{",
+            "}",
+            "\"message\"",
+            ":",
+            ",",
+            "\"action\"",
+            "\"chat\"",
+            "\"session_id\"",
+            "null",
+            "[1,2",
+            "\"你好\"",
+            "\\u0000",
+            "1e999",
+            "\"",
+        ];
+        let len = 1 + (self.next() as usize) % 12;
+        (0..len).map(|_| PARTS[(self.next() as usize) % PARTS.len()]).collect()
+    }
+}
+
+#[tokio::test]
+async fn garbage_into_every_example_addon_crashes_nothing() {
+    let echo = bundled_addon("echo");
+    let server = TestServer::start(&[("echo.wasm", &echo), ("echo.toml", b"messages_per_second = 0")]).await;
+    let mut garbage = Garbage(0x5eed);
+    for path in ["/ws/echo", "/ws"] {
+        let mut client = server.connect(path).await;
+        if path == "/ws" {
+            client.recv_json().await;
+        }
+        for _ in 0..300 {
+            let message = match garbage.next() % 3 {
+                0 => Message::binary(garbage.bytes(2048)),
+                1 => Message::text(String::from_utf8_lossy(&garbage.bytes(512)).into_owned()),
+                _ => Message::text(garbage.json_ish()),
+            };
+            client.ws.send(message).await.unwrap();
+            // Every message gets at least one answer (an echo, a chat reply, or an error frame).
+            let reply = client.recv().await;
+            assert!(matches!(reply, Message::Text(_) | Message::Binary(_)), "{reply:?}");
+            while let Ok(Some(Ok(_))) =
+                tokio::time::timeout(Duration::from_millis(1), futures_util::StreamExt::next(&mut client.ws))
+                    .await
+            {}
+        }
+        client.send_text("still fine").await;
+        loop {
+            if let Message::Text(text) = client.recv().await
+                && text.as_str() == "still fine"
+            {
+                break;
+            }
+        }
+    }
+    for kind in [FailureKind::AddonTrap, FailureKind::AddonTimeout, FailureKind::AddonOom] {
+        assert_eq!(server.failures.get(kind), 0, "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn garbage_bytes_instead_of_frames_are_refused_and_the_server_goes_on() {
+    let testkit = test_addon("testkit");
+    let server = TestServer::start(&[("testkit.wasm", &testkit)]).await;
+    let mut garbage = Garbage(0xbad);
+    for _ in 0..50 {
+        let mut client = server.connect("/ws/testkit").await;
+        assert_eq!(client.recv_text().await, "open");
+        // Raw bytes straight onto the socket, below the WebSocket framing.
+        let tokio_tungstenite::MaybeTlsStream::Plain(stream) = client.ws.get_mut() else {
+            panic!("tests use plain TCP");
+        };
+        let _ = stream.write_all(&garbage.bytes(256)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_millis(200), futures_util::StreamExt::next(&mut client.ws))
+                .await;
+    }
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text("count").await;
+    assert_eq!(client.recv_text().await, "1");
+}
