@@ -14,4 +14,4 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use sockhost::addon::types::{CloseFrame, ConnectionInfo, Message};
+pub use self::sockhost::addon::types::{CloseFrame, ConnectionInfo, Message};

@@ -2,4 +2,5 @@ mod core;
 mod limits;
 mod loading;
 mod process;
+mod stress;
 mod support;

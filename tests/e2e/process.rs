@@ -10,13 +10,13 @@ use crate::support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_sockhost");
 
 /// A running `sockhost` process, killed on drop.
-struct Process {
-    child: Child,
+pub struct Process {
+    pub child: Child,
     /// Lines the process logged up to and including the "listening" line.
     startup: Vec<String>,
     /// Every line the process logged so far.
     log: Arc<Mutex<Vec<String>>>,
-    port: u16,
+    pub port: u16,
 }
 
 impl Process {
@@ -37,7 +37,7 @@ impl Process {
         }
     }
 
-    fn log_text(&self) -> String {
+    pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
 }
@@ -50,7 +50,7 @@ impl Drop for Process {
 }
 
 /// Starts the binary in `cwd` with `args` and `env`, and reads its log until it listens.
-fn spawn(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Process {
+pub fn spawn(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Process {
     let mut command = Command::new(BIN);
     command.current_dir(cwd).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env("NO_COLOR", "1");
     for key in
