@@ -219,9 +219,11 @@ impl AddonConnection {
                         // After a close frame went out, data from the client is discarded (RFC 6455 §5.5.1).
                         continue;
                     }
-                    self.last_message = Instant::now();
+                    // The reader stamped the time when it read; reading the clock again per
+                    // message would cost more than everything else here.
+                    self.last_message = self.reader.last_frame;
                     if let Some(rate) = self.rate.as_mut()
-                        && !rate.try_take()
+                        && !rate.try_take_at(self.last_message.into_std())
                     {
                         let limit = self.policy.message_rate.map(|r| r.per_second).unwrap_or_default();
                         self.fail_client(

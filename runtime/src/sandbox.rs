@@ -131,12 +131,8 @@ impl TokenBucket {
         TokenBucket { per_second, burst: burst as f64, tokens: burst as f64, updated: Instant::now() }
     }
 
-    /// Takes one token if there is one.
-    pub fn try_take(&mut self) -> bool {
-        self.try_take_at(Instant::now())
-    }
-
-    fn try_take_at(&mut self, now: Instant) -> bool {
+    /// Takes one token if there is one, at time `now`.
+    pub fn try_take_at(&mut self, now: Instant) -> bool {
         let refill = now.duration_since(self.updated).as_secs_f64() * self.per_second;
         self.tokens = (self.tokens + refill).min(self.burst);
         self.updated = now;

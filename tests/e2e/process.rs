@@ -74,9 +74,11 @@ pub fn spawn(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Proc
     });
     let mut startup = Vec::new();
     loop {
-        let line = lines_rx
-            .recv_timeout(PATIENCE)
-            .unwrap_or_else(|_| panic!("sockhost did not start; log: {startup:#?}"));
+        let Ok(line) = lines_rx.recv_timeout(PATIENCE) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("sockhost did not start; log: {startup:#?}");
+        };
         let listening = line.contains("listening on");
         startup.push(strip_ansi(&line));
         if listening {

@@ -11,6 +11,8 @@
 //! `closed`. The read half stays with the connection task, which keeps reading (and
 //! answering pings) during callbacks.
 
+use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::SinkExt;
@@ -79,7 +81,15 @@ impl Session {
         let Some(sink) = self.sink.as_mut() else {
             return Err(SendError::Closed);
         };
-        match tokio::time::timeout(self.send_timeout, sink.send(message)).await {
+        // Most sends complete on the first poll (the socket has room): only a send that
+        // has to wait pays for a timer.
+        let mut send = std::pin::pin!(sink.send(message));
+        let first = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
+        let outcome = match first {
+            Poll::Ready(result) => Ok(result),
+            Poll::Pending => tokio::time::timeout(self.send_timeout, send).await,
+        };
+        match outcome {
             Ok(Ok(())) => Ok(()),
             Ok(Err(err)) => {
                 tracing::debug!(error = %err, "send failed; the connection is gone");
