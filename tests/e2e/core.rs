@@ -284,3 +284,36 @@ async fn guest_stdout_and_stderr_land_in_the_log_with_addon_and_connection() {
     assert!(stderr.contains("WARN"), "{stderr}");
     wait_for_log(&["testkit log line", &conn]).await;
 }
+
+#[tokio::test]
+async fn the_host_answers_pings_even_while_a_callback_runs() {
+    let server = server().await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    client.ws.send(Message::Ping(b"idle".to_vec().into())).await.unwrap();
+    assert_eq!(next_pong(&mut client).await, b"idle");
+
+    // "stream" keeps the addon busy for 200 ms between two frames; the ping sent in
+    // between is answered before the callback ends.
+    client.send_text("stream").await;
+    assert_eq!(client.recv_text().await, "first");
+    client.ws.send(Message::Ping(b"busy".to_vec().into())).await.unwrap();
+    assert_eq!(next_pong(&mut client).await, b"busy");
+    assert_eq!(client.recv_text().await, "second");
+}
+
+/// Reads until a pong arrives; fails on any data frame first.
+async fn next_pong(client: &mut Client) -> Vec<u8> {
+    loop {
+        let message = tokio::time::timeout(PATIENCE, futures_util::StreamExt::next(&mut client.ws))
+            .await
+            .expect("no pong in time")
+            .unwrap()
+            .unwrap();
+        match message {
+            Message::Pong(payload) => return payload.to_vec(),
+            Message::Ping(_) => continue,
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    }
+}
