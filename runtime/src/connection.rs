@@ -23,17 +23,18 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use wasmtime::{Store, Trap};
 
 use crate::bindings::{Addon, Message};
@@ -149,10 +150,16 @@ pub(crate) struct AddonConnection {
     pending: VecDeque<Inbound>,
     policy: Arc<AddonPolicy>,
     failures: Arc<FailureCounts>,
-    shutdown: CancellationToken,
+    /// Resolves when the server shuts down. Kept across calls to [`Self::wake`], so it
+    /// registers with the token once, not once per message.
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     rate: Option<TokenBucket>,
     last_message: Instant,
     ping_sent: Option<Instant>,
+    /// Fires at or before the next keep-alive deadline. Activity only moves deadlines
+    /// later, so the timer is not re-armed per message: when it fires early,
+    /// [`Self::keep_alive`] re-arms it for the real deadline.
+    keep_alive_timer: Pin<Box<Sleep>>,
 }
 
 impl AddonConnection {
@@ -168,6 +175,7 @@ impl AddonConnection {
         let (sink, stream) = ws.split();
         store.data_mut().session.attach(sink);
         let now = Instant::now();
+        let first_deadline = now + policy.ping_interval.min(policy.idle_timeout);
         AddonConnection {
             store,
             instance,
@@ -176,9 +184,10 @@ impl AddonConnection {
             rate: policy.message_rate.map(|rate| TokenBucket::new(rate.per_second, rate.burst)),
             policy,
             failures,
-            shutdown,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
             last_message: now,
             ping_sent: None,
+            keep_alive_timer: Box::pin(tokio::time::sleep_until(first_deadline)),
         }
     }
 
@@ -291,12 +300,11 @@ impl AddonConnection {
                 Err(_) => Wake::Event(gone),
             };
         }
-        let deadline = self.next_deadline();
         tokio::select! {
             biased;
-            _ = self.shutdown.cancelled() => Wake::Shutdown,
+            _ = self.shutdown.as_mut() => Wake::Shutdown,
             event = self.reader.next() => Wake::Event(event),
-            _ = tokio::time::sleep_until(deadline) => Wake::Timer,
+            _ = self.keep_alive_timer.as_mut() => Wake::Timer,
         }
     }
 
@@ -310,6 +318,8 @@ impl AddonConnection {
         idle.min(ping)
     }
 
+    /// Handles a keep-alive timer: closes an idle connection, drops one whose ping went
+    /// unanswered, pings a silent one, and re-arms the timer for the next deadline.
     async fn keep_alive(&mut self) {
         let now = Instant::now();
         if now >= self.last_message + self.policy.idle_timeout {
@@ -340,6 +350,8 @@ impl AddonConnection {
             self.store.data_mut().session.ping().await;
             self.ping_sent = Some(now);
         }
+        let next = self.next_deadline();
+        self.keep_alive_timer.as_mut().reset(next);
     }
 
     /// The client broke a rule: count it, log it, close with `code`.

@@ -9,8 +9,12 @@
 //!   worker thread; guest code runs on a fiber.
 //! - **Epoch interruption**: a ticker bumps the epoch every [`EPOCH_TICK`]; a guest that
 //!   is still running at a tick yields to the scheduler, so a looping addon cannot
-//!   monopolise a worker thread and starve other connections.
+//!   monopolise a worker thread and starve other connections. The ticker also counts the
+//!   ticks in an [`EpochCounter`] the host can read (wasmtime does not expose the epoch),
+//!   which the CPU accounting in [`crate::sandbox`] compares against.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -33,8 +37,19 @@ const TABLES_PER_COMPONENT: u32 = 4;
 /// Components with several memories still load; they just use more than one slot.
 const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
 
+/// The number of epoch ticks since the engine started, readable by the host.
+#[derive(Clone, Debug, Default)]
+pub struct EpochCounter(pub(crate) Arc<AtomicU64>);
+
+impl EpochCounter {
+    /// The current tick.
+    pub fn now(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// Builds the engine shared by all addons and starts its epoch ticker.
-pub fn build(limits: &ServerLimits) -> anyhow::Result<Engine> {
+pub fn build(limits: &ServerLimits) -> anyhow::Result<(Engine, EpochCounter)> {
     let slots = limits.max_connections;
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(slots)
@@ -54,18 +69,22 @@ pub fn build(limits: &ServerLimits) -> anyhow::Result<Engine> {
     let engine = Engine::new(&config).map_err(anyhow::Error::from).with_context(|| {
         format!("cannot create the wasm engine for {slots} connections (limits.max_connections); try a smaller value")
     })?;
-    start_epoch_ticker(&engine);
-    Ok(engine)
+    let counter = EpochCounter::default();
+    start_epoch_ticker(&engine, counter.clone());
+    Ok((engine, counter))
 }
 
 /// Advances the epoch every [`EPOCH_TICK`] on a plain thread, so ticks keep coming even
 /// when every runtime worker is busy. The thread ends when the engine is dropped.
-fn start_epoch_ticker(engine: &Engine) {
+fn start_epoch_ticker(engine: &Engine, counter: EpochCounter) {
     let weak = engine.weak();
     thread::Builder::new()
         .name("sockhost-epoch".into())
         .spawn(move || {
             while let Some(engine) = weak.upgrade() {
+                // The counter moves first, so a guest that reaches the new epoch always
+                // finds the counter there too.
+                counter.0.fetch_add(1, Ordering::AcqRel);
                 engine.increment_epoch();
                 drop(engine);
                 thread::sleep(EPOCH_TICK);

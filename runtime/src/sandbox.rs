@@ -6,17 +6,23 @@
 //!   failure `addon_oom` instead of a bare trap.
 //! - **CPU**: the engine's epoch ticks every [`EPOCH_TICK`]. Each time a running guest
 //!   reaches a tick it yields to the scheduler (so other connections on the same worker
-//!   thread go on) and one tick is charged to the current callback. Past `cpu_limit` the
-//!   guest is interrupted (`addon_timeout`). Time spent waiting in host calls (sending
-//!   to a slow client, sleeping, waiting on I/O) is not charged: returning from a host
-//!   call restarts the tick count-down, so only uninterrupted guest execution reaches a
-//!   tick. The measure is coarse (one tick, 10 ms) by design: it is cheap on the hot path.
+//!   thread go on), and the tick is charged to the current callback if the guest ran
+//!   through all of it. Past `cpu_limit` the guest is interrupted (`addon_timeout`).
+//!   Time spent waiting in host calls (sending to a slow client, sleeping, waiting on
+//!   I/O) or waiting for the scheduler after a yield is not charged: the deadline is one
+//!   tick past the tick at which the guest last (re)started, so reaching it later than
+//!   that tick means the guest was not running for part of the interval. Nothing of this
+//!   runs per message or per host call; it costs a little once per tick of guest
+//!   execution. The measure is coarse (10 ms) by design; a guest that alternates short
+//!   bursts of work with short waits inside one tick can be charged up to the whole tick.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use wasmtime::{CallHook, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 
-use crate::engine::EPOCH_TICK;
+use crate::engine::{EPOCH_TICK, EpochCounter};
 use crate::host::HostState;
 use crate::policy::AddonPolicy;
 
@@ -30,6 +36,10 @@ pub struct InstanceLimits {
     cpu_ticks_allowed: u32,
     cpu_ticks_used: u32,
     cpu_exhausted: bool,
+    epoch: EpochCounter,
+    /// The tick at which the guest reaches its deadline if it runs without a pause.
+    /// Shared with the future that resumes a yielded guest, which moves it.
+    deadline_tick: Arc<AtomicU64>,
 }
 
 /// Which limit ended a callback, if one did.
@@ -40,7 +50,7 @@ pub enum LimitHit {
 }
 
 impl InstanceLimits {
-    pub fn new(policy: &AddonPolicy) -> InstanceLimits {
+    pub fn new(policy: &AddonPolicy, epoch: EpochCounter) -> InstanceLimits {
         let tick_ms = EPOCH_TICK.as_millis().max(1);
         InstanceLimits {
             memory_limit: policy.memory_limit,
@@ -48,7 +58,36 @@ impl InstanceLimits {
             cpu_ticks_allowed: policy.cpu_limit.as_millis().div_ceil(tick_ms).max(1) as u32,
             cpu_ticks_used: 0,
             cpu_exhausted: false,
+            deadline_tick: Arc::new(AtomicU64::new(epoch.now() + 1)),
+            epoch,
         }
+    }
+
+    /// Called when the guest reaches its epoch deadline: charges the tick if the guest
+    /// ran through it, and says what to do next.
+    fn on_deadline(&mut self) -> UpdateDeadline {
+        let now = self.epoch.now();
+        if now > self.deadline_tick.load(Ordering::Acquire) {
+            // The guest was paused (in a host call, or queued after a yield) for part of
+            // the interval: nothing to charge, and it has just had a pause, so go on.
+            self.deadline_tick.store(now + 1, Ordering::Release);
+            return UpdateDeadline::Continue(1);
+        }
+        self.cpu_ticks_used += 1;
+        if self.cpu_ticks_used > self.cpu_ticks_allowed {
+            self.cpu_exhausted = true;
+            return UpdateDeadline::Interrupt;
+        }
+        let deadline_tick = self.deadline_tick.clone();
+        let epoch = self.epoch.clone();
+        UpdateDeadline::YieldCustom(
+            1,
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                // wasmtime sets the new deadline one tick past the epoch it resumes at.
+                deadline_tick.store(epoch.now() + 1, Ordering::Release);
+            }),
+        )
     }
 
     /// The limit that explains a failed call: a CPU interrupt, or a trap after a refused
@@ -88,25 +127,10 @@ impl ResourceLimiter for InstanceLimits {
     }
 }
 
-/// Installs the limiter, the epoch callback and the call hook on a new store.
+/// Installs the limiter and the epoch callback on a new store.
 pub fn install(store: &mut Store<HostState>) {
     store.limiter(|state| &mut state.limits);
-    store.epoch_deadline_callback(|mut ctx| {
-        let limits = &mut ctx.data_mut().limits;
-        limits.cpu_ticks_used += 1;
-        if limits.cpu_ticks_used > limits.cpu_ticks_allowed {
-            limits.cpu_exhausted = true;
-            return Ok(UpdateDeadline::Interrupt);
-        }
-        Ok(UpdateDeadline::Yield(1))
-    });
-    store.call_hook(|mut ctx, hook| {
-        if let CallHook::ReturningFromHost = hook {
-            // The guest was waiting, not running: restart the count-down to the next tick.
-            ctx.set_epoch_deadline(1);
-        }
-        Ok(())
-    });
+    store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().limits.on_deadline()));
 }
 
 /// Resets the per-callback budget; call before entering the guest.
@@ -114,6 +138,7 @@ pub fn start_callback(store: &mut Store<HostState>) {
     let limits = &mut store.data_mut().limits;
     limits.cpu_ticks_used = 0;
     limits.memory_refused = false;
+    limits.deadline_tick.store(limits.epoch.now() + 1, Ordering::Release);
     store.set_epoch_deadline(1);
 }
 
@@ -161,9 +186,37 @@ mod tests {
     }
 
     #[test]
+    fn only_ticks_the_guest_ran_through_are_charged() {
+        let policy =
+            AddonPolicy { cpu_limit: std::time::Duration::from_millis(20), ..AddonPolicy::default() };
+        let epoch = EpochCounter::default();
+        let mut limits = InstanceLimits::new(&policy, epoch.clone());
+        let tick = |epoch: &EpochCounter| epoch.0.fetch_add(1, Ordering::AcqRel);
+
+        // Deadline at tick 1; the guest reaches it running: charged.
+        tick(&epoch);
+        assert!(matches!(limits.on_deadline(), UpdateDeadline::YieldCustom(1, _)));
+        assert_eq!(limits.cpu_ticks_used, 1);
+        // It resumed at tick 1 (deadline 2), then waited in the host until tick 5.
+        limits.deadline_tick.store(2, Ordering::Release);
+        for _ in 0..4 {
+            tick(&epoch);
+        }
+        assert!(matches!(limits.on_deadline(), UpdateDeadline::Continue(1)));
+        assert_eq!(limits.cpu_ticks_used, 1, "waiting is not charged");
+        // Then it runs through ticks 6 and 7: charged, and the third one is over 20 ms.
+        tick(&epoch);
+        assert!(matches!(limits.on_deadline(), UpdateDeadline::YieldCustom(1, _)));
+        limits.deadline_tick.store(7, Ordering::Release);
+        tick(&epoch);
+        assert!(matches!(limits.on_deadline(), UpdateDeadline::Interrupt));
+        assert_eq!(limits.hit(), Some(LimitHit::Cpu));
+    }
+
+    #[test]
     fn memory_growth_past_the_limit_is_refused_and_remembered() {
         let policy = AddonPolicy { memory_limit: 1 << 20, ..AddonPolicy::default() };
-        let mut limits = InstanceLimits::new(&policy);
+        let mut limits = InstanceLimits::new(&policy, EpochCounter::default());
         assert!(limits.memory_growing(0, 1 << 20, None).unwrap());
         assert_eq!(limits.hit(), None);
         assert!(!limits.memory_growing(1 << 20, 2 << 20, None).unwrap());

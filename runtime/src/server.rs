@@ -35,6 +35,7 @@ use crate::addons::{self, AddonSet, LoadedAddon};
 use crate::bindings::ConnectionInfo;
 use crate::config::Config;
 use crate::connection::AddonConnection;
+use crate::engine::EpochCounter;
 use crate::error::{Envelope, FailureCounts, FailureKind};
 use crate::handshake::{self, HeadError, Rejection, RequestHead};
 use crate::host::{self, HostState};
@@ -61,6 +62,7 @@ struct Shared {
     /// Addon connections open now, against `limits.max_connections`.
     open_connections: AtomicU32,
     failures: Arc<FailureCounts>,
+    epoch: EpochCounter,
     /// Cancelled when the server shuts down: every connection closes with 1001.
     shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -77,7 +79,7 @@ impl Server {
             TcpListener::bind(config.listen).await.map_err(|err| bind_error(config.listen, err))?;
         let local = listener.local_addr()?;
 
-        let engine = host_engine(&config)?;
+        let (engine, epoch) = crate::engine::build(&config.limits)?;
         let linker = host::linker(&engine).map_err(anyhow::Error::from).context("linking host interfaces")?;
         let dir = config.addons_dir.clone();
         let outcome = tokio::task::spawn_blocking(move || addons::load_dir(&engine, &linker, &dir))
@@ -116,6 +118,7 @@ impl Server {
             next_connection_id: AtomicU64::new(1),
             open_connections: AtomicU32::new(0),
             failures: Arc::new(FailureCounts::default()),
+            epoch,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
@@ -175,10 +178,6 @@ impl Server {
             ),
         }
     }
-}
-
-fn host_engine(config: &Config) -> anyhow::Result<wasmtime::Engine> {
-    crate::engine::build(&config.limits)
 }
 
 fn bind_error(addr: SocketAddr, err: std::io::Error) -> anyhow::Error {
@@ -366,21 +365,24 @@ async fn serve_addon(
 
     // The instance is made before the upgrade, so a failure is an HTTP 503 the client
     // can act on, not a socket that opens and dies.
-    let (store, instance) =
-        match addon.instantiate(HostState::new(info, policy)).instrument(span.clone()).await {
-            Ok(made) => made,
-            Err(err) => {
-                let cause = crate::connection::describe(&err);
-                span.in_scope(
-                    || tracing::error!(cause = %cause, "cannot create an addon instance; answering 503"),
-                );
-                let rejection = Rejection::new(
-                    503,
-                    format!("addon '{}' cannot take a connection now: {cause}", addon.name()),
-                );
-                return reject(&mut stream, rejection).await;
-            }
-        };
+    let (store, instance) = match addon
+        .instantiate(HostState::new(info, policy, shared.epoch.clone()))
+        .instrument(span.clone())
+        .await
+    {
+        Ok(made) => made,
+        Err(err) => {
+            let cause = crate::connection::describe(&err);
+            span.in_scope(
+                || tracing::error!(cause = %cause, "cannot create an addon instance; answering 503"),
+            );
+            let rejection = Rejection::new(
+                503,
+                format!("addon '{}' cannot take a connection now: {cause}", addon.name()),
+            );
+            return reject(&mut stream, rejection).await;
+        }
+    };
     let ws_config = shared
         .ws_config
         .max_message_size(Some(policy.max_message_bytes))

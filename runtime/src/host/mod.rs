@@ -24,6 +24,7 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::{Addon, ConnectionInfo};
+use crate::engine::EpochCounter;
 use crate::policy::AddonPolicy;
 use crate::sandbox::InstanceLimits;
 
@@ -39,7 +40,7 @@ pub struct HostState {
 impl HostState {
     /// State for a new connection's instance. The socket is attached after the upgrade,
     /// with [`session::Session::attach`].
-    pub(crate) fn new(info: ConnectionInfo, policy: &AddonPolicy) -> HostState {
+    pub(crate) fn new(info: ConnectionInfo, policy: &AddonPolicy, epoch: EpochCounter) -> HostState {
         let log = log::LogContext::new(&info.addon, info.id);
         let wasi = WasiCtx::builder()
             .stdout(log.guest_stdout())
@@ -51,7 +52,7 @@ impl HostState {
         HostState {
             session: session::Session::new(info, policy.send_timeout),
             log,
-            limits: InstanceLimits::new(policy),
+            limits: InstanceLimits::new(policy, epoch),
             wasi,
             table: ResourceTable::new(),
         }
