@@ -74,8 +74,6 @@ impl ClientMessage {
     /// [`ProtocolError::BadJson`] when `text` is not a JSON object or a known field has the
     /// wrong type; [`ProtocolError::MissingField`] when `message` is absent or `null`.
     pub fn parse(text: &str) -> Result<Self, ProtocolError> {
-        // Going through a map first rejects JSON arrays, which serde would otherwise accept
-        // as a struct written positionally.
         #[derive(Deserialize)]
         struct Wire {
             message: Option<String>,
@@ -83,10 +81,13 @@ impl ClientMessage {
             session_id: Option<String>,
             action: Option<String>,
         }
-        let bad_json = |e: serde_json::Error| ProtocolError::BadJson(e.to_string());
-        let object: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(text).map_err(bad_json)?;
-        let wire: Wire = serde_json::from_value(object.into()).map_err(bad_json)?;
+        // Only a JSON object can be the envelope. Checking the first byte keeps plain text
+        // (the common case for an echo) off the JSON parser, and rejects arrays, which
+        // serde would otherwise accept as a struct written positionally.
+        if !text.trim_start().starts_with('{') {
+            return Err(ProtocolError::BadJson("not a JSON object".to_owned()));
+        }
+        let wire: Wire = serde_json::from_str(text).map_err(|e| ProtocolError::BadJson(e.to_string()))?;
         Ok(Self {
             message: wire.message.ok_or(ProtocolError::MissingField("message"))?,
             token: wire.token,
