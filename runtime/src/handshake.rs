@@ -137,7 +137,6 @@ pub fn check_upgrade(head: &RequestHead) -> Result<&str, Rejection> {
             ),
         );
         rejection.headers.push(("Upgrade", "websocket"));
-        rejection.headers.push(("Connection", "Upgrade"));
         return Err(rejection);
     }
     if head.method != "GET" {
