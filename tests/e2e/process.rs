@@ -9,6 +9,17 @@ use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sockhost");
 
+/// The binary, with none of the caller's `SOCKHOST_*` settings leaking into the test.
+fn sockhost_command() -> Command {
+    let mut command = Command::new(BIN);
+    for key in
+        ["SOCKHOST_CONFIG", "SOCKHOST_LISTEN", "SOCKHOST_PORT", "SOCKHOST_PUBLIC_HOST", "SOCKHOST_ADDONS_DIR"]
+    {
+        command.env_remove(key);
+    }
+    command
+}
+
 /// A running `sockhost` process, killed on drop.
 pub struct Process {
     pub child: Child,
@@ -51,13 +62,8 @@ impl Drop for Process {
 
 /// Starts the binary in `cwd` with `args` and `env`, and reads its log until it listens.
 pub fn spawn(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Process {
-    let mut command = Command::new(BIN);
+    let mut command = sockhost_command();
     command.current_dir(cwd).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env("NO_COLOR", "1");
-    for key in
-        ["SOCKHOST_CONFIG", "SOCKHOST_LISTEN", "SOCKHOST_PORT", "SOCKHOST_PUBLIC_HOST", "SOCKHOST_ADDONS_DIR"]
-    {
-        command.env_remove(key);
-    }
     command.env("RUST_LOG", "info");
     for (key, value) in env {
         command.env(key, value);
@@ -124,13 +130,8 @@ fn strip_ansi(line: &str) -> String {
 
 /// Runs the binary to completion and returns its exit status and stderr.
 fn run_to_exit(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let mut command = Command::new(BIN);
+    let mut command = sockhost_command();
     command.current_dir(cwd).args(args);
-    for key in
-        ["SOCKHOST_CONFIG", "SOCKHOST_LISTEN", "SOCKHOST_PORT", "SOCKHOST_PUBLIC_HOST", "SOCKHOST_ADDONS_DIR"]
-    {
-        command.env_remove(key);
-    }
     for (key, value) in env {
         command.env(key, value);
     }
@@ -166,13 +167,8 @@ async fn the_binary_logs_each_mounted_addon_with_its_url() {
     std::fs::write(work.path().join("addons/echo.wasm"), bundled_addon("echo")).unwrap();
     std::fs::write(work.path().join("sockhost.toml"), "[server]\nport = 0\npublic_host = \"shop.example\"\n")
         .unwrap();
-    let mut command = Command::new(BIN);
+    let mut command = sockhost_command();
     command.current_dir(work.path()).stderr(Stdio::piped()).stdout(Stdio::null()).env("RUST_LOG", "info");
-    for key in
-        ["SOCKHOST_CONFIG", "SOCKHOST_LISTEN", "SOCKHOST_PORT", "SOCKHOST_PUBLIC_HOST", "SOCKHOST_ADDONS_DIR"]
-    {
-        command.env_remove(key);
-    }
     let mut child = command.spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
