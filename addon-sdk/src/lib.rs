@@ -42,9 +42,25 @@
 //! - [`log`] writes to the host's log, tagged with the addon and connection; so do
 //!   `println!` (info) and `eprintln!` (warn).
 //! - [`protocol`] has typed helpers for the JSON chat envelope that clients speak.
+//!
+//! # Host capabilities
+//!
+//! Beyond the connection and the log, an addon reaches only what its manifest
+//! (`addons/<name>.toml`) grants; every module says which key grants it:
+//!
+//! - [`kv`]: storage shared by the addon's connections and kept across restarts;
+//! - [`config`]: the manifest's `[config]` settings, secrets read from the environment;
+//! - [`auth`]: verification of the tokens clients send;
+//! - [`http`]: outbound HTTP to the manifest's `outbound_hosts`, with a streaming body,
+//!   and [`sse`] to parse event streams from it.
 
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod kv;
 pub mod log;
 pub mod protocol;
+pub mod sse;
 
 use std::fmt;
 
@@ -375,6 +391,7 @@ pub mod __private {
             path: "../wit",
             pub_export_macro: true,
             export_macro_name: "export",
+            generate_all,
         });
     }
 

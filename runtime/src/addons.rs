@@ -44,7 +44,7 @@ pub enum LoadError {
     Compile(anyhow::Error),
     #[error("{0:#}")]
     Link(anyhow::Error),
-    #[error("does not export the sockhost:addon/handler@0.1.0 interface: {0:#}")]
+    #[error("does not export the sockhost:addon/handler@0.1.1 interface: {0:#}")]
     WrongWorld(anyhow::Error),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
@@ -123,6 +123,11 @@ impl AddonSet {
     /// Mounted addon names, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.by_name.keys().map(String::as_str)
+    }
+
+    /// Mounted addons, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<LoadedAddon>> {
+        self.by_name.values()
     }
 
     pub fn len(&self) -> usize {

@@ -50,6 +50,10 @@ pub struct Cli {
     /// Directory scanned for <name>.wasm addons [file: server.addons_dir] [default: ./addons]
     #[arg(long, env = "SOCKHOST_ADDONS_DIR", value_name = "DIR")]
     pub addons_dir: Option<PathBuf>,
+
+    /// Directory for the server's own data: the kv store's file [file: server.data_dir] [default: ./data]
+    #[arg(long, env = "SOCKHOST_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// The config file's shape. Every section and key is optional.
@@ -69,6 +73,7 @@ struct FileServer {
     port: Option<u16>,
     public_host: Option<String>,
     addons_dir: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +93,9 @@ pub struct Config {
     pub public_host: String,
     /// Directory scanned for `<name>.wasm` addons.
     pub addons_dir: PathBuf,
+    /// Directory for data the server keeps: `kv.redb`, the kv store (created on first
+    /// use by an addon granted `kv`).
+    pub data_dir: PathBuf,
     /// Server-wide limits.
     pub limits: ServerLimits,
 }
@@ -124,6 +132,7 @@ impl Default for Config {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080),
             public_host: "localhost".to_owned(),
             addons_dir: PathBuf::from("addons"),
+            data_dir: PathBuf::from("data"),
             limits: ServerLimits::default(),
         }
     }
@@ -162,6 +171,7 @@ impl Config {
             bail!("invalid value for server.public_host (--public-host): {public_host:?} is not a host name");
         }
         let addons_dir = cli.addons_dir.or(file.server.addons_dir).unwrap_or(defaults.addons_dir);
+        let data_dir = cli.data_dir.or(file.server.data_dir).unwrap_or(defaults.data_dir);
 
         let mut limits = defaults.limits;
         if let Some(max) = file.limits.max_connections {
@@ -180,7 +190,7 @@ impl Config {
             limits.drain_timeout = Duration::from_millis(ms);
         }
 
-        Ok(Config { listen: SocketAddr::new(listen_ip, port), public_host, addons_dir, limits })
+        Ok(Config { listen: SocketAddr::new(listen_ip, port), public_host, addons_dir, data_dir, limits })
     }
 }
 

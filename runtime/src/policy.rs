@@ -17,11 +17,26 @@
 //! | `ping_interval_s` | `30` | silence before the host pings; a ping unanswered as long again means the peer is gone |
 //! | `send_timeout_s` | `10` | how long one `send` may wait for a client that does not read |
 //! | `allowed_origins` | `[]` (any) | `Origin` header allow-list for browser clients |
+//!
+//! Grants (capabilities beyond the session and log), all off by default:
+//!
+//! | key | grants |
+//! |---|---|
+//! | `kv = true` | the `kv` interface: this addon's namespace of the server's store |
+//! | `outbound_hosts = ["https://api.example.com"]` | outbound HTTP to exactly these origins (`*.` for subdomains) |
+//! | `outbound_connect_timeout_ms` / `_first_byte_` / `_between_bytes_` | caps on outbound waits: 5000 / 60000 / 60000 |
+//! | `[config]` | settings the addon reads with `config.get`; `{ env = "NAME" }` reads a variable |
+//! | `[auth]` | token verification (`auth.verify-token`): HS256 JWT, secret from the environment |
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::host::auth::{AuthSection, JwtVerifier};
+use crate::host::config::{AddonConfig, EnvLookup};
+use crate::host::outbound::OutboundPolicy;
 
 /// The manifest file's shape.
 #[derive(Debug, Default, Deserialize)]
@@ -37,6 +52,13 @@ struct ManifestFile {
     ping_interval_s: Option<u64>,
     send_timeout_s: Option<u64>,
     allowed_origins: Option<Vec<String>>,
+    kv: Option<bool>,
+    outbound_hosts: Option<Vec<String>>,
+    outbound_connect_timeout_ms: Option<u64>,
+    outbound_first_byte_timeout_ms: Option<u64>,
+    outbound_between_bytes_timeout_ms: Option<u64>,
+    config: Option<toml::Table>,
+    auth: Option<AuthSection>,
 }
 
 /// A byte count written as an integer or as a string with a unit: `"64KiB"`, `"32 MiB"`.
@@ -105,6 +127,14 @@ pub struct AddonPolicy {
     pub send_timeout: Duration,
     /// Allowed `Origin` values; empty means any.
     pub allowed_origins: Vec<String>,
+    /// Whether the addon may use the kv store.
+    pub kv: bool,
+    /// Where the addon may send HTTP requests, and how long it may wait.
+    pub outbound: Arc<OutboundPolicy>,
+    /// The `[config]` table, resolved.
+    pub config: Arc<AddonConfig>,
+    /// The token verifier, when `[auth]` is set.
+    pub auth: Option<Arc<JwtVerifier>>,
 }
 
 impl Default for AddonPolicy {
@@ -119,6 +149,10 @@ impl Default for AddonPolicy {
             ping_interval: Duration::from_secs(30),
             send_timeout: Duration::from_secs(10),
             allowed_origins: Vec::new(),
+            kv: false,
+            outbound: Arc::default(),
+            config: Arc::default(),
+            auth: None,
         }
     }
 }
@@ -151,8 +185,14 @@ impl AddonPolicy {
         }
     }
 
-    /// Parses a manifest's text; the error names the key and the problem.
+    /// Parses a manifest's text, reading `{ env = ... }` references from the process's
+    /// environment; the error names the key and the problem.
     pub fn parse(text: &str) -> Result<AddonPolicy, String> {
+        AddonPolicy::parse_with_env(text, &|name| std::env::var(name).ok())
+    }
+
+    /// [`AddonPolicy::parse`] with a given environment.
+    pub fn parse_with_env(text: &str, env: EnvLookup<'_>) -> Result<AddonPolicy, String> {
         let file: ManifestFile =
             toml::from_str(text).map_err(|err| err.to_string().trim().replace('\n', " "))?;
         let mut policy = AddonPolicy::default();
@@ -228,7 +268,35 @@ impl AddonPolicy {
             }
             policy.allowed_origins = origins;
         }
+        policy.kv = file.kv.unwrap_or(false);
+        policy.outbound = Arc::new(OutboundPolicy::from_manifest(
+            file.outbound_hosts,
+            file.outbound_connect_timeout_ms,
+            file.outbound_first_byte_timeout_ms,
+            file.outbound_between_bytes_timeout_ms,
+        )?);
+        policy.config = Arc::new(AddonConfig::from_manifest(file.config.unwrap_or_default(), env)?);
+        if let Some(section) = file.auth {
+            policy.auth = Some(Arc::new(JwtVerifier::from_manifest(section, env)?));
+        }
         Ok(policy)
+    }
+
+    /// The capabilities this policy grants beyond the session and log, one line each,
+    /// for operators (the load log line and `sockhost check`). Secrets are never shown.
+    pub fn grants(&self) -> Vec<String> {
+        let mut grants = Vec::new();
+        if self.kv {
+            grants.push("kv".to_owned());
+        }
+        if self.outbound.is_granted() {
+            grants.push(format!("outbound HTTP to {}", self.outbound.hosts().join(", ")));
+        }
+        if let Some(auth) = &self.auth {
+            grants.push(format!("auth: {}", auth.describe()));
+        }
+        grants.extend(self.config.describe().into_iter().map(|line| format!("config {line}")));
+        grants
     }
 
     /// Whether a browser request from `origin` may connect. Requests without an
@@ -287,6 +355,38 @@ mod tests {
     }
 
     #[test]
+    fn grants_are_off_by_default_and_parse_when_given() {
+        let none = AddonPolicy::parse("").unwrap();
+        assert!(!none.kv && !none.outbound.is_granted() && none.auth.is_none());
+        assert!(none.grants().is_empty());
+        let env = |name: &str| (name == "JWT").then(|| "s".repeat(32));
+        let policy = AddonPolicy::parse_with_env(
+            r#"
+            kv = true
+            outbound_hosts = ["https://api.example.com"]
+            outbound_first_byte_timeout_ms = 1500
+            [config]
+            model = "m"
+            [auth]
+            jwt_hs256_secret = { env = "JWT" }
+            "#,
+            &env,
+        )
+        .unwrap();
+        assert!(policy.kv);
+        assert!(policy.outbound.allows(&"https://api.example.com/v1".parse().unwrap()));
+        assert_eq!(policy.outbound.first_byte_timeout, Duration::from_millis(1500));
+        assert_eq!(policy.config.get("model"), Some("m"));
+        assert!(policy.auth.is_some());
+        let grants = policy.grants().join("\n");
+        assert!(
+            grants.contains("kv") && grants.contains("api.example.com") && grants.contains("$JWT"),
+            "{grants}"
+        );
+        assert!(!grants.contains(&"s".repeat(32)), "the secret is never shown");
+    }
+
+    #[test]
     fn zero_rate_means_unlimited() {
         assert_eq!(AddonPolicy::parse("messages_per_second = 0").unwrap().message_rate, None);
     }
@@ -309,6 +409,12 @@ mod tests {
             ("send_timeout_s = 0", "send_timeout_s"),
             ("allowed_origins = [\"shop.example.com\"]", "allowed_origins"),
             ("allowed_origins = \"https://a.example\"", "allowed_origins"),
+            ("kv = \"yes\"", "kv"),
+            ("outbound_hosts = [\"api.example.com\"]", "outbound_hosts"),
+            ("outbound_between_bytes_timeout_ms = 0", "outbound_between_bytes_timeout_ms"),
+            ("[config]\nk = { env = 3 }", "config.k"),
+            ("[auth]\njwt_hs256_secret = \"inline\"", "auth.jwt_hs256_secret"),
+            ("[auth]\nsecret = 1", "secret"),
         ];
         for (text, key) in cases {
             let err = AddonPolicy::parse(text).unwrap_err();

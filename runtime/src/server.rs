@@ -38,7 +38,8 @@ use crate::connection::AddonConnection;
 use crate::engine::EpochCounter;
 use crate::error::{Envelope, FailureCounts, FailureKind};
 use crate::handshake::{self, HeadError, Rejection, RequestHead};
-use crate::host::{self, HostState};
+use crate::host::kv::KvStore;
+use crate::host::{self, HostServices, HostState};
 
 /// tungstenite reads into a buffer of this size. Its 128 KiB default is zero-filled on
 /// every read: it cost ~134 KB per connection and ~18% CPU when measured on a 2-core
@@ -63,6 +64,8 @@ struct Shared {
     open_connections: AtomicU32,
     failures: Arc<FailureCounts>,
     epoch: EpochCounter,
+    /// What every instance may be granted: the kv store.
+    services: HostServices,
     /// Cancelled when the server shuts down: every connection closes with 1001.
     shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -100,8 +103,17 @@ impl Server {
 
         let base = format!("ws://{}:{}", config.public_host, local.port());
         tracing::info!("listening on {local}; test endpoint {base}/ws");
-        for name in addons.names() {
-            tracing::info!(addon = name, "mounted {base}/ws/{name}");
+        for addon in addons.iter() {
+            let name = addon.name();
+            let grants = addon.policy().grants();
+            let grants = if grants.is_empty() { "none".to_owned() } else { grants.join("; ") };
+            tracing::info!(addon = name, "mounted {base}/ws/{name} (grants: {grants})");
+            for (key, var) in &addon.policy().config.missing_env {
+                tracing::warn!(
+                    addon = name,
+                    "config key `{key}` names ${var}, which is not set; the key is absent"
+                );
+            }
         }
         if addons.is_empty() {
             tracing::warn!(dir = %config.addons_dir.display(), "no addons mounted");
@@ -111,8 +123,10 @@ impl Server {
             .read_buffer_size(READ_BUFFER_BYTES)
             .max_message_size(Some(BUILTIN_MAX_MESSAGE))
             .max_frame_size(Some(BUILTIN_MAX_MESSAGE));
+        let services = HostServices { kv: Arc::new(KvStore::new(&config.data_dir)) };
         let shared = Shared {
             addons,
+            services,
             config,
             ws_config,
             next_connection_id: AtomicU64::new(1),
@@ -145,9 +159,12 @@ impl Server {
     /// done or the drain timeout has passed.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut purge = tokio::time::interval(KV_PURGE_INTERVAL);
+        purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = purge.tick() => self.shared.services.kv.purge_expired().await,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         self.shared.tasks.spawn(handle_tcp(self.shared.clone(), stream, peer));
@@ -179,6 +196,9 @@ impl Server {
         }
     }
 }
+
+/// How often expired kv entries are reclaimed (reads already ignore them).
+const KV_PURGE_INTERVAL: Duration = Duration::from_secs(300);
 
 fn bind_error(addr: SocketAddr, err: std::io::Error) -> anyhow::Error {
     if err.kind() == std::io::ErrorKind::AddrInUse {
@@ -366,7 +386,7 @@ async fn serve_addon(
     // The instance is made before the upgrade, so a failure is an HTTP 503 the client
     // can act on, not a socket that opens and dies.
     let (store, instance) = match addon
-        .instantiate(HostState::new(info, policy, shared.epoch.clone()))
+        .instantiate(HostState::new(info, policy, &shared.services, shared.epoch.clone()))
         .instrument(span.clone())
         .await
     {

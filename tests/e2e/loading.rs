@@ -68,7 +68,7 @@ async fn bad_files_are_skipped_with_their_cause_and_good_ones_mount() {
     };
     expect("noise.wasm", "not a WebAssembly file");
     expect("core.wasm", "core WebAssembly module, not a component");
-    expect("otherworld.wasm", "does not export the sockhost:addon/handler@0.1.0 interface");
+    expect("otherworld.wasm", "does not export the sockhost:addon/handler@0.1.1 interface");
     expect("billing.wasm", "acme:billing/charge@1.0.0");
     expect("half.wasm", "invalid component");
     expect("Bad Name.wasm", "invalid addon name");
@@ -98,4 +98,17 @@ async fn a_missing_addons_directory_still_serves_the_test_endpoint() {
     let greeting = client.recv_json().await;
     assert!(greeting["message"].as_str().unwrap().contains("none"), "{greeting}");
     assert_eq!(log_lines(&["cannot read the addons directory", "/nonexistent/sockhost-addons"]).len(), 1);
+}
+
+/// Components built against the previous minor version of the WIT package keep working:
+/// `tests/fixtures/echo-wit-0.1.0.wasm` is the echo addon as built for
+/// `sockhost:addon@0.1.0`, before kv, config, auth and outbound HTTP were added.
+#[tokio::test]
+async fn a_component_built_against_wit_0_1_0_still_loads_and_serves() {
+    let old = std::fs::read(repo_root().join("tests/fixtures/echo-wit-0.1.0.wasm")).unwrap();
+    let server = TestServer::start(&[("old.wasm", &old)]).await;
+    assert_eq!(server.addon_names, ["old"]);
+    let mut client = server.connect("/ws/old").await;
+    client.send_text("still here").await;
+    assert_eq!(client.recv_text().await, "still here");
 }

@@ -60,6 +60,8 @@ pub struct TestServer {
     pub addon_names: Vec<String>,
     pub failures: std::sync::Arc<sockhost::FailureCounts>,
     dir: tempfile::TempDir,
+    /// The server's data directory (kv store), private to this server.
+    _data: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -76,9 +78,11 @@ impl TestServer {
     ) -> TestServer {
         capture_logs();
         let dir = addons_dir(files);
+        let data = tempfile::tempdir().unwrap();
         let mut config = sockhost::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             addons_dir: dir.path().to_owned(),
+            data_dir: data.path().to_owned(),
             limits: sockhost::ServerLimits { max_connections: 64, ..Default::default() },
             ..Default::default()
         };
@@ -91,7 +95,7 @@ impl TestServer {
         tokio::spawn(server.run_until(async {
             let _ = stopped.await;
         }));
-        TestServer { addr, addon_names, failures, dir, stop: Some(stop) }
+        TestServer { addr, addon_names, failures, dir, _data: data, stop: Some(stop) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -271,7 +275,7 @@ pub async fn wait_for_log(needles: &[&str]) -> String {
 pub fn hostile_component() -> Vec<u8> {
     const CORE: &str = r#"
     (module
-      (import "sockhost:addon/session@0.1.0" "send-text" (func $send (param i32 i32 i32)))
+      (import "sockhost:addon/session@0.1.1" "send-text" (func $send (param i32 i32 i32)))
       (memory (export "memory") 1)
       (global $heap (mut i32) (i32.const 1024))
       (data (i32.const 32) "ok")
@@ -292,12 +296,12 @@ pub fn hostile_component() -> Vec<u8> {
       (func $recurse (param i64) (result i64)
         (i64.add (call $recurse (i64.add (local.get 0) (i64.const 1))) (i64.const 1)))
 
-      (func (export "sockhost:addon/handler@0.1.0#on-open")
+      (func (export "sockhost:addon/handler@0.1.1#on-open")
         (param i64 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
         (global.set $heap (i32.const 1024))
         (i32.const 16))
 
-      (func (export "sockhost:addon/handler@0.1.0#on-message") (param $kind i32) (param $ptr i32) (param $len i32) (result i32)
+      (func (export "sockhost:addon/handler@0.1.1#on-message") (param $kind i32) (param $ptr i32) (param $len i32) (result i32)
         (local $command i32)
         (if (i32.gt_u (local.get $len) (i32.const 0))
           (then (local.set $command (i32.load8_u (local.get $ptr)))))
@@ -324,7 +328,7 @@ pub fn hostile_component() -> Vec<u8> {
         ;; A zeroed result area: ok.
         (i32.const 16))
 
-      (func (export "sockhost:addon/handler@0.1.0#on-close") (param i32 i32 i32))
+      (func (export "sockhost:addon/handler@0.1.1#on-close") (param i32 i32 i32))
     )"#;
     let mut module = wat::parse_str(CORE).expect("hostile core module parses");
     let mut resolve = wit_parser::Resolve::default();

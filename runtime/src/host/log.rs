@@ -29,8 +29,8 @@ pub struct LogContext {
 }
 
 impl LogContext {
-    pub(crate) fn new(addon: &str, conn: u64) -> LogContext {
-        LogContext { addon: Arc::from(addon), conn }
+    pub(crate) fn new(addon: Arc<str>, conn: u64) -> LogContext {
+        LogContext { addon, conn }
     }
 
     fn emit(&self, level: Level, line: &str) {
@@ -142,8 +142,11 @@ mod tests {
 
     #[test]
     fn lines_are_split_and_cut() {
-        let mut writer =
-            LineWriter { context: LogContext::new("t", 1), level: Level::Info, pending: Vec::new() };
+        let mut writer = LineWriter {
+            context: LogContext::new(Arc::from("t"), 1),
+            level: Level::Info,
+            pending: Vec::new(),
+        };
         writer.write_bytes(b"one\ntw");
         assert_eq!(writer.pending, b"tw");
         writer.write_bytes(b"o\n");

@@ -7,6 +7,10 @@
 //! |-------------|---------------------------|------------------------|
 //! | [`session`] | `sockhost:addon/session`  | [`session::Session`]   |
 //! | [`log`]     | `sockhost:addon/log`, guest stdout/stderr | [`log::LogContext`] |
+//! | [`kv`]      | `sockhost:addon/kv`       | [`kv::KvAccess`]: the server's store if granted |
+//! | [`config`]  | `sockhost:addon/config`   | the addon's [`config::AddonConfig`] |
+//! | [`auth`]    | `sockhost:addon/auth`     | the addon's [`auth::JwtVerifier`], if any |
+//! | [`outbound`]| `wasi:http/outgoing-handler` | `WasiHttpCtx` + [`outbound::OutboundHooks`] |
 //! | WASI        | `wasi:*@0.2` (p2)         | `WasiCtx` + table      |
 //!
 //! [`HostState`] is the store's data: one field per capability, as in wasmtime's own
@@ -14,16 +18,27 @@
 //!
 //! WASI is granted with nothing in it (deny by default): no preopened directories, no
 //! environment variables or arguments, an empty stdin, and every socket address refused.
-//! Clocks and randomness work, since Rust's standard library relies on them.
+//! Clocks and randomness work, since Rust's standard library relies on them. The other
+//! capabilities are granted per addon by its manifest (see [`crate::policy`]); what
+//! every instance holds of them is a few shared pointers, so an idle connection stays
+//! small.
 
+pub mod auth;
+pub mod config;
+pub mod kv;
 pub mod log;
+pub mod outbound;
 pub mod session;
+
+use std::sync::Arc;
 
 use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::bindings::{Addon, ConnectionInfo};
+use crate::bindings::ConnectionInfo;
+use crate::bindings::sockhost::addon as iface;
 use crate::engine::EpochCounter;
 use crate::policy::AddonPolicy;
 use crate::sandbox::InstanceLimits;
@@ -33,15 +48,35 @@ pub struct HostState {
     pub(crate) session: session::Session,
     pub(crate) log: log::LogContext,
     pub(crate) limits: InstanceLimits,
+    kv: kv::KvAccess,
+    config: config::ConfigHandle,
+    auth: Option<Arc<auth::JwtVerifier>>,
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    outbound: outbound::OutboundHooks,
     table: ResourceTable,
+}
+
+/// What the server shares with every instance it creates.
+#[derive(Clone)]
+pub struct HostServices {
+    /// The kv store, handed to instances whose manifest grants `kv`.
+    pub kv: Arc<kv::KvStore>,
 }
 
 impl HostState {
     /// State for a new connection's instance. The socket is attached after the upgrade,
     /// with [`session::Session::attach`].
-    pub(crate) fn new(info: ConnectionInfo, policy: &AddonPolicy, epoch: EpochCounter) -> HostState {
-        let log = log::LogContext::new(&info.addon, info.id);
+    pub(crate) fn new(
+        info: ConnectionInfo,
+        policy: &AddonPolicy,
+        services: &HostServices,
+        epoch: EpochCounter,
+    ) -> HostState {
+        let addon: Arc<str> = Arc::from(info.addon.as_str());
+        let log = log::LogContext::new(addon.clone(), info.id);
+        let outbound =
+            outbound::OutboundHooks { policy: policy.outbound.clone(), addon: addon.clone(), conn: info.id };
         let wasi = WasiCtx::builder()
             .stdout(log.guest_stdout())
             .stderr(log.guest_stderr())
@@ -53,7 +88,12 @@ impl HostState {
             session: session::Session::new(info, policy.send_timeout),
             log,
             limits: InstanceLimits::new(policy, epoch),
+            kv: kv::KvAccess { store: policy.kv.then(|| services.kv.clone()), namespace: addon },
+            config: policy.config.clone(),
+            auth: policy.auth.clone(),
             wasi,
+            http: WasiHttpCtx::new(),
+            outbound,
             table: ResourceTable::new(),
         }
     }
@@ -65,14 +105,29 @@ impl WasiView for HostState {
     }
 }
 
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
+    }
+}
+
 /// The linker every addon is instantiated with: the `addon` world's imports plus WASI p2.
 /// A component that imports anything else fails to link, and the loader reports which
 /// import is missing.
 pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    Addon::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    fn this(state: &mut HostState) -> &mut HostState {
+        state
+    }
+    iface::types::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
+    iface::session::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
+    iface::log::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
+    iface::kv::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
+    iface::config::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
+    iface::auth::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
     Ok(linker)
 }
 
-impl crate::bindings::sockhost::addon::types::Host for HostState {}
+impl iface::types::Host for HostState {}
