@@ -1,4 +1,7 @@
+mod aikefu;
+mod aikefu_process;
 mod core;
+mod fake_llm;
 mod limits;
 mod loading;
 mod process;

@@ -1,0 +1,187 @@
+//! aikefu (AI 客服): the shop's customer-service chat, at `/ws/aikefu`.
+//!
+//! It speaks the seed server's protocol exactly:
+//!
+//! - client → `{"message": "...", "token": "...", "session_id": "...", "action": "chat"}`;
+//! - a `{"type":"system","message":...}` greeting when the connection opens;
+//! - a reply as `{"type":"chat","message":<chunk>,"session_id":...,"complete":false}`
+//!   chunks, streamed as they are produced, then an empty chunk with `"complete":true`;
+//! - `{"type":"error","message":...,"code":...}` when something is wrong, with the codes
+//!   listed in [`codes`].
+//!
+//! Replies come from an OpenAI-compatible model when `[config]` sets `base_url` and
+//! `model` (see [`llm`]), or else from the FAQ in `[config]` (see [`faq`]). Each
+//! conversation's last turns are kept in kv per (verified user, session id) (see
+//! [`history`]), so a client that reconnects with its session id continues where it
+//! was, and nobody else can.
+//!
+//! Host grants it needs (`addons/aikefu.toml`): `kv = true`; `outbound_hosts` for the
+//! model's origin; `[auth]` for real token verification.
+
+mod faq;
+mod history;
+mod llm;
+mod settings;
+
+use std::time::Duration;
+
+use sockhost_addon_sdk::auth::{self, AuthError};
+use sockhost_addon_sdk::protocol::{ChatStream, ClientMessage, send_error, send_system};
+use sockhost_addon_sdk::{Addon, ConnectionInfo, Error, Message, Refusal, export_addon, log};
+
+use crate::settings::Settings;
+
+/// The `code` of every error frame aikefu sends.
+pub mod codes {
+    /// The frame is not a JSON object, or a field has the wrong type.
+    pub const BAD_JSON: &str = "bad_json";
+    /// `message`, `token` or `session_id` is absent or empty.
+    pub const MISSING_FIELD: &str = "missing_field";
+    /// `session_id` is longer than 128 characters or holds control characters.
+    pub const INVALID_FIELD: &str = "invalid_field";
+    /// `action` is something other than `chat`.
+    pub const UNSUPPORTED_ACTION: &str = "unsupported_action";
+    /// The token is not valid (bad signature, expired, wrong issuer...).
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// The language model failed: refused, timed out, HTTP error, malformed or cut stream.
+    pub const UPSTREAM_ERROR: &str = "upstream_error";
+    /// Conversation memory could not be read or written.
+    pub const STORAGE_ERROR: &str = "storage_error";
+}
+
+/// Longest accepted session id, in characters.
+const MAX_SESSION_ID: usize = 128;
+/// Characters per chunk when streaming an offline answer.
+const OFFLINE_CHUNK_CHARS: usize = 6;
+
+#[derive(Default)]
+struct Aikefu {
+    settings: Option<Settings>,
+}
+
+impl Addon for Aikefu {
+    fn on_open(&mut self, _info: &ConnectionInfo) -> Result<(), Refusal> {
+        let settings = Settings::load();
+        // The client may already be gone; on_close follows either way.
+        let _ = send_system(&settings.greeting);
+        self.settings = Some(settings);
+        Ok(())
+    }
+
+    fn on_message(&mut self, msg: Message) -> Result<(), Error> {
+        let settings = self.settings.get_or_insert_with(Settings::load);
+        let text = match msg {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                send_error(codes::BAD_JSON, "binary frames are not supported; send a JSON text frame")?;
+                return Ok(());
+            }
+        };
+        let request = match ChatRequest::parse(&text, settings) {
+            Ok(request) => request,
+            Err((code, message)) => {
+                send_error(code, &message)?;
+                return Ok(());
+            }
+        };
+        request.answer(settings)?;
+        Ok(())
+    }
+}
+
+/// A validated chat message from a verified user.
+struct ChatRequest {
+    user: String,
+    session_id: String,
+    question: String,
+}
+
+impl ChatRequest {
+    fn parse(text: &str, settings: &Settings) -> Result<ChatRequest, (&'static str, String)> {
+        let msg = ClientMessage::parse(text).map_err(|err| (err.code(), err.to_string()))?;
+        if let Some(action) = msg.action.as_deref().filter(|a| *a != "chat") {
+            let shown: String = action.chars().take(40).collect();
+            return Err((
+                codes::UNSUPPORTED_ACTION,
+                format!("unsupported action {shown:?}; the only action is \"chat\""),
+            ));
+        }
+        if msg.message.trim().is_empty() {
+            return Err((codes::MISSING_FIELD, "field `message` is empty".into()));
+        }
+        let session_id = match msg.session_id {
+            Some(id) if !id.is_empty() => id,
+            _ => return Err((codes::MISSING_FIELD, "missing field `session_id`".into())),
+        };
+        if session_id.chars().count() > MAX_SESSION_ID || session_id.chars().any(char::is_control) {
+            return Err((
+                codes::INVALID_FIELD,
+                format!("`session_id` must be 1 to {MAX_SESSION_ID} characters without control characters"),
+            ));
+        }
+        let token = match msg.token {
+            Some(token) if !token.is_empty() => token,
+            _ => return Err((codes::UNAUTHORIZED, "missing `token`: sign in first".into())),
+        };
+        let user = match auth::verify_token(&token) {
+            Ok(user) => user.id,
+            // Development only: no verifier configured, and the manifest opted in.
+            Err(AuthError::NotConfigured) if settings.dev_accept_any_token => format!("dev:{token}"),
+            Err(AuthError::NotConfigured) => {
+                log::error(
+                    "no [auth] verifier is configured and dev_accept_any_token is off; refusing every token",
+                );
+                return Err((
+                    codes::UNAUTHORIZED,
+                    "token verification is not configured on this server".into(),
+                ));
+            }
+            Err(err) => return Err((codes::UNAUTHORIZED, err.to_string())),
+        };
+        Ok(ChatRequest { user, session_id, question: msg.message })
+    }
+
+    fn answer(self, settings: &Settings) -> Result<(), Error> {
+        let key = history::key(&self.user, &self.session_id);
+        let turns = match history::load(&key) {
+            Ok(turns) => turns,
+            Err(err) => {
+                log::error(&format!("loading conversation history failed: {err}"));
+                send_error(codes::STORAGE_ERROR, "conversation memory is unavailable; please try again")?;
+                return Ok(());
+            }
+        };
+        let reply = ChatStream::new(self.session_id.clone());
+        let answer = match &settings.llm {
+            Some(llm) => {
+                match llm::stream_reply(llm, &turns, &self.question, |delta| reply.send(delta).is_ok()) {
+                    Ok(llm::Outcome::Complete(answer)) => answer,
+                    // The client left mid-reply: nothing to finish, nothing to store.
+                    Ok(llm::Outcome::Stopped) => return Ok(()),
+                    Err(err) => {
+                        log::warn(&format!("reply failed: {err}"));
+                        send_error(codes::UPSTREAM_ERROR, &err.0)?;
+                        return Ok(());
+                    }
+                }
+            }
+            None => {
+                let answer = faq::answer(&settings.faq, &self.question).unwrap_or(&settings.fallback);
+                for chunk in faq::chunks(answer, OFFLINE_CHUNK_CHARS) {
+                    reply.send(chunk)?;
+                }
+                answer.to_owned()
+            }
+        };
+        reply.finish()?;
+        let turns = history::append(turns, &self.question, &answer, settings.history_turns);
+        let ttl = Duration::from_secs(settings.history_ttl_hours * 3600);
+        if let Err(err) = history::save(&key, &turns, ttl) {
+            log::error(&format!("saving conversation history failed: {err}"));
+            send_error(codes::STORAGE_ERROR, "the reply was not remembered; the next message starts afresh")?;
+        }
+        Ok(())
+    }
+}
+
+export_addon!(Aikefu);
