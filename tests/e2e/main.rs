@@ -1,6 +1,9 @@
 mod core;
 mod limits;
 mod loading;
+mod ops;
 mod process;
+mod reload;
 mod stress;
 mod support;
+mod tls;

@@ -12,9 +12,17 @@ const BIN: &str = env!("CARGO_BIN_EXE_sockhost");
 /// The binary, with none of the caller's `SOCKHOST_*` settings leaking into the test.
 fn sockhost_command() -> Command {
     let mut command = Command::new(BIN);
-    for key in
-        ["SOCKHOST_CONFIG", "SOCKHOST_LISTEN", "SOCKHOST_PORT", "SOCKHOST_PUBLIC_HOST", "SOCKHOST_ADDONS_DIR"]
-    {
+    for key in [
+        "SOCKHOST_CONFIG",
+        "SOCKHOST_LISTEN",
+        "SOCKHOST_PORT",
+        "SOCKHOST_PUBLIC_HOST",
+        "SOCKHOST_ADDONS_DIR",
+        "SOCKHOST_CACHE_DIR",
+        "SOCKHOST_LOG_FORMAT",
+        "SOCKHOST_TLS_CERT",
+        "SOCKHOST_TLS_KEY",
+    ] {
         command.env_remove(key);
     }
     command
@@ -31,13 +39,13 @@ pub struct Process {
 }
 
 impl Process {
-    fn signal(&self, signal: &str) {
+    pub fn signal(&self, signal: &str) {
         let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
         assert!(status.success());
     }
 
     /// Waits for the process to exit and returns whether it exited with success.
-    fn wait_exit(&mut self) -> bool {
+    pub fn wait_exit(&mut self) -> bool {
         let deadline = std::time::Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -129,7 +137,7 @@ fn strip_ansi(line: &str) -> String {
 }
 
 /// Runs the binary to completion and returns its exit status and stderr.
-fn run_to_exit(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+pub fn run_to_exit(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut command = sockhost_command();
     command.current_dir(cwd).args(args);
     for (key, value) in env {

@@ -59,7 +59,10 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub addon_names: Vec<String>,
     pub failures: std::sync::Arc<sockhost::FailureCounts>,
+    pub handle: sockhost::ServerHandle,
     dir: tempfile::TempDir,
+    /// The compiled-code cache, apart from the addons directory.
+    cache: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -76,10 +79,12 @@ impl TestServer {
     ) -> TestServer {
         capture_logs();
         let dir = addons_dir(files);
+        let cache = tempfile::tempdir().unwrap();
         let mut config = sockhost::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             addons_dir: dir.path().to_owned(),
             limits: sockhost::ServerLimits { max_connections: 64, ..Default::default() },
+            cache_dir: Some(cache.path().to_owned()),
             ..Default::default()
         };
         adjust(&mut config);
@@ -87,11 +92,12 @@ impl TestServer {
         let addr = server.local_addr();
         let addon_names = server.addon_names();
         let failures = server.failures();
+        let handle = server.handle();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(server.run_until(async {
             let _ = stopped.await;
         }));
-        TestServer { addr, addon_names, failures, dir, stop: Some(stop) }
+        TestServer { addr, addon_names, failures, handle, dir, cache, stop: Some(stop) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -100,6 +106,18 @@ impl TestServer {
 
     pub fn addons_path(&self) -> &Path {
         self.dir.path()
+    }
+
+    pub fn cache_path(&self) -> &Path {
+        self.cache.path()
+    }
+
+    /// One sample's value from `/metrics`, scraped over HTTP: `series` is the metric name
+    /// with its labels as exposed, e.g. `sockhost_addon_messages_in_total{addon="echo"}`.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let (status, text) = http_get(self.addr, "/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        metric_value(&text, series)
     }
 
     pub async fn connect(&self, path: &str) -> Client {
@@ -202,6 +220,24 @@ pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http_request(addr, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")).await
+}
+
+/// The value of one series in a Prometheus text exposition.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits until `check` passes, failing the test after [`PATIENCE`]. For changes the
+/// server makes on its own time (a reload, a drain), never to assert speed.
+pub async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 // ---- log capture ---------------------------------------------------------------------
