@@ -23,6 +23,7 @@
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
@@ -146,10 +147,14 @@ fn payload(entry: &[u8]) -> Result<&[u8], &'static str> {
 /// Writes header + `code` to a temporary file beside `path`, syncs it, and renames it
 /// into place, so a crash leaves either the old state or the whole entry.
 fn write_atomically(path: &Path, code: &[u8]) -> std::io::Result<()> {
+    // Unique per process and write: two identical addons compiled at once write the
+    // same entry, each through its own temporary file.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
-        ".tmp-{}-{}",
+        ".tmp-{}-{}-{}",
         std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed),
         path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
     ));
     let result = (|| {

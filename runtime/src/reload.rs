@@ -118,6 +118,7 @@ impl Watcher {
                 })
                 .cloned()
                 .collect();
+            failed.retain(|path, _| now.contains_key(path));
             previous = Some(now);
 
             for addon in gone {

@@ -504,12 +504,16 @@ async fn serve_addon(
             return reject(&mut stream, rejection).await;
         }
     };
+    // The id comes first, so every line about this connection, refusals included,
+    // carries the addon and the connection id (the `conn` span).
+    let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("conn", addon = addon.name(), conn = id);
     let policy = addon.policy();
     let origin = head.header("origin");
     if !policy.allows_origin(origin) {
         shared.failures.record(FailureKind::Origin);
         let origin = origin.unwrap_or_default();
-        tracing::warn!(addon = addon.name(), %peer, origin, kind = FailureKind::Origin.code(), "origin not allowed; answering 403");
+        span.in_scope(|| tracing::warn!(%peer, origin, kind = FailureKind::Origin.code(), "origin not allowed; answering 403"));
         let rejection =
             Rejection::new(403, format!("origin {origin} may not connect to addon '{}'", addon.name()));
         return reject(&mut stream, rejection).await;
@@ -517,7 +521,7 @@ async fn serve_addon(
     let max = shared.config().limits.max_connections;
     let Some(_server_slot) = ServerSlot::reserve(&shared.open_connections, max) else {
         shared.failures.record(FailureKind::Capacity);
-        tracing::warn!(addon = addon.name(), %peer, max, kind = FailureKind::Capacity.code(), "server connection limit reached; answering 503");
+        span.in_scope(|| tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "server connection limit reached; answering 503"));
         let rejection =
             Rejection::new(503, format!("the server is at its limit of {max} connections; retry later"));
         return reject(&mut stream, rejection).await;
@@ -525,7 +529,7 @@ async fn serve_addon(
     let Some(_addon_slot) = addon.reserve_connection() else {
         shared.failures.record(FailureKind::Capacity);
         let max = policy.max_connections;
-        tracing::warn!(addon = addon.name(), %peer, max, kind = FailureKind::Capacity.code(), "addon connection limit reached; answering 503");
+        span.in_scope(|| tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "addon connection limit reached; answering 503"));
         let rejection = Rejection::new(
             503,
             format!("addon '{}' is at its limit of {max} connections; retry later", addon.name()),
@@ -533,8 +537,6 @@ async fn serve_addon(
         return reject(&mut stream, rejection).await;
     };
 
-    let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::info_span!("conn", addon = addon.name(), conn = id);
     let info = ConnectionInfo {
         id,
         addon: addon.name().to_owned(),
