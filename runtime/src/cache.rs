@@ -144,8 +144,10 @@ fn payload(entry: &[u8]) -> Result<&[u8], &'static str> {
     Ok(code)
 }
 
-/// Writes header + `code` to a temporary file beside `path`, syncs it, and renames it
-/// into place, so a crash leaves either the old state or the whole entry.
+/// Writes header + `code` to a temporary file beside `path` and renames it into place, so
+/// readers never see a partly written entry. There is no fsync: after a power loss the
+/// renamed file may be empty or torn, which the checksum catches (the entry is
+/// recompiled), and an fsync per compile can stall start-up for seconds on a busy disk.
 fn write_atomically(path: &Path, code: &[u8]) -> std::io::Result<()> {
     // Unique per process and write: two identical addons compiled at once write the
     // same entry, each through its own temporary file.
@@ -163,7 +165,6 @@ fn write_atomically(path: &Path, code: &[u8]) -> std::io::Result<()> {
         file.write_all(&(code.len() as u64).to_le_bytes())?;
         file.write_all(&Sha256::digest(code))?;
         file.write_all(code)?;
-        file.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {

@@ -261,7 +261,10 @@ impl Write for LogWriter {
 pub fn capture_logs() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
-        let filter = tracing_subscriber::EnvFilter::new("debug");
+        // Debug for the server and the addons' own output; info for everything else:
+        // Cranelift logs several debug lines per function and pass, which would make the
+        // buffer huge and every scan of it slow, starving the compiles the tests wait for.
+        let filter = tracing_subscriber::EnvFilter::new("info,sockhost=debug,addon=debug");
         tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(|| LogWriter).init();
     });
 }
@@ -292,7 +295,12 @@ pub async fn wait_for_log(needles: &[&str]) -> String {
         if let Some(line) = log_lines(needles).into_iter().next() {
             return line;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no log line with {needles:?}");
+        if tokio::time::Instant::now() >= deadline {
+            // What the log does say about the most specific needle, to tell why.
+            let related = log_lines(&needles[needles.len() - 1..]);
+            let tail = &related[related.len().saturating_sub(20)..];
+            panic!("no log line with {needles:?}; lines with {:?}:\n{}", needles.last(), tail.join("\n"));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

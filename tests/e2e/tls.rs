@@ -76,3 +76,28 @@ async fn wss_round_trip_and_the_certificate_is_reloaded_when_its_files_change() 
     let refused = wss_echo(&server, &first).await.unwrap_err();
     assert!(refused.contains("certificate") || refused.contains("Unknown"), "{refused}");
 }
+
+#[tokio::test]
+async fn a_certificate_that_does_not_load_stops_start_up_naming_the_file() {
+    capture_logs();
+    let certs = tempfile::tempdir().unwrap();
+    let (_, cert_pem, _) = certificate();
+    let (_, _, other_key) = certificate();
+    install(certs.path(), &cert_pem, &other_key);
+    let files = sockhost::TlsFiles { cert: certs.path().join("cert.pem"), key: certs.path().join("key.pem") };
+    let start = |tls: sockhost::TlsFiles| {
+        sockhost::Server::start(sockhost::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            addons_dir: certs.path().join("no-addons"),
+            limits: sockhost::ServerLimits { max_connections: 4, ..Default::default() },
+            cache_dir: None,
+            tls: Some(tls),
+            ..Default::default()
+        })
+    };
+    let err = format!("{:#}", start(files.clone()).await.err().expect("a mismatched key is refused"));
+    assert!(err.contains("does not fit") && err.contains("key.pem"), "{err}");
+    let missing = sockhost::TlsFiles { cert: certs.path().join("missing.pem"), key: files.key.clone() };
+    let err = format!("{:#}", start(missing).await.err().expect("a missing file is refused"));
+    assert!(err.contains("missing.pem"), "{err}");
+}
