@@ -144,3 +144,28 @@ async fn a_removed_addon_answers_404_while_its_open_connections_continue() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_copy_in_progress_is_not_loaded_until_it_stops_changing() {
+    let server = TestServer::start(&[]).await;
+    let path = server.addons_path().join("slow.wasm");
+    let bytes = test_addon("testkit");
+    // A slow copy: a chunk every 60 ms, for longer than several 250 ms looks. The watcher
+    // and this writer share the test's one thread, and the writer's timer is always the
+    // shorter, so no two looks pass without a write between them.
+    let mut file = std::fs::File::create(&path).unwrap();
+    for chunk in bytes.chunks(bytes.len() / 25 + 1) {
+        std::io::Write::write_all(&mut file, chunk).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    }
+    drop(file);
+    wait_for_log(&["mounted", &logged_url(&server, "/ws/slow")]).await;
+    let file = path.display().to_string();
+    assert!(
+        log_lines(&["not mounted", &file]).is_empty(),
+        "a partial file was loaded: {:?}",
+        log_lines(&[&file])
+    );
+    let mut client = server.connect("/ws/slow").await;
+    assert_eq!(client.recv_text().await, "open");
+}
