@@ -56,12 +56,14 @@ impl Hasher for ShaHasher {
 }
 
 impl CompileCache {
-    /// Opens (creating it if needed) the cache in `dir` for `engine`.
-    pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<CompileCache> {
-        std::fs::create_dir_all(dir)?;
+    /// The cache in `dir` for `engine`. The directory is made with the first entry, so a
+    /// server without addons leaves nothing behind.
+    /// A directory that cannot be written only costs compiles: each failed write is
+    /// logged and counted (`write_failed`), and loading carries on.
+    pub fn open(dir: &Path, engine: &Engine) -> CompileCache {
         let mut hasher = ShaHasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        Ok(CompileCache { dir: dir.to_owned(), engine_key: hasher.0.finalize().into() })
+        CompileCache { dir: dir.to_owned(), engine_key: hasher.0.finalize().into() }
     }
 
     /// The file an entry for wasm with digest `wasm_sha256` lives in.
@@ -153,6 +155,7 @@ fn write_atomically(path: &Path, code: &[u8]) -> std::io::Result<()> {
     // same entry, each through its own temporary file.
     static WRITES: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
         ".tmp-{}-{}-{}",
         std::process::id(),

@@ -118,13 +118,7 @@ impl Server {
 
         let (engine, epoch) = crate::engine::build(&config.limits)?;
         let linker = host::linker(&engine).map_err(anyhow::Error::from).context("linking host interfaces")?;
-        let cache = config.cache_dir.as_deref().and_then(|dir| match CompileCache::open(dir, &engine) {
-            Ok(cache) => Some(cache),
-            Err(err) => {
-                tracing::warn!(dir = %dir.display(), "cannot use the compiled-code cache ({err}); compiling every addon");
-                None
-            }
-        });
+        let cache = config.cache_dir.as_deref().map(|dir| CompileCache::open(dir, &engine));
         let failures = Arc::new(FailureCounts::default());
         let metrics = Arc::new(Metrics::new(failures.clone()));
         let loader = Arc::new(Loader::new(engine, linker, cache, metrics.clone()));
