@@ -6,22 +6,26 @@
 //! for the server: a file that fails is reported with its path and the exact reason
 //! ([`LoadError`]) and skipped, and the rest still mount.
 //!
-//! Each file is compiled once, on its own thread, then linked into an [`AddonPre`]
-//! (wasmtime's `InstancePre`): imports are resolved at load time, so creating the
-//! per-connection instance later is only a copy-on-write memory image and a few
-//! pointers from the pooling allocator.
+//! Each file is compiled once (or its native code taken from the [`crate::cache`]), on
+//! its own thread, then linked into an [`AddonPre`] (wasmtime's `InstancePre`): imports
+//! are resolved at load time, so creating the per-connection instance later is only a
+//! copy-on-write memory image and a few pointers from the pooling allocator. The
+//! [`Loader`] does this for start-up, for hot reload ([`crate::reload`]) and for
+//! `sockhost check` alike.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
+use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Store};
 
 use crate::bindings::{Addon, AddonPre};
+use crate::cache::CompileCache;
 use crate::host::HostState;
+use crate::metrics::{AddonStats, Metrics};
 use crate::policy::{AddonPolicy, ManifestError};
 use crate::sandbox;
 
@@ -50,14 +54,20 @@ pub enum LoadError {
     Manifest(#[from] ManifestError),
 }
 
-/// A compiled, linked addon, ready to instantiate once per connection.
+/// A compiled, linked addon, ready to instantiate once per connection. One value is one
+/// version of the addon: a reload makes a new one, and each connection keeps an `Arc` of
+/// the version it started on.
 pub struct LoadedAddon {
     name: String,
     path: PathBuf,
     pre: AddonPre<HostState>,
     policy: AddonPolicy,
-    /// Connections open to this addon now.
-    open_connections: AtomicU32,
+    /// SHA-256 of the wasm bytes: names the version in logs.
+    sha256: [u8; 32],
+    /// The files as they were when this version was read; the watcher compares against it.
+    pub(crate) fingerprint: Fingerprint,
+    /// Connection count and metric handles, shared by every version of this addon.
+    stats: Arc<AddonStats>,
 }
 
 impl LoadedAddon {
@@ -71,23 +81,56 @@ impl LoadedAddon {
         &self.path
     }
 
+    /// For the mount log line: `" (grants: kv; outbound HTTP to ...)"`, or `""` when the
+    /// manifest grants nothing. Never contains a secret.
+    pub fn grants_note(&self) -> String {
+        let grants = self.policy.grants();
+        if grants.is_empty() { String::new() } else { format!(" (grants: {})", grants.join("; ")) }
+    }
+
+    /// Logs one warning per `[config]` value whose environment variable is not set.
+    pub fn warn_missing_env(&self) {
+        for (key, var) in &self.policy.config.missing_env {
+            tracing::warn!(
+                addon = self.name(),
+                "config key `{key}` names ${var}, which is not set; the key is absent"
+            );
+        }
+    }
+
     /// The policy from the addon's manifest (or the defaults).
     pub fn policy(&self) -> &AddonPolicy {
         &self.policy
     }
 
-    /// Connections open to this addon now.
+    /// The first 12 hex digits of the wasm's SHA-256: which build this is.
+    pub fn version(&self) -> String {
+        crate::cache::hex(&self.sha256[..6])
+    }
+
+    /// The interfaces the component imports, sorted: what it asks of the host.
+    pub fn imports(&self) -> Vec<String> {
+        let component = self.pre.instance_pre().component();
+        let mut names: Vec<String> =
+            component.component_type().imports(self.pre.engine()).map(|(name, _)| name.to_owned()).collect();
+        names.sort();
+        names
+    }
+
+    /// Connections open to this addon now, on every version of it.
     pub fn open_connections(&self) -> u32 {
-        self.open_connections.load(Ordering::Relaxed)
+        self.stats.open_connections()
+    }
+
+    pub(crate) fn stats(&self) -> &Arc<AddonStats> {
+        &self.stats
     }
 
     /// Reserves one of the addon's `max_connections`; released when the guard drops.
-    pub(crate) fn reserve_connection(self: &Arc<Self>) -> Option<AddonSlot> {
-        let max = self.policy.max_connections;
-        self.open_connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| (open < max).then_some(open + 1))
-            .ok()
-            .map(|_| AddonSlot(self.clone()))
+    /// The count is shared with the addon's other versions, so the limit holds across
+    /// reloads.
+    pub(crate) fn reserve_connection(&self) -> Option<AddonSlot> {
+        self.stats.try_open(self.policy.max_connections).then(|| AddonSlot(self.stats.clone()))
     }
 
     /// A fresh instance of the addon with its own store and limits, for one connection.
@@ -101,15 +144,16 @@ impl LoadedAddon {
 }
 
 /// One of an addon's connection slots, held for the life of a connection.
-pub(crate) struct AddonSlot(Arc<LoadedAddon>);
+pub(crate) struct AddonSlot(Arc<AddonStats>);
 
 impl Drop for AddonSlot {
     fn drop(&mut self) {
-        self.0.open_connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.close();
     }
 }
 
-/// The addons mounted by this server, by name.
+/// The addons mounted by this server, by name. The server swaps in a new set on every
+/// reload; a set itself never changes.
 #[derive(Default, Clone)]
 pub struct AddonSet {
     by_name: BTreeMap<String, Arc<LoadedAddon>>,
@@ -125,7 +169,7 @@ impl AddonSet {
         self.by_name.keys().map(String::as_str)
     }
 
-    /// Mounted addons, by name.
+    /// Mounted addons, sorted by name.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<LoadedAddon>> {
         self.by_name.values()
     }
@@ -137,6 +181,15 @@ impl AddonSet {
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
     }
+
+    /// Mounts `addon`, returning the version it replaces.
+    pub(crate) fn insert(&mut self, addon: Arc<LoadedAddon>) -> Option<Arc<LoadedAddon>> {
+        self.by_name.insert(addon.name.clone(), addon)
+    }
+
+    pub(crate) fn remove(&mut self, name: &str) -> Option<Arc<LoadedAddon>> {
+        self.by_name.remove(name)
+    }
 }
 
 /// A file that could not be mounted, and why.
@@ -144,6 +197,8 @@ impl AddonSet {
 pub struct Rejected {
     pub path: PathBuf,
     pub error: LoadError,
+    /// The files' state before they were read, so the watcher retries only after a change.
+    pub(crate) fingerprint: Option<Fingerprint>,
 }
 
 /// What scanning a directory produced.
@@ -152,56 +207,140 @@ pub struct ScanOutcome {
     pub rejected: Vec<Rejected>,
 }
 
-/// Loads every `*.wasm` in `dir`, compiling them in parallel. Files that fail are
-/// returned in [`ScanOutcome::rejected`]; a missing directory yields no addons.
-pub fn load_dir(engine: &Engine, linker: &Linker<HostState>, dir: &Path) -> std::io::Result<ScanOutcome> {
+/// The size, modification time and (on Unix) inode of one file: enough to see that it
+/// changed, or was replaced by a rename, without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+impl FileStamp {
+    pub(crate) fn of(path: &Path) -> std::io::Result<FileStamp> {
+        let meta = std::fs::metadata(path)?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Ok(FileStamp { len: meta.len(), modified: meta.modified().ok(), inode })
+    }
+}
+
+/// The state of an addon's files: its `.wasm` and its optional manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Fingerprint {
+    wasm: FileStamp,
+    manifest: Option<FileStamp>,
+}
+
+impl Fingerprint {
+    /// Fails when the `.wasm` cannot be read (for example, it is gone).
+    pub(crate) fn of(wasm: &Path) -> std::io::Result<Fingerprint> {
+        let wasm_stamp = FileStamp::of(wasm)?;
+        let manifest = FileStamp::of(&wasm.with_extension("toml")).ok();
+        Ok(Fingerprint { wasm: wasm_stamp, manifest })
+    }
+}
+
+/// `*.wasm` files directly in `dir`, sorted.
+pub(crate) fn wasm_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && path.is_file())
         .collect();
     files.sort();
-
-    let results: Vec<(PathBuf, Result<LoadedAddon, LoadError>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = files
-            .into_iter()
-            .map(|path| {
-                scope.spawn(move || {
-                    let result = load_file(engine, linker, &path);
-                    (path, result)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("addon loader thread panicked")).collect()
-    });
-
-    let mut outcome = ScanOutcome { addons: AddonSet::default(), rejected: Vec::new() };
-    for (path, result) in results {
-        match result {
-            Ok(addon) => {
-                outcome.addons.by_name.insert(addon.name.clone(), Arc::new(addon));
-            }
-            Err(error) => outcome.rejected.push(Rejected { path, error }),
-        }
-    }
-    Ok(outcome)
+    Ok(files)
 }
 
-/// Loads one addon file: checks its name and kind, compiles it and links it.
-pub fn load_file(engine: &Engine, linker: &Linker<HostState>, path: &Path) -> Result<LoadedAddon, LoadError> {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    if !is_valid_name(&stem) {
-        return Err(LoadError::InvalidName(stem));
-    }
-    let bytes = std::fs::read(path)?;
-    check_header(&bytes)?;
-    let policy = AddonPolicy::for_addon(path)?;
+/// Compiles and links addon files for one engine: the one place where a file becomes a
+/// [`LoadedAddon`], at start-up, on reload and in `sockhost check`.
+pub struct Loader {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache: Option<CompileCache>,
+    metrics: Arc<Metrics>,
+}
 
-    let started = Instant::now();
-    let component = Component::from_binary(engine, &bytes).map_err(|e| LoadError::Compile(e.into()))?;
-    let instance_pre = linker.instantiate_pre(&component).map_err(|e| LoadError::Link(e.into()))?;
-    let pre = AddonPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(e.into()))?;
-    tracing::debug!(addon = %stem, elapsed_ms = started.elapsed().as_millis() as u64, "compiled");
-    Ok(LoadedAddon { name: stem, path: path.to_owned(), pre, policy, open_connections: AtomicU32::new(0) })
+impl Loader {
+    pub fn new(
+        engine: Engine,
+        linker: Linker<HostState>,
+        cache: Option<CompileCache>,
+        metrics: Arc<Metrics>,
+    ) -> Loader {
+        Loader { engine, linker, cache, metrics }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Loads every `*.wasm` in `dir`, compiling them in parallel. Files that fail are
+    /// returned in [`ScanOutcome::rejected`]; a missing directory is an error.
+    pub fn load_dir(&self, dir: &Path) -> std::io::Result<ScanOutcome> {
+        let files = wasm_files(dir)?;
+        type Loaded = (PathBuf, Option<Fingerprint>, Result<LoadedAddon, LoadError>);
+        let results: Vec<Loaded> = std::thread::scope(|scope| {
+            let handles: Vec<_> = files
+                .into_iter()
+                .map(|path| {
+                    scope.spawn(move || {
+                        let fingerprint = Fingerprint::of(&path).ok();
+                        let result = self.load_file(&path);
+                        (path, fingerprint, result)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("addon loader thread panicked")).collect()
+        });
+
+        let mut outcome = ScanOutcome { addons: AddonSet::default(), rejected: Vec::new() };
+        for (path, fingerprint, result) in results {
+            match result {
+                Ok(addon) => {
+                    outcome.addons.insert(Arc::new(addon));
+                }
+                Err(error) => outcome.rejected.push(Rejected { path, error, fingerprint }),
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Loads one addon file: checks its name and kind, reads its manifest, compiles it
+    /// (or takes it from the cache) and links it. Nothing is mounted here; a caller swaps
+    /// the result in only when this succeeded, so a broken file never replaces a good one.
+    pub fn load_file(&self, path: &Path) -> Result<LoadedAddon, LoadError> {
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if !is_valid_name(&stem) {
+            return Err(LoadError::InvalidName(stem));
+        }
+        // Stamped before reading: a write that lands after this shows up as a change on
+        // the watcher's next look, so it is never missed.
+        let fingerprint = Fingerprint::of(path)?;
+        let bytes = std::fs::read(path)?;
+        check_header(&bytes)?;
+        let policy = AddonPolicy::for_addon(path)?;
+
+        let started = Instant::now();
+        let sha256: [u8; 32] = Sha256::digest(&bytes).into();
+        let component = match &self.cache {
+            Some(cache) => cache.component(&self.engine, &stem, &bytes, &sha256, &self.metrics),
+            None => Component::from_binary(&self.engine, &bytes),
+        }
+        .map_err(|e| LoadError::Compile(e.into()))?;
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Link(e.into()))?;
+        let pre = AddonPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(e.into()))?;
+        let elapsed = started.elapsed();
+        self.metrics.compiled(&stem, elapsed);
+        tracing::debug!(addon = %stem, elapsed_ms = elapsed.as_millis() as u64, "compiled");
+        let stats = self.metrics.addon(&stem);
+        Ok(LoadedAddon { name: stem, path: path.to_owned(), pre, policy, sha256, fingerprint, stats })
+    }
 }
 
 /// Addon names become URL path segments: keep them to a safe, unambiguous alphabet.

@@ -17,8 +17,11 @@ use serde::Deserialize;
 /// The default config file, read when it exists and no other file is named.
 pub const DEFAULT_CONFIG_FILE: &str = "sockhost.toml";
 
+/// The default compiled-code cache directory, relative to the working directory.
+pub const DEFAULT_CACHE_DIR: &str = ".sockhost-cache";
+
 /// Command-line interface of the `sockhost` binary.
-#[derive(Debug, Parser, Default)]
+#[derive(Debug, Parser, Default, Clone)]
 #[command(
     name = "sockhost",
     version,
@@ -54,6 +57,51 @@ pub struct Cli {
     /// Directory for the server's own data: the kv store's file [file: server.data_dir] [default: ./data]
     #[arg(long, env = "SOCKHOST_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Directory of the compiled-code cache [file: server.cache_dir] [default: ./.sockhost-cache]
+    #[arg(long, env = "SOCKHOST_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Compile every addon at start-up instead of using the cache [file: server.compile_cache = false]
+    #[arg(long)]
+    pub no_compile_cache: bool,
+
+    /// Log format: text (human-readable) or json (one object per line) [file: log.format] [default: text]
+    #[arg(long, env = "SOCKHOST_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// TLS certificate chain (PEM); serves wss:// with --tls-key [file: tls.cert]
+    #[arg(long, env = "SOCKHOST_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) for --tls-cert [file: tls.key]
+    #[arg(long, env = "SOCKHOST_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What the binary does; without a subcommand it serves.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Validate addons without serving: each file's component, world, imports and
+    /// manifest, with its granted capabilities and limits. Exits non-zero on a problem.
+    Check {
+        /// Addon files (<name>.wasm) or directories of them
+        #[arg(required = true, value_name = "FILE.wasm|DIR")]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, with the span fields (addon, conn) of each event.
+    Json,
 }
 
 /// The config file's shape. Every section and key is optional.
@@ -64,6 +112,22 @@ struct FileConfig {
     server: FileServer,
     #[serde(default)]
     limits: FileLimits,
+    #[serde(default)]
+    log: FileLog,
+    tls: Option<FileTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    format: Option<LogFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -74,6 +138,9 @@ struct FileServer {
     public_host: Option<String>,
     addons_dir: Option<PathBuf>,
     data_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    compile_cache: Option<bool>,
+    reload_poll_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +165,24 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Server-wide limits.
     pub limits: ServerLimits,
+    /// Directory of the compiled-code cache; `None` compiles every addon at start-up.
+    /// File keys `server.cache_dir` and `server.compile_cache`; default `./.sockhost-cache`.
+    pub cache_dir: Option<PathBuf>,
+    /// How often the addons directory is checked for changes; `None` turns hot reload
+    /// off. File key `server.reload_poll_ms` (`0` = off); default 250 ms.
+    pub reload_poll: Option<Duration>,
+    /// File key `log.format`; default text.
+    pub log_format: LogFormat,
+    /// Certificate and key for `wss://`; `None` serves plain `ws://`. File keys
+    /// `tls.cert` and `tls.key`.
+    pub tls: Option<TlsFiles>,
+}
+
+/// Where the TLS certificate chain and private key are (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Server-wide limits. Per-addon limits come from each addon's manifest.
@@ -134,6 +219,10 @@ impl Default for Config {
             addons_dir: PathBuf::from("addons"),
             data_dir: PathBuf::from("data"),
             limits: ServerLimits::default(),
+            cache_dir: Some(PathBuf::from(DEFAULT_CACHE_DIR)),
+            reload_poll: Some(Duration::from_millis(250)),
+            log_format: LogFormat::Text,
+            tls: None,
         }
     }
 }
@@ -190,7 +279,38 @@ impl Config {
             limits.drain_timeout = Duration::from_millis(ms);
         }
 
-        Ok(Config { listen: SocketAddr::new(listen_ip, port), public_host, addons_dir, data_dir, limits })
+        let compile_cache = !cli.no_compile_cache && file.server.compile_cache.unwrap_or(true);
+        let cache_dir = cli.cache_dir.or(file.server.cache_dir).or(defaults.cache_dir);
+        let cache_dir = if compile_cache { cache_dir } else { None };
+        let reload_poll = match file.server.reload_poll_ms {
+            Some(0) => None,
+            Some(ms) if ms < 10 => {
+                bail!("invalid value for server.reload_poll_ms: use 10 or more, or 0 for no hot reload")
+            }
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => defaults.reload_poll,
+        };
+        let log_format = cli.log_format.or(file.log.format).unwrap_or_default();
+        let tls = match (cli.tls_cert, cli.tls_key, file.tls) {
+            (Some(cert), Some(key), _) => Some(TlsFiles { cert, key }),
+            (None, None, Some(tls)) => Some(TlsFiles { cert: tls.cert, key: tls.key }),
+            (None, None, None) => None,
+            (Some(_), None, _) | (None, Some(_), _) => {
+                bail!("--tls-cert and --tls-key (SOCKHOST_TLS_CERT, SOCKHOST_TLS_KEY) go together: give both")
+            }
+        };
+
+        Ok(Config {
+            listen: SocketAddr::new(listen_ip, port),
+            public_host,
+            addons_dir,
+            data_dir,
+            limits,
+            cache_dir,
+            reload_poll,
+            log_format,
+            tls,
+        })
     }
 }
 
@@ -221,6 +341,26 @@ mod tests {
         let config = Config::merge(cli, file).unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:9100");
         assert_eq!(config.public_host, "shop.example");
+    }
+
+    #[test]
+    fn operations_settings_parse() {
+        let config = Config::from_toml(
+            "[server]\ncache_dir = \"/var/cache/sockhost\"\nreload_poll_ms = 0\n[log]\nformat = \"json\"\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"",
+        )
+        .unwrap();
+        assert_eq!(config.cache_dir, Some(PathBuf::from("/var/cache/sockhost")));
+        assert_eq!(config.reload_poll, None);
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.tls, Some(TlsFiles { cert: "c.pem".into(), key: "k.pem".into() }));
+        assert_eq!(Config::from_toml("[server]\ncompile_cache = false").unwrap().cache_dir, None);
+        let defaults = Config::from_toml("").unwrap();
+        assert_eq!(defaults.cache_dir, Some(PathBuf::from(DEFAULT_CACHE_DIR)));
+        assert_eq!(defaults.reload_poll, Some(Duration::from_millis(250)));
+        let err = format!("{:#}", Config::from_toml("[tls]\ncert = \"c.pem\"").unwrap_err());
+        assert!(err.contains("key"), "{err}");
+        let cli = Cli { tls_cert: Some("c.pem".into()), ..Cli::default() };
+        assert!(Config::merge(cli, FileConfig::default()).unwrap_err().to_string().contains("--tls-key"));
     }
 
     #[test]

@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
@@ -40,8 +39,10 @@ use wasmtime::{Store, Trap};
 use crate::bindings::{Addon, Message};
 use crate::error::{Envelope, FailureCounts, FailureKind, close_code};
 use crate::host::HostState;
+use crate::metrics::AddonStats;
 use crate::policy::AddonPolicy;
 use crate::sandbox::{self, LimitHit, TokenBucket};
+use crate::tls::ClientStream;
 
 /// Client messages read ahead while a callback runs, before reading pauses.
 pub const MAX_PENDING: usize = 16;
@@ -68,7 +69,7 @@ enum Inbound {
 
 /// The read half of the socket, turned into [`Inbound`] events.
 struct Reader {
-    stream: SplitStream<WebSocketStream<TcpStream>>,
+    stream: SplitStream<WebSocketStream<ClientStream>>,
     finished: bool,
     /// When the last frame of any kind (pongs included) arrived.
     last_frame: Instant,
@@ -149,7 +150,13 @@ pub(crate) struct AddonConnection {
     reader: Reader,
     pending: VecDeque<Inbound>,
     policy: Arc<AddonPolicy>,
+    /// This addon's counters: messages in, callback durations.
+    stats: Arc<AddonStats>,
     failures: Arc<FailureCounts>,
+    /// When the last callback returned. A message's callback starts at its arrival or at
+    /// this, whichever is later (callbacks never overlap), so timing it needs one clock
+    /// read per message, not two.
+    last_callback_end: Instant,
     /// Resolves when the server shuts down. Kept across calls to [`Self::wake`], so it
     /// registers with the token once, not once per message.
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -167,13 +174,14 @@ impl AddonConnection {
     pub(crate) fn new(
         mut store: Store<HostState>,
         instance: Addon,
-        ws: WebSocketStream<TcpStream>,
+        ws: WebSocketStream<ClientStream>,
         policy: Arc<AddonPolicy>,
+        stats: Arc<AddonStats>,
         failures: Arc<FailureCounts>,
         shutdown: CancellationToken,
     ) -> Self {
         let (sink, stream) = ws.split();
-        store.data_mut().session.attach(sink);
+        store.data_mut().session.attach(sink, stats.clone());
         let now = Instant::now();
         let first_deadline = now + policy.ping_interval.min(policy.idle_timeout);
         AddonConnection {
@@ -183,7 +191,9 @@ impl AddonConnection {
             pending: VecDeque::with_capacity(MAX_PENDING),
             rate: policy.message_rate.map(|rate| TokenBucket::new(rate.per_second, rate.burst)),
             policy,
+            stats,
             failures,
+            last_callback_end: now,
             shutdown: Box::pin(shutdown.cancelled_owned()),
             last_message: now,
             ping_sent: None,
@@ -231,6 +241,10 @@ impl AddonConnection {
                     // The reader stamped the time when it read; reading the clock again per
                     // message would cost more than everything else here.
                     self.last_message = self.reader.last_frame;
+                    self.stats.message_in(match &message {
+                        Message::Text(text) => text.len(),
+                        Message::Binary(data) => data.len(),
+                    });
                     if let Some(rate) = self.rate.as_mut()
                         && !rate.try_take_at(self.last_message.into_std())
                     {
@@ -246,7 +260,11 @@ impl AddonConnection {
                     sandbox::start_callback(&mut self.store);
                     let handler = self.instance.sockhost_addon_handler();
                     let call = handler.call_on_message(&mut self.store, &message);
-                    match read_while(call, &mut self.reader, &mut self.pending).await {
+                    let outcome = read_while(call, &mut self.reader, &mut self.pending).await;
+                    let started = self.last_message.max(self.last_callback_end);
+                    self.last_callback_end = Instant::now();
+                    self.stats.callback_seconds.observe(self.last_callback_end - started);
+                    match outcome {
                         Ok(Ok(())) => {}
                         Ok(Err(reason)) => {
                             self.failures.record(FailureKind::AddonError);

@@ -10,8 +10,7 @@
 
 use std::io;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// Largest request head accepted. Browsers send well under 2 KiB.
@@ -68,7 +67,7 @@ pub enum HeadError {
 
 /// Reads one request head. Returns it and the bytes that followed it, which belong to
 /// the WebSocket stream.
-pub async fn read_head(stream: &mut TcpStream) -> Result<(RequestHead, Vec<u8>), HeadError> {
+pub async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(RequestHead, Vec<u8>), HeadError> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         let mut chunk = [0u8; 2048];
@@ -161,25 +160,37 @@ pub fn check_upgrade(head: &RequestHead) -> Result<&str, Rejection> {
 }
 
 /// Writes a plain-text HTTP response and closes the write side.
-pub async fn write_rejection(stream: &mut TcpStream, rejection: &Rejection) -> io::Result<()> {
+pub async fn write_rejection<S: AsyncWrite + Unpin>(stream: &mut S, rejection: &Rejection) -> io::Result<()> {
     let body = format!("{}\n", rejection.message);
+    write_response(stream, rejection.status, "text/plain; charset=utf-8", &rejection.headers, &body).await
+}
+
+/// Writes a complete HTTP response with `body`, then closes the write side: the server
+/// answers one request per connection outside WebSocket upgrades.
+pub async fn write_response<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> io::Result<()> {
     let mut response = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
-        rejection.status,
-        reason_phrase(rejection.status),
+        "HTTP/1.1 {} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        status,
+        reason_phrase(status),
         body.len()
     );
-    for (name, value) in &rejection.headers {
+    for (name, value) in headers {
         response.push_str(&format!("{name}: {value}\r\n"));
     }
     response.push_str("\r\n");
-    response.push_str(&body);
+    response.push_str(body);
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
 }
 
 /// Writes `101 Switching Protocols` for a checked upgrade request.
-pub async fn write_switching_protocols(stream: &mut TcpStream, key: &str) -> io::Result<()> {
+pub async fn write_switching_protocols<S: AsyncWrite + Unpin>(stream: &mut S, key: &str) -> io::Result<()> {
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
         derive_accept_key(key.as_bytes())
@@ -189,6 +200,7 @@ pub async fn write_switching_protocols(stream: &mut TcpStream, key: &str) -> io:
 
 fn reason_phrase(status: u16) -> &'static str {
     match status {
+        200 => "OK",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",

@@ -11,6 +11,11 @@
 //! - [`config`]: flags, environment and `sockhost.toml` → [`Config`];
 //! - [`engine`]: the wasmtime engine (pooling, async, epochs);
 //! - [`addons`]: scanning, checking and compiling addon files;
+//! - [`cache`]: compiled code on disk, checked before it is trusted;
+//! - [`reload`]: hot reload of the addons directory;
+//! - [`check`]: `sockhost check`, validating addons without serving;
+//! - [`metrics`]: the Prometheus metrics behind `/metrics`;
+//! - [`tls`]: `wss://` and certificate reloading;
 //! - [`policy`]: addon manifests (`<name>.toml`): limits and grants;
 //! - [`sandbox`]: memory and CPU limits inside an instance's store;
 //! - [`server`]: listener and routing; `handshake`: HTTP head and upgrade;
@@ -20,26 +25,76 @@
 
 pub mod addons;
 mod bindings;
+pub mod cache;
+pub mod check;
 pub mod config;
 mod connection;
 pub mod engine;
 pub mod error;
 mod handshake;
 pub mod host;
+pub mod metrics;
 pub mod policy;
+pub mod reload;
 pub mod sandbox;
 pub mod server;
+pub mod tls;
 
-pub use config::{Cli, Config, ServerLimits};
+pub use config::{Cli, Command, Config, LogFormat, ServerLimits, TlsFiles};
 pub use error::{FailureCounts, FailureKind};
-pub use server::Server;
+pub use server::{Server, ServerHandle};
 
-/// Installs the log subscriber: human-readable lines on stderr, filtered by `RUST_LOG`
-/// (default `info`).
-pub fn init_logging() {
+/// Installs the log subscriber on stderr, filtered by `RUST_LOG` (default `info`):
+/// human-readable lines, or one JSON object per line. Connection events happen inside a
+/// `conn` span with the fields `addon` and `conn`: text lines show them as a prefix, JSON
+/// lines under `"span"`.
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+    };
+}
+
+/// What the binary does with its command line: serve (the default) or `check`.
+/// Returns the process's exit code.
+pub async fn main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    if let Some(Command::Check { paths }) = &cli.command {
+        return Ok(check::run(paths, &mut std::io::stdout()));
+    }
+    let config = Config::from_cli(cli.clone())?;
+    init_logging(config.log_format);
+    let server = Server::start(config).await?;
+    reload_config_on_sighup(server.handle(), cli);
+    server.run_until(shutdown_signal()).await;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// On SIGHUP, reads the settings again (flags and environment as given at start, the
+/// config file as it is now) and applies what can change while running. A file that no
+/// longer parses changes nothing, and the log says why.
+fn reload_config_on_sighup(handle: ServerHandle, cli: Cli) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; configuration reload is unavailable");
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reading the configuration again");
+            match Config::from_cli(cli.clone()) {
+                Ok(config) => {
+                    handle.reload_config(config);
+                }
+                Err(err) => tracing::error!("configuration not reloaded: {err:#}; the running settings stay"),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (handle, cli);
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

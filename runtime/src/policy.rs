@@ -312,6 +312,45 @@ impl AddonPolicy {
     }
 }
 
+impl AddonPolicy {
+    /// The policy as `(manifest key, value)` pairs, for `sockhost check` and operators:
+    /// every limit and every grant, defaults included. A new manifest key adds its line
+    /// here.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        let rate = match self.message_rate {
+            Some(rate) => (rate.per_second.to_string(), rate.burst.to_string()),
+            None => ("0 (no limit)".to_owned(), "-".to_owned()),
+        };
+        let origins = if self.allowed_origins.is_empty() {
+            "any (no Origin check)".to_owned()
+        } else {
+            self.allowed_origins.join(", ")
+        };
+        vec![
+            ("memory_limit", format_size(self.memory_limit as u64)),
+            ("cpu_limit_ms", self.cpu_limit.as_millis().to_string()),
+            ("max_connections", self.max_connections.to_string()),
+            ("max_message_bytes", format_size(self.max_message_bytes as u64)),
+            ("messages_per_second", rate.0),
+            ("message_burst", rate.1),
+            ("idle_timeout_s", self.idle_timeout.as_secs().to_string()),
+            ("ping_interval_s", self.ping_interval.as_secs().to_string()),
+            ("send_timeout_s", self.send_timeout.as_secs().to_string()),
+            ("allowed_origins", origins),
+        ]
+    }
+}
+
+/// `33554432` → `"32MiB"`; sizes that are not whole KiB/MiB/GiB stay in bytes.
+fn format_size(bytes: u64) -> String {
+    for (unit, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= factor && bytes.is_multiple_of(factor) {
+            return format!("{}{unit}", bytes / factor);
+        }
+    }
+    bytes.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,6 +423,20 @@ mod tests {
             "{grants}"
         );
         assert!(!grants.contains(&"s".repeat(32)), "the secret is never shown");
+    }
+
+    #[test]
+    fn describe_names_every_key_in_manifest_units() {
+        let lines = AddonPolicy::default().describe();
+        let get = |key| lines.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str()).unwrap();
+        assert_eq!(get("memory_limit"), "32MiB");
+        assert_eq!(get("max_message_bytes"), "64KiB");
+        assert_eq!(get("messages_per_second"), "20");
+        // Every key describe() prints parses back as a manifest key.
+        for (key, _) in &lines {
+            let err = AddonPolicy::parse(&format!("{key} = true")).unwrap_err();
+            assert!(!err.contains("unknown field"), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -1,10 +1,14 @@
-//! The listener: accepting TCP connections, routing by path, and starting one task per
-//! connection.
+//! The listener: accepting TCP (or TLS) connections, routing by path, and starting one
+//! task per connection.
 //!
 //! Routes:
 //! - `/ws`: the built-in test endpoint ([`serve_builtin`]): a `system` greeting naming the
 //!   mounted addons, then an echo of every message;
 //! - `/ws/<name>`: the addon mounted as `<name>`, one instance per connection;
+//! - `/healthz`: `200` while the process serves (liveness);
+//! - `/readyz`: `200` when ready for traffic (addons are loaded before the listener
+//!   accepts), `503` while draining after SIGTERM, so a load balancer stops sending;
+//! - `/metrics`: Prometheus text format ([`crate::metrics`]);
 //! - anything else: `404 Not Found`, without upgrading.
 //!
 //! Before an addon connection is upgraded the server checks, in order: the request is a
@@ -12,27 +16,35 @@
 //! free connection slot (503), and an instance can be made (503). Each refusal is logged
 //! and counted.
 //!
-//! Shutdown ([`Server::run_until`]): stop accepting, tell every connection to close with
-//! 1001, wait up to the drain timeout for them to finish (each runs its `on-close`).
+//! The mounted addons can change while the server runs ([`crate::reload`]); a connection
+//! takes the current version once, when it is routed, and keeps it to its end.
+//!
+//! Shutdown ([`Server::run_until`]): tell every connection to close with 1001, wait up to
+//! the drain timeout for them to finish (each runs its `on-close`). While draining the
+//! listener still answers `/healthz`, `/readyz` (503) and `/metrics`, and refuses new
+//! WebSocket connections with 503.
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::addons::{self, AddonSet, LoadedAddon};
+use crate::addons::{self, AddonSet, LoadedAddon, Loader};
 use crate::bindings::ConnectionInfo;
+use crate::cache::CompileCache;
 use crate::config::Config;
 use crate::connection::AddonConnection;
 use crate::engine::EpochCounter;
@@ -40,6 +52,9 @@ use crate::error::{Envelope, FailureCounts, FailureKind};
 use crate::handshake::{self, HeadError, Rejection, RequestHead};
 use crate::host::kv::KvStore;
 use crate::host::{self, HostServices, HostState};
+use crate::metrics::{LiveInstance, Metrics};
+use crate::reload::{Mounted, Watcher};
+use crate::tls::{ClientStream, Tls};
 
 /// tungstenite reads into a buffer of this size. Its 128 KiB default is zero-filled on
 /// every read: it cost ~134 KB per connection and ~18% CPU when measured on a 2-core
@@ -52,72 +67,104 @@ const BUILTIN_MAX_MESSAGE: usize = 64 << 10;
 pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
+    watcher: Option<Watcher>,
 }
 
 /// What every connection task reads.
 struct Shared {
-    addons: AddonSet,
-    config: Config,
+    addons: Arc<Mounted>,
+    /// The settings in force; [`ServerHandle::reload_config`] replaces the ones that can
+    /// change while running.
+    config: RwLock<Arc<Config>>,
     ws_config: WebSocketConfig,
     next_connection_id: AtomicU64,
     /// Addon connections open now, against `limits.max_connections`.
     open_connections: AtomicU32,
     failures: Arc<FailureCounts>,
+    metrics: Arc<Metrics>,
     epoch: EpochCounter,
     /// What every instance may be granted: the kv store.
     services: HostServices,
+    /// `wss://` when set.
+    tls: Option<Arc<Tls>>,
     /// Cancelled when the server shuts down: every connection closes with 1001.
     shutdown: CancellationToken,
+    /// Set when draining starts: `/readyz` answers 503 and new WebSockets are refused.
+    draining: AtomicBool,
     /// Every connection task, so shutdown can wait for them.
     tasks: TaskTracker,
 }
 
+impl Shared {
+    fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+}
+
+/// A handle on a running server, for what happens beside serving: reloading settings.
+#[derive(Clone)]
+pub struct ServerHandle(Arc<Shared>);
+
 impl Server {
     /// Binds the listen address, then loads every addon in the addons directory.
-    /// Addons that fail to load are logged and skipped; only an unusable listen address
-    /// or engine is an error.
+    /// Addons that fail to load are logged and skipped; only an unusable listen address,
+    /// engine or TLS certificate is an error.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
         // Bind first: a busy port should fail in milliseconds, not after compiling addons.
         let listener =
             TcpListener::bind(config.listen).await.map_err(|err| bind_error(config.listen, err))?;
         let local = listener.local_addr()?;
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(Tls::load(files)?)),
+            None => None,
+        };
 
         let (engine, epoch) = crate::engine::build(&config.limits)?;
         let linker = host::linker(&engine).map_err(anyhow::Error::from).context("linking host interfaces")?;
+        let cache = config.cache_dir.as_deref().map(|dir| CompileCache::open(dir, &engine));
+        let failures = Arc::new(FailureCounts::default());
+        let metrics = Arc::new(Metrics::new(failures.clone()));
+        let loader = Arc::new(Loader::new(engine, linker, cache, metrics.clone()));
         let dir = config.addons_dir.clone();
-        let outcome = tokio::task::spawn_blocking(move || addons::load_dir(&engine, &linker, &dir))
+        let scan = loader.clone();
+        let outcome = tokio::task::spawn_blocking(move || scan.load_dir(&dir))
             .await
             .context("addon loader panicked")?;
-        let addons = match outcome {
+        let (addons, rejected) = match outcome {
             Ok(outcome) => {
                 for rejected in &outcome.rejected {
                     tracing::error!(file = %rejected.path.display(), "addon not mounted: {}", rejected.error);
                 }
-                outcome.addons
+                let rejected = outcome.rejected.into_iter().map(|r| (r.path, r.fingerprint)).collect();
+                (outcome.addons, rejected)
             }
             Err(err) => {
                 tracing::warn!(dir = %config.addons_dir.display(), "cannot read the addons directory ({err}); only /ws is served");
-                AddonSet::default()
+                (AddonSet::default(), Vec::new())
             }
         };
 
-        let base = format!("ws://{}:{}", config.public_host, local.port());
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        let base = format!("{scheme}://{}:{}", config.public_host, local.port());
         tracing::info!("listening on {local}; test endpoint {base}/ws");
         for addon in addons.iter() {
             let name = addon.name();
-            let grants = addon.policy().grants();
-            let grants = if grants.is_empty() { "none".to_owned() } else { grants.join("; ") };
-            tracing::info!(addon = name, "mounted {base}/ws/{name} (grants: {grants})");
-            for (key, var) in &addon.policy().config.missing_env {
-                tracing::warn!(
-                    addon = name,
-                    "config key `{key}` names ${var}, which is not set; the key is absent"
-                );
-            }
+            tracing::info!(addon = name, version = %addon.version(), "mounted {base}/ws/{name}{}", addon.grants_note());
+            addon.warn_missing_env();
         }
         if addons.is_empty() {
             tracing::warn!(dir = %config.addons_dir.display(), "no addons mounted");
         }
+        metrics.set_mounted(addons.len());
+        let mounted = Arc::new(Mounted::new(addons));
+        let watcher = config.reload_poll.map(|interval| Watcher {
+            loader,
+            dir: config.addons_dir.clone(),
+            mounted: mounted.clone(),
+            interval,
+            base_url: base,
+            rejected,
+        });
 
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
@@ -125,18 +172,21 @@ impl Server {
             .max_frame_size(Some(BUILTIN_MAX_MESSAGE));
         let services = HostServices { kv: Arc::new(KvStore::new(&config.data_dir)) };
         let shared = Shared {
-            addons,
+            addons: mounted,
             services,
-            config,
+            config: RwLock::new(Arc::new(config)),
             ws_config,
             next_connection_id: AtomicU64::new(1),
             open_connections: AtomicU32::new(0),
-            failures: Arc::new(FailureCounts::default()),
+            failures,
+            metrics,
             epoch,
+            tls,
             shutdown: CancellationToken::new(),
+            draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
         };
-        Ok(Server { listener, shared: Arc::new(shared) })
+        Ok(Server { listener, shared: Arc::new(shared), watcher })
     }
 
     /// The address the server listens on (useful with port 0).
@@ -146,7 +196,7 @@ impl Server {
 
     /// Names of the mounted addons, sorted.
     pub fn addon_names(&self) -> Vec<String> {
-        self.shared.addons.names().map(str::to_owned).collect()
+        self.shared.addons.get().names().map(str::to_owned).collect()
     }
 
     /// Failures counted by kind since start.
@@ -154,51 +204,119 @@ impl Server {
         self.shared.failures.clone()
     }
 
-    /// Serves until `shutdown` completes, then drains: stops accepting, closes every
-    /// connection with 1001 (each addon's `on-close` runs), and returns when they are
-    /// done or the drain timeout has passed.
+    /// A handle that outlives [`Server::run_until`]'s borrow, for reloading settings.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle(self.shared.clone())
+    }
+
+    /// Serves until `shutdown` completes, then drains: closes every connection with 1001
+    /// (each addon's `on-close` runs) and returns when they are done or the drain timeout
+    /// has passed. Meanwhile the addons directory and the TLS certificate are watched.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+        let Server { listener, shared, watcher } = self;
+        if let Some(watcher) = watcher {
+            tokio::spawn(watcher.run(shared.shutdown.clone()));
+        }
+        if let Some(tls) = &shared.tls {
+            tokio::spawn(tls.clone().watch(shared.shutdown.clone()));
+        }
         tokio::pin!(shutdown);
         let mut purge = tokio::time::interval(KV_PURGE_INTERVAL);
         purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = purge.tick() => self.shared.services.kv.purge_expired().await,
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        self.shared.tasks.spawn(handle_tcp(self.shared.clone(), stream, peer));
-                    }
-                    Err(err) => {
-                        // Usually out of file descriptors: back off instead of spinning.
-                        tracing::error!("accept failed: {err}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
+                _ = purge.tick() => shared.services.kv.purge_expired().await,
+                accepted = listener.accept() => spawn_connection(&shared, accepted).await,
             }
         }
-        drop(self.listener);
-        let open = self.shared.tasks.len();
-        let timeout = self.shared.config.limits.drain_timeout;
+        shared.draining.store(true, Ordering::Release);
+        let open = shared.tasks.len();
+        let timeout = shared.config().limits.drain_timeout;
         tracing::info!(
             open,
             timeout_ms = timeout.as_millis() as u64,
-            "shutting down: closing connections with 1001"
+            "shutting down: closing connections with 1001; /readyz answers 503"
         );
-        self.shared.shutdown.cancel();
-        self.shared.tasks.close();
-        match tokio::time::timeout(timeout, self.shared.tasks.wait()).await {
-            Ok(()) => tracing::info!("all connections closed"),
-            Err(_) => tracing::warn!(
-                left = self.shared.tasks.len(),
-                "drain timeout passed; exiting with connections open"
-            ),
+        shared.shutdown.cancel();
+        shared.tasks.close();
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = shared.tasks.wait() => {
+                    tracing::info!("all connections closed");
+                    break;
+                }
+                _ = &mut deadline => {
+                    tracing::warn!(left = shared.tasks.len(), "drain timeout passed; exiting with connections open");
+                    break;
+                }
+                // Probes keep getting answers (503 on /readyz) until the process exits.
+                accepted = listener.accept() => spawn_connection(&shared, accepted).await,
+            }
         }
     }
 }
 
 /// How often expired kv entries are reclaimed (reads already ignore them).
 const KV_PURGE_INTERVAL: Duration = Duration::from_secs(300);
+/// Starts the task for an accepted connection.
+async fn spawn_connection(shared: &Arc<Shared>, accepted: std::io::Result<(TcpStream, SocketAddr)>) {
+    match accepted {
+        Ok((stream, peer)) => {
+            shared.tasks.spawn(handle_tcp(shared.clone(), stream, peer));
+        }
+        Err(err) => {
+            // Usually out of file descriptors: back off instead of spinning.
+            tracing::error!("accept failed: {err}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl ServerHandle {
+    /// Applies the settings of `new` that can change while running (the handshake and
+    /// drain timeouts, the TLS certificate and key files) and logs, by key, those that
+    /// differ but need a restart. Returns the keys that need a restart.
+    pub fn reload_config(&self, new: Config) -> Vec<&'static str> {
+        let current = self.0.config();
+        let mut restart = Vec::new();
+        let mut check = |key: &'static str, same: bool| {
+            if !same {
+                restart.push(key);
+            }
+        };
+        check("server.listen / server.port", new.listen == current.listen);
+        check("server.public_host", new.public_host == current.public_host);
+        check("server.addons_dir", new.addons_dir == current.addons_dir);
+        check("server.data_dir", new.data_dir == current.data_dir);
+        check("server.cache_dir / server.compile_cache", new.cache_dir == current.cache_dir);
+        check("server.reload_poll_ms", new.reload_poll == current.reload_poll);
+        check("limits.max_connections", new.limits.max_connections == current.limits.max_connections);
+        check("log.format", new.log_format == current.log_format);
+        check("tls (switching TLS on or off)", new.tls.is_some() == current.tls.is_some());
+
+        let mut next = Config::clone(&current);
+        next.limits.handshake_timeout = new.limits.handshake_timeout;
+        next.limits.drain_timeout = new.limits.drain_timeout;
+        if let (Some(tls), Some(files)) = (&self.0.tls, &new.tls) {
+            tls.set_files(files.clone());
+            next.tls = new.tls.clone();
+        }
+        tracing::info!(
+            handshake_timeout_ms = next.limits.handshake_timeout.as_millis() as u64,
+            drain_timeout_ms = next.limits.drain_timeout.as_millis() as u64,
+            tls_cert = ?next.tls.as_ref().map(|t| t.cert.display().to_string()),
+            "configuration reloaded"
+        );
+        if !restart.is_empty() {
+            tracing::warn!("changed settings that need a restart were not applied: {}", restart.join(", "));
+        }
+        *self.0.config.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(next);
+        restart
+    }
+}
 
 fn bind_error(addr: SocketAddr, err: std::io::Error) -> anyhow::Error {
     if err.kind() == std::io::ErrorKind::AddrInUse {
@@ -215,10 +333,19 @@ fn bind_error(addr: SocketAddr, err: std::io::Error) -> anyhow::Error {
 enum Route<'a> {
     Builtin,
     Addon(&'a str),
+    Health,
+    Ready,
+    Metrics,
     NotFound,
 }
 
 fn route(path: &str) -> Route<'_> {
+    match path {
+        "/healthz" => return Route::Health,
+        "/readyz" => return Route::Ready,
+        "/metrics" => return Route::Metrics,
+        _ => {}
+    }
     match path.strip_prefix("/ws") {
         Some("") => Route::Builtin,
         Some(rest) => match rest.strip_prefix('/') {
@@ -229,11 +356,28 @@ fn route(path: &str) -> Route<'_> {
     }
 }
 
-async fn handle_tcp(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     // Streamed replies are many small frames: send each at once.
-    let _ = stream.set_nodelay(true);
-    let read =
-        tokio::time::timeout(shared.config.limits.handshake_timeout, handshake::read_head(&mut stream)).await;
+    let _ = tcp.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + shared.config().limits.handshake_timeout;
+    let timed_out = |shared: &Shared| {
+        shared.failures.record(FailureKind::HandshakeTimeout);
+        let kind = FailureKind::HandshakeTimeout.code();
+        tracing::info!(%peer, kind, "request head not received in time; dropped");
+    };
+    let mut stream: ClientStream = match &shared.tls {
+        None => Either::Left(tcp),
+        Some(tls) => match tokio::time::timeout_at(deadline, tls.acceptor().accept(tcp)).await {
+            Ok(Ok(tls)) => Either::Right(tls),
+            Ok(Err(err)) => {
+                shared.failures.record(FailureKind::BadRequest);
+                tracing::debug!(%peer, kind = FailureKind::BadRequest.code(), "TLS handshake failed: {err}");
+                return;
+            }
+            Err(_) => return timed_out(&shared),
+        },
+    };
+    let read = tokio::time::timeout_at(deadline, handshake::read_head(&mut stream)).await;
     let (head, leftover) = match read {
         Ok(Ok(read)) => read,
         Ok(Err(err)) => {
@@ -248,39 +392,61 @@ async fn handle_tcp(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
             return;
         }
         Err(_) => {
-            shared.failures.record(FailureKind::HandshakeTimeout);
-            let kind = FailureKind::HandshakeTimeout.code();
-            tracing::info!(%peer, kind, "request head not received in time; dropped");
+            timed_out(&shared);
             let rejection = Rejection::new(408, "request head not received in time");
             let _ = handshake::write_rejection(&mut stream, &rejection).await;
             return;
         }
     };
 
+    let draining = shared.draining.load(Ordering::Acquire);
     let result = match route(&head.path) {
+        Route::Health => handshake::write_response(&mut stream, 200, "text/plain; charset=utf-8", &[], "ok\n").await,
+        Route::Ready if draining => {
+            reject(&mut stream, Rejection::new(503, "draining: the server is shutting down")).await
+        }
+        Route::Ready => {
+            let body = format!("ready: {} addons mounted\n", shared.addons.get().len());
+            handshake::write_response(&mut stream, 200, "text/plain; charset=utf-8", &[], &body).await
+        }
+        Route::Metrics => {
+            let body = shared.metrics.encode();
+            handshake::write_response(&mut stream, 200, crate::metrics::CONTENT_TYPE, &[], &body).await
+        }
+        Route::Builtin | Route::Addon(_) if draining => {
+            let rejection = Rejection::new(503, "the server is shutting down; connect again shortly");
+            reject(&mut stream, rejection).await
+        }
         Route::Builtin => serve_builtin(&shared, stream, &head, leftover).await,
-        Route::Addon(name) => match shared.addons.get(name) {
-            Some(addon) => serve_addon(&shared, addon.clone(), stream, peer, &head, leftover).await,
-            None => {
-                reject(
-                    &mut stream,
-                    Rejection::new(
-                        404,
-                        format!(
-                            "no addon named '{name}' is mounted here; mounted: {}",
-                            mounted_list(&shared)
+        Route::Addon(name) => {
+            // The version mounted now serves this connection to its end, whatever reloads follow.
+            let addon = shared.addons.get().get(name).cloned();
+            match addon {
+                Some(addon) => serve_addon(&shared, addon, stream, peer, &head, leftover).await,
+                None => {
+                    reject(
+                        &mut stream,
+                        Rejection::new(
+                            404,
+                            format!(
+                                "no addon named '{name}' is mounted here; mounted: {}",
+                                mounted_list(&shared)
+                            ),
                         ),
-                    ),
-                )
-                .await
+                    )
+                    .await
+                }
             }
-        },
+        }
         Route::NotFound => {
             reject(
                 &mut stream,
                 Rejection::new(
                     404,
-                    format!("nothing at {}; WebSocket endpoints are /ws and /ws/<addon>", head.path),
+                    format!(
+                        "nothing at {}; WebSocket endpoints are /ws and /ws/<addon>; also /healthz, /readyz, /metrics",
+                        head.path
+                    ),
                 ),
             )
             .await
@@ -291,22 +457,23 @@ async fn handle_tcp(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
     }
 }
 
-async fn reject(stream: &mut TcpStream, rejection: Rejection) -> std::io::Result<()> {
+async fn reject<S: AsyncWrite + Unpin>(stream: &mut S, rejection: Rejection) -> std::io::Result<()> {
     handshake::write_rejection(stream, &rejection).await
 }
 
 fn mounted_list(shared: &Shared) -> String {
-    let names: Vec<&str> = shared.addons.names().collect();
+    let addons = shared.addons.get();
+    let names: Vec<&str> = addons.names().collect();
     if names.is_empty() { "none".to_owned() } else { names.join(", ") }
 }
 
 /// Upgrades the socket; the request has already been checked.
-async fn upgrade(
-    mut stream: TcpStream,
+async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     key: &str,
     leftover: Vec<u8>,
     config: WebSocketConfig,
-) -> std::io::Result<WebSocketStream<TcpStream>> {
+) -> std::io::Result<WebSocketStream<S>> {
     handshake::write_switching_protocols(&mut stream, key).await?;
     Ok(WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await)
 }
@@ -331,7 +498,7 @@ impl Drop for ServerSlot<'_> {
 async fn serve_addon(
     shared: &Shared,
     addon: Arc<LoadedAddon>,
-    mut stream: TcpStream,
+    mut stream: ClientStream,
     peer: SocketAddr,
     head: &RequestHead,
     leftover: Vec<u8>,
@@ -343,20 +510,24 @@ async fn serve_addon(
             return reject(&mut stream, rejection).await;
         }
     };
+    // The id comes first, so every line about this connection, refusals included,
+    // carries the addon and the connection id (the `conn` span).
+    let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("conn", addon = addon.name(), conn = id);
     let policy = addon.policy();
     let origin = head.header("origin");
     if !policy.allows_origin(origin) {
         shared.failures.record(FailureKind::Origin);
         let origin = origin.unwrap_or_default();
-        tracing::warn!(addon = addon.name(), %peer, origin, kind = FailureKind::Origin.code(), "origin not allowed; answering 403");
+        span.in_scope(|| tracing::warn!(%peer, origin, kind = FailureKind::Origin.code(), "origin not allowed; answering 403"));
         let rejection =
             Rejection::new(403, format!("origin {origin} may not connect to addon '{}'", addon.name()));
         return reject(&mut stream, rejection).await;
     }
-    let max = shared.config.limits.max_connections;
+    let max = shared.config().limits.max_connections;
     let Some(_server_slot) = ServerSlot::reserve(&shared.open_connections, max) else {
         shared.failures.record(FailureKind::Capacity);
-        tracing::warn!(addon = addon.name(), %peer, max, kind = FailureKind::Capacity.code(), "server connection limit reached; answering 503");
+        span.in_scope(|| tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "server connection limit reached; answering 503"));
         let rejection =
             Rejection::new(503, format!("the server is at its limit of {max} connections; retry later"));
         return reject(&mut stream, rejection).await;
@@ -364,7 +535,7 @@ async fn serve_addon(
     let Some(_addon_slot) = addon.reserve_connection() else {
         shared.failures.record(FailureKind::Capacity);
         let max = policy.max_connections;
-        tracing::warn!(addon = addon.name(), %peer, max, kind = FailureKind::Capacity.code(), "addon connection limit reached; answering 503");
+        span.in_scope(|| tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "addon connection limit reached; answering 503"));
         let rejection = Rejection::new(
             503,
             format!("addon '{}' is at its limit of {max} connections; retry later", addon.name()),
@@ -372,8 +543,6 @@ async fn serve_addon(
         return reject(&mut stream, rejection).await;
     };
 
-    let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::info_span!("conn", addon = addon.name(), conn = id);
     let info = ConnectionInfo {
         id,
         addon: addon.name().to_owned(),
@@ -407,19 +576,30 @@ async fn serve_addon(
         .ws_config
         .max_message_size(Some(policy.max_message_bytes))
         .max_frame_size(Some(policy.max_message_bytes));
+    let _live = LiveInstance::new(addon.stats().clone());
     let ws = upgrade(stream, &key, leftover, ws_config).await?;
+    addon.stats().connections.inc();
     let policy = Arc::new(policy.clone());
-    AddonConnection::new(store, instance, ws, policy, shared.failures.clone(), shared.shutdown.clone())
-        .serve()
-        .instrument(span)
-        .await;
+    let stats = addon.stats().clone();
+    AddonConnection::new(
+        store,
+        instance,
+        ws,
+        policy,
+        stats,
+        shared.failures.clone(),
+        shared.shutdown.clone(),
+    )
+    .serve()
+    .instrument(span)
+    .await;
     Ok(())
 }
 
 /// The built-in `/ws` endpoint: greets with the mounted addons, then echoes.
 async fn serve_builtin(
     shared: &Shared,
-    mut stream: TcpStream,
+    mut stream: ClientStream,
     head: &RequestHead,
     leftover: Vec<u8>,
 ) -> std::io::Result<()> {
@@ -468,7 +648,10 @@ mod tests {
     fn routes() {
         assert!(matches!(route("/ws"), Route::Builtin));
         assert!(matches!(route("/ws/echo"), Route::Addon("echo")));
-        for path in ["/", "/ws/", "/wsx", "/ws/echo/", "/ws/Echo", "/ws/a/b", "/other"] {
+        assert!(matches!(route("/healthz"), Route::Health));
+        assert!(matches!(route("/readyz"), Route::Ready));
+        assert!(matches!(route("/metrics"), Route::Metrics));
+        for path in ["/", "/ws/", "/wsx", "/ws/echo/", "/ws/Echo", "/ws/a/b", "/other", "/metrics/"] {
             assert!(matches!(route(path), Route::NotFound), "{path}");
         }
     }

@@ -89,6 +89,7 @@ async fn a_missing_addons_directory_still_serves_the_test_endpoint() {
         listen: "127.0.0.1:0".parse().unwrap(),
         addons_dir: "/nonexistent/sockhost-addons".into(),
         limits: sockhost::ServerLimits { max_connections: 8, ..Default::default() },
+        cache_dir: None,
         ..Default::default()
     };
     let server = sockhost::Server::start(config).await.unwrap();

@@ -19,6 +19,10 @@ fn sockhost_command() -> Command {
         "SOCKHOST_PUBLIC_HOST",
         "SOCKHOST_ADDONS_DIR",
         "SOCKHOST_DATA_DIR",
+        "SOCKHOST_CACHE_DIR",
+        "SOCKHOST_LOG_FORMAT",
+        "SOCKHOST_TLS_CERT",
+        "SOCKHOST_TLS_KEY",
     ] {
         command.env_remove(key);
     }
@@ -134,7 +138,7 @@ fn strip_ansi(line: &str) -> String {
 }
 
 /// Runs the binary to completion and returns its exit status and stderr.
-fn run_to_exit(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+pub fn run_to_exit(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut command = sockhost_command();
     command.current_dir(cwd).args(args);
     for (key, value) in env {
@@ -244,6 +248,12 @@ fn help_explains_every_setting() {
         "--public-host",
         "--addons-dir",
         "--config",
+        "--cache-dir",
+        "--no-compile-cache",
+        "--log-format",
+        "--tls-cert",
+        "--tls-key",
+        "check",
         "SOCKHOST_PORT",
         "8080",
         "0.0.0.0",

@@ -59,9 +59,12 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub addon_names: Vec<String>,
     pub failures: std::sync::Arc<sockhost::FailureCounts>,
+    pub handle: sockhost::ServerHandle,
     dir: tempfile::TempDir,
     /// The server's data directory (kv store), private to this server.
     _data: tempfile::TempDir,
+    /// The compiled-code cache, apart from the addons directory.
+    cache: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -79,11 +82,13 @@ impl TestServer {
         capture_logs();
         let dir = addons_dir(files);
         let data = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
         let mut config = sockhost::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             addons_dir: dir.path().to_owned(),
             data_dir: data.path().to_owned(),
             limits: sockhost::ServerLimits { max_connections: 64, ..Default::default() },
+            cache_dir: Some(cache.path().to_owned()),
             ..Default::default()
         };
         adjust(&mut config);
@@ -91,11 +96,12 @@ impl TestServer {
         let addr = server.local_addr();
         let addon_names = server.addon_names();
         let failures = server.failures();
+        let handle = server.handle();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(server.run_until(async {
             let _ = stopped.await;
         }));
-        TestServer { addr, addon_names, failures, dir, _data: data, stop: Some(stop) }
+        TestServer { addr, addon_names, failures, handle, dir, cache, _data: data, stop: Some(stop) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -104,6 +110,18 @@ impl TestServer {
 
     pub fn addons_path(&self) -> &Path {
         self.dir.path()
+    }
+
+    pub fn cache_path(&self) -> &Path {
+        self.cache.path()
+    }
+
+    /// One sample's value from `/metrics`, scraped over HTTP: `series` is the metric name
+    /// with its labels as exposed, e.g. `sockhost_addon_messages_in_total{addon="echo"}`.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let (status, text) = http_get(self.addr, "/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        metric_value(&text, series)
     }
 
     pub async fn connect(&self, path: &str) -> Client {
@@ -208,6 +226,24 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http_request(addr, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")).await
 }
 
+/// The value of one series in a Prometheus text exposition.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits until `check` passes, failing the test after [`PATIENCE`]. For changes the
+/// server makes on its own time (a reload, a drain), never to assert speed.
+pub async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 // ---- log capture ---------------------------------------------------------------------
 
 static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -229,7 +265,10 @@ impl Write for LogWriter {
 pub fn capture_logs() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
-        let filter = tracing_subscriber::EnvFilter::new("debug");
+        // Debug for the server and the addons' own output; info for everything else:
+        // Cranelift logs several debug lines per function and pass, which would make the
+        // buffer huge and every scan of it slow, starving the compiles the tests wait for.
+        let filter = tracing_subscriber::EnvFilter::new("info,sockhost=debug,addon=debug");
         tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(|| LogWriter).init();
     });
 }
@@ -260,7 +299,12 @@ pub async fn wait_for_log(needles: &[&str]) -> String {
         if let Some(line) = log_lines(needles).into_iter().next() {
             return line;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no log line with {needles:?}");
+        if tokio::time::Instant::now() >= deadline {
+            // What the log does say about the most specific needle, to tell why.
+            let related = log_lines(&needles[needles.len() - 1..]);
+            let tail = &related[related.len().saturating_sub(20)..];
+            panic!("no log line with {needles:?}; lines with {:?}:\n{}", needles.last(), tail.join("\n"));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -12,12 +12,12 @@
 //! answering pings) during callbacks.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::SinkExt;
 use futures_util::stream::SplitSink;
-use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame as WsCloseFrame;
@@ -27,9 +27,11 @@ use super::HostState;
 use crate::bindings::sockhost::addon::session::{Host, SendError};
 use crate::bindings::{CloseFrame, ConnectionInfo};
 use crate::error::{close_code, truncate_close_reason};
+use crate::metrics::AddonStats;
+use crate::tls::ClientStream;
 
 /// The write half of a client's WebSocket.
-pub type WsSink = SplitSink<WebSocketStream<TcpStream>, WsMessage>;
+pub type WsSink = SplitSink<WebSocketStream<ClientStream>, WsMessage>;
 
 /// Largest frame an addon may send in one call.
 pub const MAX_OUTBOUND_FRAME: usize = 16 << 20;
@@ -41,6 +43,8 @@ const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Session {
     info: ConnectionInfo,
     sink: Option<WsSink>,
+    /// Counts messages and bytes sent; set with the sink.
+    stats: Option<Arc<AddonStats>>,
     send_timeout: Duration,
     /// Set once a close frame went out (from the addon or the host). Later sends fail.
     close_sent: Option<(u16, String)>,
@@ -50,7 +54,7 @@ pub struct Session {
 
 impl Session {
     pub(crate) fn new(info: ConnectionInfo, send_timeout: Duration) -> Session {
-        Session { info, sink: None, send_timeout, close_sent: None, stalled: false }
+        Session { info, sink: None, stats: None, send_timeout, close_sent: None, stalled: false }
     }
 
     /// Whether the connection was cut off because the client stopped reading.
@@ -59,8 +63,9 @@ impl Session {
     }
 
     /// Gives the session the socket's write half, once the upgrade has succeeded.
-    pub(crate) fn attach(&mut self, sink: WsSink) {
+    pub(crate) fn attach(&mut self, sink: WsSink, stats: Arc<AddonStats>) {
         self.sink = Some(sink);
+        self.stats = Some(stats);
     }
 
     pub(crate) fn info(&self) -> &ConnectionInfo {
@@ -81,6 +86,11 @@ impl Session {
         let Some(sink) = self.sink.as_mut() else {
             return Err(SendError::Closed);
         };
+        let data_bytes = match &message {
+            WsMessage::Text(text) => Some(text.len()),
+            WsMessage::Binary(data) => Some(data.len()),
+            _ => None,
+        };
         // Most sends complete on the first poll (the socket has room): only a send that
         // has to wait pays for a timer.
         let mut send = std::pin::pin!(sink.send(message));
@@ -90,7 +100,12 @@ impl Session {
             Poll::Pending => tokio::time::timeout(self.send_timeout, send).await,
         };
         match outcome {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                if let (Some(bytes), Some(stats)) = (data_bytes, &self.stats) {
+                    stats.message_out(bytes);
+                }
+                Ok(())
+            }
             Ok(Err(err)) => {
                 tracing::debug!(error = %err, "send failed; the connection is gone");
                 self.close_sent = Some((close_code::ABNORMAL, String::new()));

@@ -1,0 +1,106 @@
+//! `sockhost check <file.wasm|dir>...`: validates addons the way the server would load
+//! them, without serving, for deploy pipelines.
+//!
+//! Each file goes through the same [`Loader`] as start-up and hot reload (name, component
+//! header, manifest, compile, link against the host's imports, the `addon` world's
+//! exports), with the same engine settings, so "check passes" means "the server mounts
+//! it". For each addon it prints the URL path, the version, what the component imports,
+//! and its policy: every grant and limit, defaults included ([`AddonPolicy::describe`]).
+//! The exit code is non-zero when any file fails or none was found.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::addons::{self, Loader};
+use crate::config::ServerLimits;
+use crate::error::FailureCounts;
+use crate::metrics::Metrics;
+use crate::policy::AddonPolicy;
+
+/// Checks every addon in `paths` (files, or directories whose `*.wasm` are checked) and
+/// writes the report to `out`.
+pub fn run(paths: &[PathBuf], out: &mut impl Write) -> ExitCode {
+    match check(paths, out) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            let _ = writeln!(out, "error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(paths: &[PathBuf], out: &mut impl Write) -> anyhow::Result<bool> {
+    let mut files = Vec::new();
+    let mut problems = 0usize;
+    for path in paths {
+        if path.is_dir() {
+            let found = addons::wasm_files(path)?;
+            if found.is_empty() {
+                writeln!(out, "FAIL  {}: no *.wasm addons in this directory", path.display())?;
+                problems += 1;
+            }
+            files.extend(found);
+        } else if path.exists() {
+            files.push(path.clone());
+        } else {
+            writeln!(out, "FAIL  {}: no such file or directory", path.display())?;
+            problems += 1;
+        }
+    }
+
+    // The server's engine settings, with a small pool: only the settings that change
+    // compiled code matter for a check.
+    let limits = ServerLimits { max_connections: 4, ..ServerLimits::default() };
+    let (engine, _epoch) = crate::engine::build(&limits)?;
+    let linker = crate::host::linker(&engine).map_err(anyhow::Error::from)?;
+    let metrics = Arc::new(Metrics::new(Arc::new(FailureCounts::default())));
+    let loader = Loader::new(engine, linker, None, metrics);
+
+    let mut ok = 0usize;
+    for file in &files {
+        match loader.load_file(file) {
+            Ok(addon) => {
+                ok += 1;
+                writeln!(
+                    out,
+                    "ok    {} → /ws/{} (version {})",
+                    file.display(),
+                    addon.name(),
+                    addon.version()
+                )?;
+                writeln!(out, "      imports: {}", addon.imports().join(", "))?;
+                writeln!(out, "      manifest: {}", manifest_note(file))?;
+                write_policy(out, addon.policy())?;
+            }
+            Err(err) => {
+                problems += 1;
+                writeln!(out, "FAIL  {}: {err}", file.display())?;
+            }
+        }
+    }
+    writeln!(out, "{} checked: {ok} ok, {problems} failed", files.len())?;
+    Ok(problems == 0 && ok > 0)
+}
+
+fn manifest_note(wasm: &Path) -> String {
+    let manifest = wasm.with_extension("toml");
+    if manifest.exists() { manifest.display().to_string() } else { "none (the defaults apply)".to_owned() }
+}
+
+fn write_policy(out: &mut impl Write, policy: &AddonPolicy) -> std::io::Result<()> {
+    writeln!(out, "      always: session, log; WASI with no files, environment, arguments or network")?;
+    let grants = policy.grants();
+    if grants.is_empty() {
+        writeln!(out, "      grants: none (no kv, config, auth or outbound HTTP)")?;
+    }
+    for grant in grants {
+        writeln!(out, "      grant: {grant}")?;
+    }
+    for (key, value) in policy.describe() {
+        writeln!(out, "      {key:<20} {value}")?;
+    }
+    Ok(())
+}
