@@ -12,13 +12,20 @@ if (!port) {
   console.error('SOCKHOST_TEST_PORT is not set');
   process.exit(2);
 }
-if (typeof globalThis.WebSocket !== 'function') {
-  console.error('no global WebSocket: run Node 22+, or Node 20 with --experimental-websocket');
-  process.exit(2);
+// Node 22+ has a browser-style global WebSocket, Node 20 with --experimental-websocket.
+// On an older Node the `ws` package (which .ci/run installs then) stands in: it has the
+// same constructor and onopen/onmessage/onclose/onerror properties the example uses.
+let BaseWebSocket = globalThis.WebSocket;
+if (typeof BaseWebSocket !== 'function') {
+  try {
+    BaseWebSocket = require('ws');
+  } catch {
+    console.error('no WebSocket client: run Node 22+, Node 20 with --experimental-websocket, or npm install ws in tests/js');
+    process.exit(2);
+  }
 }
 
-const NativeWebSocket = globalThis.WebSocket;
-class TestWebSocket extends NativeWebSocket {
+class TestWebSocket extends BaseWebSocket {
   constructor(url, protocols) {
     super(String(url).replace('ws://localhost:8080', `ws://127.0.0.1:${port}`), protocols);
     this.addEventListener('message', (event) => {
