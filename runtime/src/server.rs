@@ -368,7 +368,7 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let mut stream: ClientStream = match &shared.tls {
         None => Either::Left(tcp),
         Some(tls) => match tokio::time::timeout_at(deadline, tls.acceptor().accept(tcp)).await {
-            Ok(Ok(tls)) => Either::Right(tls),
+            Ok(Ok(tls)) => Either::Right(Box::new(tls)),
             Ok(Err(err)) => {
                 shared.failures.record(FailureKind::BadRequest);
                 tracing::debug!(%peer, kind = FailureKind::BadRequest.code(), "TLS handshake failed: {err}");

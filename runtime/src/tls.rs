@@ -31,7 +31,9 @@ use crate::addons::FileStamp;
 use crate::config::TlsFiles;
 
 /// A client's connection: plain TCP, or TLS over TCP.
-pub type ClientStream = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
+// The TLS side is boxed: a rustls connection is about 1.2 KB inline against 40 bytes for a
+// TCP stream, and every plain connection would otherwise carry that much unused space.
+pub type ClientStream = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// How often the certificate files are checked for changes.
 pub const POLL: Duration = Duration::from_secs(1);
