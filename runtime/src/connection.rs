@@ -249,12 +249,11 @@ impl AddonConnection {
                         && !rate.try_take_at(self.last_message.into_std())
                     {
                         let limit = self.policy.message_rate.map(|r| r.per_second).unwrap_or_default();
-                        self.fail_client(
-                            FailureKind::RateLimited,
-                            close_code::POLICY,
-                            &format!("rate limit: more than {limit} messages per second"),
-                        )
-                        .await;
+                        let reason = format!("rate limit: more than {limit} messages per second");
+                        // Chat clients act on error frames (`code` = "rate_limited"), not on
+                        // close reasons, so they get one before the close.
+                        self.send_error(FailureKind::RateLimited, &reason).await;
+                        self.fail_client(FailureKind::RateLimited, close_code::POLICY, &reason).await;
                         continue;
                     }
                     sandbox::start_callback(&mut self.store);

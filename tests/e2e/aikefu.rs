@@ -340,3 +340,30 @@ async fn without_the_kv_grant_memory_fails_with_a_named_error_not_a_crash() {
     assert_eq!(frame["code"], "storage_error", "{frame}");
     wait_for_log(&["aikefu", "kv is not granted"]).await;
 }
+
+#[tokio::test]
+async fn a_client_flooding_the_shipped_aikefu_gets_rate_limited() {
+    // The shipped manifest as it is: 2 messages per second, a burst of 5.
+    let aikefu = bundled_addon("aikefu");
+    let manifest = std::fs::read(repo_root().join("addons/aikefu.toml")).unwrap();
+    let server = TestServer::start(&[("aikefu.wasm", &aikefu), ("aikefu.toml", &manifest)]).await;
+    let mut client = open(&server).await;
+    for _ in 0..8 {
+        client.send_text(&chat("shipping?", "user_token_here", "s")).await;
+    }
+    let mut replies = 0;
+    let error = loop {
+        let frame = client.recv_json().await;
+        match frame["type"].as_str() {
+            Some("chat") => replies += usize::from(frame["complete"] == true),
+            Some("error") => break frame,
+            _ => panic!("unexpected frame {frame}"),
+        }
+    };
+    assert_eq!(error["code"], "rate_limited", "{error}");
+    // The burst is answered; tokens refilled while replies were written may let one more
+    // through on a slow machine, but never all eight.
+    assert!((5..8).contains(&replies), "{replies} replies before the rate limit");
+    let (code, _) = client.recv_close().await;
+    assert_eq!(code, 1008);
+}

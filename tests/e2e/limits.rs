@@ -158,7 +158,7 @@ async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
 }
 
 #[tokio::test]
-async fn a_client_over_its_message_rate_is_closed_with_1008() {
+async fn a_client_over_its_message_rate_gets_a_rate_limited_error_then_close_1008() {
     let server = testkit_server("messages_per_second = 2\nmessage_burst = 5").await;
     let mut client = server.connect("/ws/testkit").await;
     assert_eq!(client.recv_text().await, "open");
@@ -169,6 +169,10 @@ async fn a_client_over_its_message_rate_is_closed_with_1008() {
     for n in 1..=5 {
         assert_eq!(client.recv_text().await, n.to_string(), "the burst is served");
     }
+    let error = client.recv_json().await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["code"], "rate_limited", "{error}");
+    assert!(error["message"].as_str().unwrap().contains("2 messages per second"), "{error}");
     let (code, reason) = client.recv_close().await;
     assert_eq!(code, 1008);
     assert!(reason.contains("rate limit"), "{reason}");
