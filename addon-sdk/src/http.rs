@@ -96,6 +96,9 @@ impl HttpError {
                 "destination not allowed by the manifest's outbound_hosts".to_owned()
             }
             ErrorCode::ConnectionRefused => "connection refused".to_owned(),
+            ErrorCode::ConnectionLimitReached => {
+                "too many outbound requests open at once (the manifest's outbound_max_requests)".to_owned()
+            }
             ErrorCode::ConnectionTimeout => "connect timeout".to_owned(),
             ErrorCode::ConnectionReadTimeout | ErrorCode::HttpResponseTimeout => {
                 "timed out waiting for the response".to_owned()

@@ -25,6 +25,7 @@
 //! | `kv = true` | the `kv` interface: this addon's namespace of the server's store |
 //! | `outbound_hosts = ["https://api.example.com"]` | outbound HTTP to exactly these origins (`*.` for subdomains) |
 //! | `outbound_connect_timeout_ms` / `_first_byte_` / `_between_bytes_` | caps on outbound waits: 5000 / 60000 / 60000 |
+//! | `outbound_max_requests` | outbound requests one instance may have open at once: 4 |
 //! | `[config]` | settings the addon reads with `config.get`; `{ env = "NAME" }` reads a variable |
 //! | `[auth]` | token verification (`auth.verify-token`): HS256 JWT, secret from the environment |
 
@@ -57,6 +58,7 @@ struct ManifestFile {
     outbound_connect_timeout_ms: Option<u64>,
     outbound_first_byte_timeout_ms: Option<u64>,
     outbound_between_bytes_timeout_ms: Option<u64>,
+    outbound_max_requests: Option<u32>,
     config: Option<toml::Table>,
     auth: Option<AuthSection>,
 }
@@ -269,12 +271,15 @@ impl AddonPolicy {
             policy.allowed_origins = origins;
         }
         policy.kv = file.kv.unwrap_or(false);
-        policy.outbound = Arc::new(OutboundPolicy::from_manifest(
-            file.outbound_hosts,
-            file.outbound_connect_timeout_ms,
-            file.outbound_first_byte_timeout_ms,
-            file.outbound_between_bytes_timeout_ms,
-        )?);
+        policy.outbound = Arc::new(
+            OutboundPolicy::from_manifest(
+                file.outbound_hosts,
+                file.outbound_connect_timeout_ms,
+                file.outbound_first_byte_timeout_ms,
+                file.outbound_between_bytes_timeout_ms,
+            )?
+            .with_max_requests(file.outbound_max_requests)?,
+        );
         policy.config = Arc::new(AddonConfig::from_manifest(file.config.unwrap_or_default(), env)?);
         if let Some(section) = file.auth {
             policy.auth = Some(Arc::new(JwtVerifier::from_manifest(section, env)?));
@@ -465,6 +470,7 @@ mod tests {
             ("kv = \"yes\"", "kv"),
             ("outbound_hosts = [\"api.example.com\"]", "outbound_hosts"),
             ("outbound_between_bytes_timeout_ms = 0", "outbound_between_bytes_timeout_ms"),
+            ("outbound_max_requests = 0", "outbound_max_requests"),
             ("[config]\nk = { env = 3 }", "config.k"),
             ("[auth]\njwt_hs256_secret = \"inline\"", "auth.jwt_hs256_secret"),
             ("[auth]\nsecret = 1", "secret"),

@@ -75,8 +75,12 @@ impl HostState {
     ) -> HostState {
         let addon: Arc<str> = Arc::from(info.addon.as_str());
         let log = log::LogContext::new(addon.clone(), info.id);
-        let outbound =
-            outbound::OutboundHooks { policy: policy.outbound.clone(), addon: addon.clone(), conn: info.id };
+        let outbound = outbound::OutboundHooks {
+            policy: policy.outbound.clone(),
+            addon: addon.clone(),
+            conn: info.id,
+            open: Arc::default(),
+        };
         let wasi = WasiCtx::builder()
             .stdout(log.guest_stdout())
             .stderr(log.guest_stderr())

@@ -10,6 +10,10 @@
 //! - **Timeouts.** Connect, first byte and between bytes: the smaller of what the
 //!   request asks for and the manifest's limit, so an addon cannot wait on an upstream
 //!   longer than its operator allows, but may ask for less.
+//! - **Open requests.** One instance may have `outbound_max_requests` (default 4) open at
+//!   once, from sending to the end of the response; one more fails at once with
+//!   `connection-limit-reached` and a `warn` line, so a runaway addon cannot open sockets
+//!   without bound.
 //!
 //! Addresses are checked by name before resolution; `outbound_hosts` is the operator's
 //! statement of which upstreams an addon talks to, not a defence against DNS that lies.
@@ -18,6 +22,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use http::uri::Scheme;
@@ -36,6 +41,8 @@ pub struct OutboundPolicy {
     /// `outbound_between_bytes_timeout_ms`: silence allowed inside a streamed body;
     /// default 60 s.
     pub between_bytes_timeout: Duration,
+    /// `outbound_max_requests`: requests one instance may have open at once; default 4.
+    pub max_requests: u32,
 }
 
 impl Default for OutboundPolicy {
@@ -45,6 +52,7 @@ impl Default for OutboundPolicy {
             connect_timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(60),
             between_bytes_timeout: Duration::from_secs(60),
+            max_requests: 4,
         }
     }
 }
@@ -110,6 +118,29 @@ impl OutboundPolicy {
         between_bytes_ms: Option<u64>,
     ) -> Result<OutboundPolicy, String> {
         let mut policy = OutboundPolicy::default();
+        policy.apply(hosts, connect_ms, first_byte_ms, between_bytes_ms)?;
+        Ok(policy)
+    }
+
+    /// Sets `outbound_max_requests`.
+    pub(crate) fn with_max_requests(mut self, max: Option<u32>) -> Result<OutboundPolicy, String> {
+        if let Some(max) = max {
+            if !(1..=100).contains(&max) {
+                return Err(format!("key `outbound_max_requests`: {max} is outside 1..=100"));
+            }
+            self.max_requests = max;
+        }
+        Ok(self)
+    }
+
+    fn apply(
+        &mut self,
+        hosts: Option<Vec<String>>,
+        connect_ms: Option<u64>,
+        first_byte_ms: Option<u64>,
+        between_bytes_ms: Option<u64>,
+    ) -> Result<(), String> {
+        let policy = self;
         for entry in hosts.unwrap_or_default() {
             let allowed =
                 AllowedHost::parse(&entry).map_err(|problem| format!("key `outbound_hosts`: {problem}"))?;
@@ -127,7 +158,7 @@ impl OutboundPolicy {
                 *target = Duration::from_millis(ms);
             }
         }
-        Ok(policy)
+        Ok(())
     }
 
     /// Whether any outbound request is allowed at all.
@@ -177,6 +208,26 @@ pub(crate) struct OutboundHooks {
     pub(crate) policy: Arc<OutboundPolicy>,
     pub(crate) addon: Arc<str>,
     pub(crate) conn: u64,
+    /// Requests of this instance open now, against `policy.max_requests`.
+    pub(crate) open: Arc<AtomicU32>,
+}
+
+/// One open request's place in its instance's count; given back on drop, whether the
+/// request finished, failed or was abandoned.
+struct OpenRequest(Arc<AtomicU32>);
+
+impl OpenRequest {
+    fn acquire(open: &Arc<AtomicU32>, max: u32) -> Option<OpenRequest> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| OpenRequest(open.clone()))
+    }
+}
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 type ResponseFuture = Box<
@@ -218,9 +269,29 @@ impl WasiHttpHooks for OutboundHooks {
             request.method(),
             request.uri().path()
         );
+        let Some(slot) = OpenRequest::acquire(&self.open, self.policy.max_requests) else {
+            tracing::warn!(
+                addon = &*self.addon,
+                conn = self.conn,
+                "outbound HTTP request to {destination} refused: {} requests already open (outbound_max_requests)",
+                self.policy.max_requests
+            );
+            return Box::new(async { Err(wasmtime_wasi_http::Error::ConnectionLimitReached) });
+        };
         let options = self.policy.cap(options);
         let defaults = wasmtime_wasi_http::default_hooks();
-        defaults.send_request(request, Some(options), fut)
+        let sent = Box::into_pin(defaults.send_request(request, Some(options), fut));
+        Box::new(async move {
+            let (response, connection) = sent.await?;
+            // The connection task runs until the response body is over: the slot goes
+            // back with it.
+            let connection: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send> =
+                Box::new(async move {
+                    let _slot = slot;
+                    Box::into_pin(connection).await
+                });
+            Ok((response, connection))
+        })
     }
 }
 
@@ -283,6 +354,20 @@ mod tests {
         }
         let err = OutboundPolicy::from_manifest(None, Some(0), None, None).unwrap_err();
         assert!(err.contains("outbound_connect_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn open_requests_are_counted_up_to_the_limit_and_given_back() {
+        let open = Arc::new(AtomicU32::new(0));
+        let first = OpenRequest::acquire(&open, 2).expect("one");
+        let second = OpenRequest::acquire(&open, 2).expect("two");
+        assert!(OpenRequest::acquire(&open, 2).is_none(), "a third is refused");
+        drop(first);
+        let third = OpenRequest::acquire(&open, 2).expect("a slot came back");
+        drop((second, third));
+        assert_eq!(open.load(Ordering::Acquire), 0);
+        let err = OutboundPolicy::default().with_max_requests(Some(0)).unwrap_err();
+        assert!(err.contains("outbound_max_requests"), "{err}");
     }
 
     #[test]
