@@ -39,7 +39,7 @@ async fn bundled_server() -> TestServer {
     TestServer::start(&[("aikefu.wasm", &aikefu), ("aikefu.toml", manifest.as_bytes())]).await
 }
 
-fn chat(message: &str, token: &str, session: &str) -> String {
+pub(crate) fn chat(message: &str, token: &str, session: &str) -> String {
     json!({"message": message, "token": token, "session_id": session, "action": "chat"}).to_string()
 }
 
@@ -53,7 +53,7 @@ async fn open(server: &TestServer) -> Client {
 }
 
 /// Reads chat chunks until `complete:true`; returns the text, and fails on an error frame.
-async fn read_reply(client: &mut Client, session: &str) -> String {
+pub(crate) async fn read_reply(client: &mut Client, session: &str) -> String {
     let mut text = String::new();
     loop {
         let frame = client.recv_json().await;

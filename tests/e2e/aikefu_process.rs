@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
+use crate::aikefu::{chat, read_reply};
 use crate::fake_llm::{FakeLlm, REPLY};
 use crate::process::{Process, spawn};
 use crate::support::*;
@@ -60,26 +61,10 @@ fn start(work: &tempfile::TempDir) -> Process {
     )
 }
 
-fn chat(message: &str, token: &str, session: &str) -> String {
-    json!({"message": message, "token": token, "session_id": session, "action": "chat"}).to_string()
-}
-
 async fn open(process: &Process) -> Client {
     let mut client = Client::connect(&format!("ws://127.0.0.1:{}/ws/aikefu", process.port)).await;
     assert_eq!(client.recv_json().await["type"], "system");
     client
-}
-
-async fn read_reply(client: &mut Client) -> String {
-    let mut text = String::new();
-    loop {
-        let frame = client.recv_json().await;
-        assert_eq!(frame["type"], "chat", "{frame}");
-        text.push_str(frame["message"].as_str().unwrap());
-        if frame["complete"] == true {
-            return text;
-        }
-    }
 }
 
 #[tokio::test]
@@ -117,14 +102,14 @@ async fn verified_users_get_answers_keyed_by_their_id_and_bad_tokens_are_refused
     // Two users, the same session id: each sees only their own conversation.
     let (alice, bob) = (user_token("alice"), user_token("bob"));
     client.send_text(&chat("alice's secret order 1234", &alice, "same")).await;
-    assert_eq!(read_reply(&mut client).await, REPLY.concat());
+    assert_eq!(read_reply(&mut client, "same").await, REPLY.concat());
     let mut other = open(&process).await;
     other.send_text(&chat("bob asks", &bob, "same")).await;
-    read_reply(&mut other).await;
+    read_reply(&mut other, "same").await;
     let bobs = llm.requests().last().unwrap().clone();
     assert!(!bobs.body.to_string().contains("1234"), "bob's request carried alice's history: {}", bobs.body);
     client.send_text(&chat("alice again", &alice, "same")).await;
-    read_reply(&mut client).await;
+    read_reply(&mut client, "same").await;
     let alices = llm.requests().last().unwrap().clone();
     assert!(alices.body.to_string().contains("1234"), "{}", alices.body);
     assert!(!alices.body.to_string().contains("bob asks"));
@@ -141,7 +126,7 @@ async fn conversation_memory_survives_a_restart() {
         let mut process = start(&work);
         let mut client = open(&process).await;
         client.send_text(&chat("before the restart", &alice, "s-restart")).await;
-        read_reply(&mut client).await;
+        read_reply(&mut client, "s-restart").await;
         drop(client);
         process.signal("-TERM");
         assert!(process.wait_exit(), "clean exit on SIGTERM");
@@ -150,7 +135,7 @@ async fn conversation_memory_survives_a_restart() {
     let process = start(&work);
     let mut client = open(&process).await;
     client.send_text(&chat("after the restart", &alice, "s-restart")).await;
-    read_reply(&mut client).await;
+    read_reply(&mut client, "s-restart").await;
     let messages = llm.requests().last().unwrap().messages();
     let users: Vec<&str> = messages.iter().filter(|(r, _)| r == "user").map(|(_, c)| c.as_str()).collect();
     assert_eq!(users, ["before the restart", "after the restart"]);

@@ -295,10 +295,12 @@ impl KvAccess {
         store.backend().map_err(|err| KvError::Backend(err.0))
     }
 
-    fn report(&self, result: Result<(), &BackendError>) {
-        if let Err(err) = result {
+    /// A backend's answer as the guest gets it; a failure is also logged.
+    fn answer<T>(&self, result: Result<T, BackendError>) -> Result<T, KvError> {
+        result.map_err(|err| {
             tracing::warn!(addon = &*self.namespace, "kv call failed: {err}");
-        }
+            KvError::Backend(err.0)
+        })
     }
 }
 
@@ -317,8 +319,7 @@ impl Host for HostState {
         check_key(&key)?;
         let backend = self.kv.backend()?;
         let result = backend.get(&self.kv.namespace, &key).await;
-        self.kv.report(result.as_ref().map(|_| ()));
-        result.map_err(|err| KvError::Backend(err.0))
+        self.kv.answer(result)
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvError> {
@@ -334,16 +335,14 @@ impl Host for HostState {
         }
         let backend = self.kv.backend()?;
         let result = backend.set(&self.kv.namespace, &key, value, ttl_ms.map(Duration::from_millis)).await;
-        self.kv.report(result.as_ref().map(|_| ()));
-        result.map_err(|err| KvError::Backend(err.0))
+        self.kv.answer(result)
     }
 
     async fn delete(&mut self, key: String) -> Result<bool, KvError> {
         check_key(&key)?;
         let backend = self.kv.backend()?;
         let result = backend.delete(&self.kv.namespace, &key).await;
-        self.kv.report(result.as_ref().map(|_| ()));
-        result.map_err(|err| KvError::Backend(err.0))
+        self.kv.answer(result)
     }
 
     async fn list_keys(
@@ -358,8 +357,7 @@ impl Host for HostState {
         let backend = self.kv.backend()?;
         let result =
             backend.list_keys(&self.kv.namespace, &prefix, start_after.as_deref(), limit.min(MAX_LIST)).await;
-        self.kv.report(result.as_ref().map(|_| ()));
-        result.map_err(|err| KvError::Backend(err.0))
+        self.kv.answer(result)
     }
 }
 

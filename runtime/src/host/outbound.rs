@@ -118,29 +118,7 @@ impl OutboundPolicy {
         between_bytes_ms: Option<u64>,
     ) -> Result<OutboundPolicy, String> {
         let mut policy = OutboundPolicy::default();
-        policy.apply(hosts, connect_ms, first_byte_ms, between_bytes_ms)?;
-        Ok(policy)
-    }
 
-    /// Sets `outbound_max_requests`.
-    pub(crate) fn with_max_requests(mut self, max: Option<u32>) -> Result<OutboundPolicy, String> {
-        if let Some(max) = max {
-            if !(1..=100).contains(&max) {
-                return Err(format!("key `outbound_max_requests`: {max} is outside 1..=100"));
-            }
-            self.max_requests = max;
-        }
-        Ok(self)
-    }
-
-    fn apply(
-        &mut self,
-        hosts: Option<Vec<String>>,
-        connect_ms: Option<u64>,
-        first_byte_ms: Option<u64>,
-        between_bytes_ms: Option<u64>,
-    ) -> Result<(), String> {
-        let policy = self;
         for entry in hosts.unwrap_or_default() {
             let allowed =
                 AllowedHost::parse(&entry).map_err(|problem| format!("key `outbound_hosts`: {problem}"))?;
@@ -158,7 +136,18 @@ impl OutboundPolicy {
                 *target = Duration::from_millis(ms);
             }
         }
-        Ok(())
+        Ok(policy)
+    }
+
+    /// Sets `outbound_max_requests`.
+    pub(crate) fn with_max_requests(mut self, max: Option<u32>) -> Result<OutboundPolicy, String> {
+        if let Some(max) = max {
+            if !(1..=100).contains(&max) {
+                return Err(format!("key `outbound_max_requests`: {max} is outside 1..=100"));
+            }
+            self.max_requests = max;
+        }
+        Ok(self)
     }
 
     /// Whether any outbound request is allowed at all.
