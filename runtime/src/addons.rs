@@ -83,8 +83,13 @@ impl LoadedAddon {
 
     /// For the mount log line: `" (grants: kv; outbound HTTP to ...)"`, or `""` when the
     /// manifest grants nothing. Never contains a secret.
+    /// Config values are left to `sockhost check`: a FAQ would fill the line.
     pub fn grants_note(&self) -> String {
-        let grants = self.policy.grants();
+        let mut grants = self.policy.capabilities();
+        let keys: Vec<&str> = self.policy.config.keys().collect();
+        if !keys.is_empty() {
+            grants.push(format!("config keys {}", keys.join(", ")));
+        }
         if grants.is_empty() { String::new() } else { format!(" (grants: {})", grants.join("; ")) }
     }
 

@@ -290,6 +290,13 @@ impl AddonPolicy {
     /// The capabilities this policy grants beyond the session and log, one line each,
     /// for operators (the load log line and `sockhost check`). Secrets are never shown.
     pub fn grants(&self) -> Vec<String> {
+        let mut grants = self.capabilities();
+        grants.extend(self.config.describe().into_iter().map(|line| format!("config {line}")));
+        grants
+    }
+
+    /// [`AddonPolicy::grants`] without the `[config]` values: kv, outbound HTTP, auth.
+    pub fn capabilities(&self) -> Vec<String> {
         let mut grants = Vec::new();
         if self.kv {
             grants.push("kv".to_owned());
@@ -300,7 +307,6 @@ impl AddonPolicy {
         if let Some(auth) = &self.auth {
             grants.push(format!("auth: {}", auth.describe()));
         }
-        grants.extend(self.config.describe().into_iter().map(|line| format!("config {line}")));
         grants
     }
 
