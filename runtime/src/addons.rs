@@ -61,7 +61,8 @@ pub struct LoadedAddon {
     name: String,
     path: PathBuf,
     pre: AddonPre<HostState>,
-    policy: AddonPolicy,
+    /// Shared with every connection of this version, so a connection costs no copy of it.
+    policy: Arc<AddonPolicy>,
     /// SHA-256 of the wasm bytes: names the version in logs.
     sha256: [u8; 32],
     /// The files as they were when this version was read; the watcher compares against it.
@@ -104,7 +105,7 @@ impl LoadedAddon {
     }
 
     /// The policy from the addon's manifest (or the defaults).
-    pub fn policy(&self) -> &AddonPolicy {
+    pub fn policy(&self) -> &Arc<AddonPolicy> {
         &self.policy
     }
 
@@ -344,7 +345,15 @@ impl Loader {
         self.metrics.compiled(&stem, elapsed);
         tracing::debug!(addon = %stem, elapsed_ms = elapsed.as_millis() as u64, "compiled");
         let stats = self.metrics.addon(&stem);
-        Ok(LoadedAddon { name: stem, path: path.to_owned(), pre, policy, sha256, fingerprint, stats })
+        Ok(LoadedAddon {
+            name: stem,
+            path: path.to_owned(),
+            pre,
+            policy: Arc::new(policy),
+            sha256,
+            fingerprint,
+            stats,
+        })
     }
 }
 

@@ -149,6 +149,7 @@ struct FileLimits {
     max_connections: Option<u32>,
     handshake_timeout_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
+    read_buffer_bytes: Option<usize>,
 }
 
 /// The validated configuration the server runs with.
@@ -199,7 +200,18 @@ pub struct ServerLimits {
     /// addon's `on-close`) before the process exits anyway.
     /// File key `limits.drain_timeout_ms`; default 10 s.
     pub drain_timeout: Duration,
+    /// The most bytes read from a client's socket in one system call, and the read
+    /// buffer every connection keeps while idle. tungstenite zero-fills this many bytes
+    /// before each read, so it is paid on every message. The default suits chat-sized
+    /// messages: against 4 KiB it saves about 3 KB per idle connection and a little CPU
+    /// per small message, while a 16 KiB message costs about 40% more CPU (more reads;
+    /// see `bench/README.md`). Raise it for addons that take large binary messages.
+    /// File key `limits.read_buffer_bytes`; default 1,024; 256 to 1 MiB.
+    pub read_buffer_bytes: usize,
 }
+
+/// Bounds of `limits.read_buffer_bytes`.
+const READ_BUFFER_BYTES: std::ops::RangeInclusive<usize> = 256..=(1 << 20);
 
 impl Default for ServerLimits {
     fn default() -> Self {
@@ -207,6 +219,7 @@ impl Default for ServerLimits {
             max_connections: 10_000,
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
+            read_buffer_bytes: 1024,
         }
     }
 }
@@ -277,6 +290,16 @@ impl Config {
         }
         if let Some(ms) = file.limits.drain_timeout_ms {
             limits.drain_timeout = Duration::from_millis(ms);
+        }
+        if let Some(bytes) = file.limits.read_buffer_bytes {
+            if !READ_BUFFER_BYTES.contains(&bytes) {
+                bail!(
+                    "invalid value for limits.read_buffer_bytes: {bytes}; use {} to {} bytes",
+                    READ_BUFFER_BYTES.start(),
+                    READ_BUFFER_BYTES.end()
+                );
+            }
+            limits.read_buffer_bytes = bytes;
         }
 
         let compile_cache = !cli.no_compile_cache && file.server.compile_cache.unwrap_or(true);
@@ -385,5 +408,19 @@ mod tests {
         assert!(err.contains("limits.max_connections"), "{err}");
         let err = Config::from_toml("[server]\npublic_host = \"\"").unwrap_err().to_string();
         assert!(err.contains("public_host"), "{err}");
+        for bytes in [0, 255, (1 << 20) + 1] {
+            let err =
+                Config::from_toml(&format!("[limits]\nread_buffer_bytes = {bytes}")).unwrap_err().to_string();
+            assert!(err.contains("limits.read_buffer_bytes") && err.contains("256 to 1048576"), "{err}");
+        }
+        let err = format!("{:#}", Config::from_toml("[limits]\nread_buffer_bytes = -1").unwrap_err());
+        assert!(err.contains("read_buffer_bytes"), "{err}");
+    }
+
+    #[test]
+    fn the_read_buffer_is_small_by_default_and_can_be_raised() {
+        assert_eq!(Config::from_toml("").unwrap().limits.read_buffer_bytes, 1024);
+        let config = Config::from_toml("[limits]\nread_buffer_bytes = 16384").unwrap();
+        assert_eq!(config.limits.read_buffer_bytes, 16384);
     }
 }

@@ -43,6 +43,29 @@ async fn echo_addon_echoes_text_and_binary() {
     client.close(1000, "done").await;
 }
 
+/// The server reads a client in `limits.read_buffer_bytes` pieces (1 KiB by default): a
+/// message many times that size, split across reads and frames, arrives whole and in order.
+#[tokio::test]
+async fn messages_larger_than_the_read_buffer_arrive_whole() {
+    let server = server().await;
+    let mut client = server.connect("/ws/echo").await;
+    let text: String = (0..40 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let binary: Vec<u8> = (0..60 * 1024).map(|i| (i % 251) as u8).collect();
+    client.send_text(&text).await;
+    client.send_binary(&binary).await;
+    client.send_text("after").await;
+    assert_eq!(client.recv_text().await, text);
+    assert_eq!(client.recv().await, Message::binary(binary));
+    assert_eq!(client.recv_text().await, "after");
+
+    let (echo, testkit) = echo_and_testkit();
+    let files = [("echo.wasm", &echo[..]), ("testkit.wasm", &testkit[..])];
+    let server = TestServer::start_with(&files, |config| config.limits.read_buffer_bytes = 256).await;
+    let mut client = server.connect("/ws/echo").await;
+    client.send_text(&text).await;
+    assert_eq!(client.recv_text().await, text);
+}
+
 #[tokio::test]
 async fn echo_addon_streams_a_seed_format_chat_reply() {
     let server = server().await;
