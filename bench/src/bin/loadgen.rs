@@ -18,7 +18,7 @@
 //!   whose inverse is what one core could accept.
 //!
 //! The client is a single-threaded tokio runtime (it shares one CPU with the server, so
-//! more threads would only add switches) with a 4 KiB read buffer: tungstenite's 128 KiB
+//! more threads would only add switches) with a 1 KiB read buffer: tungstenite's 128 KiB
 //! default is zero-filled on every read and would make the client the bottleneck.
 //!
 //! Modes:

@@ -1,7 +1,7 @@
 //! `native-echo`: the upper bound of the benchmark suite. A minimal WebSocket echo server
 //! written directly on tokio-tungstenite, with no sandbox and nothing else in the path.
 //!
-//! It is configured like sockhost where that matters for the figures: the same 4 KiB read
+//! It is configured like sockhost where that matters for the figures: the same 1 KiB read
 //! buffer, `TCP_NODELAY`, a multi-threaded tokio runtime (one worker when pinned with
 //! `taskset -c 0`), one task per connection and one flushed write per frame. What sockhost
 //! costs above this server is what its addon host (routing, the wasm instance, the calls
