@@ -22,10 +22,12 @@ use std::future::Future;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{ReadableDatabase, TableDefinition};
+use tokio::sync::oneshot;
 
 use super::HostState;
 use crate::bindings::sockhost::addon::kv::{Host, KvError};
@@ -123,10 +125,62 @@ impl KvStore {
 /// One table; keys are `namespace \0 key`, values `expiry-ms (u64 LE, 0 = never) ++ bytes`.
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
-/// The embedded backend: a redb file. Every call runs on tokio's blocking pool, since
-/// a write commits (fsyncs) before it returns.
+/// The embedded backend: a redb file.
+///
+/// Reads run on tokio's blocking pool, each in its own read transaction (redb readers
+/// never wait for the writer). Writes go to one writer thread that **commits them in
+/// groups**: while one commit is being made durable (fsync), the writes that arrive
+/// queue up, and the next commit takes all of them (up to [`MAX_GROUP_WRITES`] writes or
+/// [`MAX_GROUP_BYTES`]). Every write still returns only after the commit that holds it is
+/// durable, so a `set` that returned `ok` survives a crash; what changes is that many
+/// conversations saving at once share one fsync instead of queueing for one each. A
+/// single writer on a quiet server commits at once, as before.
 pub struct RedbBackend {
     db: Arc<redb::Database>,
+    writes: mpsc::Sender<WriteOp>,
+    /// Joined on drop, so the file is closed when the backend is gone.
+    writer: Option<std::thread::JoinHandle<()>>,
+    commits: Arc<AtomicU64>,
+}
+
+impl Drop for RedbBackend {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has committed what it holds.
+        drop(std::mem::replace(&mut self.writes, mpsc::channel().0));
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Most writes one group commit takes.
+pub const MAX_GROUP_WRITES: usize = 512;
+/// A group commit stops taking writes once it holds this many bytes of values.
+pub const MAX_GROUP_BYTES: usize = 8 << 20;
+
+/// A write for the writer thread, and where its answer goes.
+struct WriteOp {
+    write: Write,
+    done: oneshot::Sender<Result<u64, BackendError>>,
+}
+
+enum Write {
+    /// Answers 0.
+    Set { key: Vec<u8>, stored: Vec<u8> },
+    /// Answers 1 if a live value was removed, else 0.
+    Delete { key: Vec<u8> },
+    /// Answers how many expired entries were removed.
+    Purge,
+}
+
+impl Write {
+    fn bytes(&self) -> usize {
+        match self {
+            Write::Set { key, stored } => key.len() + stored.len(),
+            Write::Delete { key } => key.len(),
+            Write::Purge => 0,
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -153,7 +207,8 @@ fn backend_error(err: impl Into<redb::Error>) -> BackendError {
 }
 
 impl RedbBackend {
-    /// Opens (or creates) the file, creating its directory.
+    /// Opens (or creates) the file, creating its directory, and starts the writer thread
+    /// (it ends when the backend is dropped).
     pub fn open(path: &Path) -> Result<RedbBackend, BackendError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|err| {
@@ -165,7 +220,20 @@ impl RedbBackend {
         let txn = db.begin_write().map_err(backend_error)?;
         txn.open_table(TABLE).map_err(backend_error)?;
         txn.commit().map_err(backend_error)?;
-        Ok(RedbBackend { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let commits = Arc::new(AtomicU64::new(0));
+        let (writes, queue) = mpsc::channel();
+        let writer = Writer { db: db.clone(), commits: commits.clone() };
+        let writer = std::thread::Builder::new()
+            .name("sockhost-kv-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|err| BackendError(format!("cannot start the kv writer thread: {err}")))?;
+        Ok(RedbBackend { db, writes, writer: Some(writer), commits })
+    }
+
+    /// Write transactions committed so far (each holds one or more writes).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     fn blocking<T: Send + 'static>(
@@ -179,6 +247,100 @@ impl RedbBackend {
                 .map_err(|err| BackendError(format!("kv store task failed: {err}")))?
                 .map_err(backend_error)
         })
+    }
+
+    /// Hands `write` to the writer thread; resolves once its group is committed.
+    fn write(&self, write: Write) -> KvFuture<'static, u64> {
+        let (done, answer) = oneshot::channel();
+        let sent = self.writes.send(WriteOp { write, done });
+        Box::pin(async move {
+            let stopped = || BackendError("kv store: the writer thread stopped".into());
+            sent.map_err(|_| stopped())?;
+            answer.await.map_err(|_| stopped())?
+        })
+    }
+}
+
+/// The writer thread: takes what is queued, commits it as one transaction, answers each.
+struct Writer {
+    db: Arc<redb::Database>,
+    commits: Arc<AtomicU64>,
+}
+
+impl Writer {
+    fn run(self, queue: mpsc::Receiver<WriteOp>) {
+        while let Ok(first) = queue.recv() {
+            let mut bytes = first.write.bytes();
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP_WRITES && bytes < MAX_GROUP_BYTES {
+                match queue.try_recv() {
+                    Ok(op) => {
+                        bytes += op.write.bytes();
+                        group.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+    }
+
+    fn commit_group(&self, group: Vec<WriteOp>) {
+        let writes: Vec<&Write> = group.iter().map(|op| &op.write).collect();
+        match self.commit(&writes) {
+            Ok(answers) => {
+                for (op, answer) in group.into_iter().zip(answers) {
+                    let _ = op.done.send(Ok(answer));
+                }
+            }
+            // One failing write must not fail the others that happened to share its
+            // commit: each is tried again in a transaction of its own.
+            Err(_) if group.len() > 1 => {
+                for op in group {
+                    let answer = self.commit(&[&op.write]).map(|answers| answers[0]).map_err(backend_error);
+                    let _ = op.done.send(answer);
+                }
+            }
+            Err(err) => {
+                if let Some(op) = group.into_iter().next() {
+                    let _ = op.done.send(Err(backend_error(err)));
+                }
+            }
+        }
+    }
+
+    /// Applies `writes` in order in one write transaction and commits it.
+    fn commit(&self, writes: &[&Write]) -> Result<Vec<u64>, redb::Error> {
+        let now = now_ms();
+        let txn = self.db.begin_write()?;
+        let mut answers = Vec::with_capacity(writes.len());
+        {
+            let mut table = txn.open_table(TABLE)?;
+            for write in writes {
+                answers.push(match write {
+                    Write::Set { key, stored } => {
+                        table.insert(key.as_slice(), stored.as_slice())?;
+                        0
+                    }
+                    Write::Delete { key } => {
+                        let removed = table.remove(key.as_slice())?;
+                        u64::from(removed.is_some_and(|old| live(old.value(), now).is_some()))
+                    }
+                    Write::Purge => {
+                        let mut purged = 0;
+                        table.retain(|_, value| {
+                            let keep = live(value, now).is_some();
+                            purged += u64::from(!keep);
+                            keep
+                        })?;
+                        purged
+                    }
+                });
+            }
+        }
+        txn.commit()?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(answers)
     }
 }
 
@@ -206,31 +368,17 @@ impl KvBackend for RedbBackend {
         value: Vec<u8>,
         ttl: Option<Duration>,
     ) -> KvFuture<'a, ()> {
-        let full = full_key(namespace, key);
-        self.blocking(move |db| {
-            let expiry = ttl.map_or(0, |ttl| now_ms().saturating_add(ttl.as_millis() as u64).max(1));
-            let mut stored = Vec::with_capacity(8 + value.len());
-            stored.extend_from_slice(&expiry.to_le_bytes());
-            stored.extend_from_slice(&value);
-            let txn = db.begin_write()?;
-            txn.open_table(TABLE)?.insert(full.as_slice(), stored.as_slice())?;
-            txn.commit()?;
-            Ok(())
-        })
+        let expiry = ttl.map_or(0, |ttl| now_ms().saturating_add(ttl.as_millis() as u64).max(1));
+        let mut stored = Vec::with_capacity(8 + value.len());
+        stored.extend_from_slice(&expiry.to_le_bytes());
+        stored.extend_from_slice(&value);
+        let written = self.write(Write::Set { key: full_key(namespace, key), stored });
+        Box::pin(async move { written.await.map(drop) })
     }
 
     fn delete<'a>(&'a self, namespace: &'a str, key: &'a str) -> KvFuture<'a, bool> {
-        let full = full_key(namespace, key);
-        self.blocking(move |db| {
-            let now = now_ms();
-            let txn = db.begin_write()?;
-            let was_live = txn
-                .open_table(TABLE)?
-                .remove(full.as_slice())?
-                .is_some_and(|old| live(old.value(), now).is_some());
-            txn.commit()?;
-            Ok(was_live)
-        })
+        let written = self.write(Write::Delete { key: full_key(namespace, key) });
+        Box::pin(async move { written.await.map(|removed| removed == 1) })
     }
 
     fn list_keys<'a>(
@@ -267,18 +415,7 @@ impl KvBackend for RedbBackend {
     }
 
     fn purge_expired(&self) -> KvFuture<'_, u64> {
-        self.blocking(|db| {
-            let now = now_ms();
-            let txn = db.begin_write()?;
-            let mut purged = 0;
-            txn.open_table(TABLE)?.retain(|_, value| {
-                let keep = live(value, now).is_some();
-                purged += u64::from(!keep);
-                keep
-            })?;
-            txn.commit()?;
-            Ok(purged)
-        })
+        self.write(Write::Purge)
     }
 }
 
@@ -432,6 +569,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         open(dir.path()).set("ns", "k", b"kept".to_vec(), None).await.unwrap();
         assert_eq!(open(dir.path()).get("ns", "k").await.unwrap().as_deref(), Some(&b"kept"[..]));
+    }
+
+    /// Writes that arrive while a commit is being made durable share the next commit, and
+    /// every one of them is there, in its own key, after the file is reopened.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_commits_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(open(dir.path()));
+        let before = kv.commits();
+        let writes: u64 = 200;
+        let tasks: Vec<_> = (0..writes)
+            .map(|i| {
+                let kv = kv.clone();
+                tokio::spawn(async move {
+                    kv.set("ns", &format!("k{i:03}"), i.to_le_bytes().to_vec(), None).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let commits = kv.commits() - before;
+        assert!(commits < writes, "{commits} commits for {writes} concurrent writes: none were grouped");
+        // A delete in the same stream of writes still answers for its own key.
+        assert!(kv.delete("ns", "k000").await.unwrap());
+        drop(Arc::into_inner(kv).expect("the tasks are done"));
+
+        let kv = open(dir.path());
+        assert_eq!(kv.get("ns", "k000").await.unwrap(), None);
+        for i in 1..writes {
+            let value = kv.get("ns", &format!("k{i:03}")).await.unwrap();
+            assert_eq!(value, Some(i.to_le_bytes().to_vec()), "k{i:03}");
+        }
     }
 
     #[test]
