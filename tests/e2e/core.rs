@@ -259,11 +259,6 @@ async fn the_addon_sees_connection_info() {
 }
 
 /// The connection id the server gave a testkit connection.
-async fn connection_id(client: &mut Client) -> u64 {
-    client.send_text("info").await;
-    client.recv_json().await["id"].as_u64().unwrap()
-}
-
 #[tokio::test]
 async fn on_close_runs_once_for_a_clean_close_and_once_for_a_dropped_socket() {
     let server = server().await;

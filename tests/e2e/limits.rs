@@ -115,8 +115,7 @@ async fn a_client_that_does_not_read_is_cut_off_and_the_sender_stops() {
         TestServer::start(&[("testkit.wasm", &testkit), ("testkit.toml", b"send_timeout_s = 1")]).await;
     let mut client = server.connect("/ws/testkit").await;
     assert_eq!(client.recv_text().await, "open");
-    client.send_text("info").await;
-    let id = client.recv_json().await["id"].as_u64().unwrap();
+    let id = connection_id(&mut client).await;
     client.send_text("flood").await;
     // Never read again: the server's writes fill the socket buffers and stall.
     let conn = format!("conn={id}");
@@ -132,6 +131,33 @@ async fn a_client_that_does_not_read_is_cut_off_and_the_sender_stops() {
 async fn testkit_server(manifest: &str) -> TestServer {
     let testkit = test_addon("testkit");
     TestServer::start(&[("testkit.wasm", &testkit), ("testkit.toml", manifest.as_bytes())]).await
+}
+
+/// `outbound_max_requests`: an instance holding that many streamed responses open gets
+/// `connection-limit-reached` for one more (a clear message in the guest, a warn line in
+/// the log), and a slot comes back once a response is dropped.
+#[tokio::test]
+async fn an_addon_over_outbound_max_requests_is_refused_until_a_response_is_dropped() {
+    let model = crate::fake_llm::FakeLlm::start().await;
+    let manifest = format!("outbound_hosts = [\"{}\"]\noutbound_max_requests = 2", model.origin());
+    let server = testkit_server(&manifest).await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    let conn = format!("conn={}", connection_id(&mut client).await);
+
+    client.send_text(&format!("hold 3 {}/v1/chat/completions", model.origin())).await;
+    assert_eq!(client.recv_text().await, "open 0");
+    assert_eq!(client.recv_text().await, "open 1");
+    let refused = client.recv_text().await;
+    assert!(
+        refused.starts_with("refused 2: too many outbound requests open at once")
+            && refused.contains("outbound_max_requests"),
+        "{refused}"
+    );
+    assert_eq!(client.recv_text().await, "open after release");
+    wait_for_log(&["refused: 2 requests already open (outbound_max_requests)", &conn]).await;
+    // Three requests reached the model: the refused one never left the host.
+    assert_eq!(model.requests().len(), 3);
 }
 
 #[tokio::test]
@@ -195,8 +221,7 @@ async fn a_peer_that_does_not_answer_pings_is_dropped() {
     let server = testkit_server("ping_interval_s = 1").await;
     let mut client = server.connect("/ws/testkit").await;
     assert_eq!(client.recv_text().await, "open");
-    client.send_text("info").await;
-    let id = client.recv_json().await["id"].as_u64().unwrap();
+    let id = connection_id(&mut client).await;
     // A client that never reads never answers the server's pings (a half-open socket).
     let conn = format!("conn={id}");
     wait_for_log(&["ping unanswered", &conn]).await;

@@ -292,6 +292,12 @@ fn contains_field(line: &str, needle: &str) -> bool {
         .any(|(at, _)| !line[at + needle.len()..].starts_with(|c: char| c.is_ascii_digit()))
 }
 
+/// The connection's id, asked of the testkit addon (`info`).
+pub async fn connection_id(client: &mut Client) -> u64 {
+    client.send_text("info").await;
+    client.recv_json().await["id"].as_u64().unwrap()
+}
+
 /// Waits until a log line containing every needle appears, and returns it.
 pub async fn wait_for_log(needles: &[&str]) -> String {
     let deadline = tokio::time::Instant::now() + PATIENCE;

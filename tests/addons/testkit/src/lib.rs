@@ -1,9 +1,10 @@
 //! The addon the end-to-end tests drive: each text command exercises one part of the host.
-//! Commands: count, stream, error, trap, info, close, print, log, flood; `?refuse=1` in the
-//! query refuses the connection.
+//! Commands: count, stream, error, trap, info, close, print, log, flood,
+//! `hold <n> <url>`; `?refuse=1` in the query refuses the connection.
 
 use std::time::Duration;
 
+use sockhost_addon_sdk::http::{Request, Response};
 use sockhost_addon_sdk::{
     Addon, ConnectionInfo, Error, Message, Refusal, close, connection_info, export_addon, log, send_json,
     send_text,
@@ -62,7 +63,10 @@ impl Addon for Testkit {
                 }
                 log::info(&format!("testkit flood stopped after {sent} frames"));
             }
-            other => send_text(&format!("unknown: {other}"))?,
+            other => match other.split_once(' ') {
+                Some(("hold", args)) => hold_requests(args)?,
+                _ => send_text(&format!("unknown: {other}"))?,
+            },
         }
         Ok(())
     }
@@ -70,6 +74,41 @@ impl Addon for Testkit {
     fn on_close(&mut self, code: u16, reason: &str) {
         log::info(&format!("testkit on-close code={code} reason={reason}"));
     }
+}
+
+/// `hold <n> <url>`: opens `n` streamed requests to `url` one after another, keeping every
+/// response open (a frame per request: `open <i>` or `refused <i>: <error>`), then drops
+/// them all and opens one more (`open after release`, or `refused after release: ...`
+/// if no slot came back within two seconds).
+fn hold_requests(args: &str) -> Result<(), Error> {
+    let (n, url) = args.split_once(' ').ok_or_else(|| Error::msg("usage: hold <n> <url>"))?;
+    let n: usize = n.parse().map_err(|_| Error::msg("hold: <n> is not a number"))?;
+    // A chat request the test's fake model answers with one chunk, then holds open.
+    const BODY: &str = r#"{"stream":true,"messages":[{"role":"user","content":"gated"}]}"#;
+    let request = || Request::post(url).header("content-type", "application/json").body(BODY);
+    let mut open: Vec<Response> = Vec::new();
+    for i in 0..n {
+        match request().send() {
+            Ok(response) => {
+                open.push(response);
+                send_text(&format!("open {i}"))?;
+            }
+            Err(err) => send_text(&format!("refused {i}: {err}"))?,
+        }
+    }
+    drop(open);
+    // A slot comes back when the host's side of the dropped response has wound down,
+    // which may take a moment after the guest lets go of it.
+    let mut last = None;
+    for _ in 0..40 {
+        match request().send() {
+            Ok(_response) => return Ok(send_text("open after release")?),
+            Err(err) => last = Some(err),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let err = last.map(|err| err.to_string()).unwrap_or_default();
+    Ok(send_text(&format!("refused after release: {err}"))?)
 }
 
 export_addon!(Testkit);
