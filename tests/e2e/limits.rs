@@ -160,6 +160,38 @@ async fn an_addon_over_outbound_max_requests_is_refused_until_a_response_is_drop
     assert_eq!(model.requests().len(), 3);
 }
 
+/// `outbound_connect_timeout_ms`: an upstream that never completes the TCP handshake (its
+/// accept queue is full, so the kernel drops the SYNs) fails the request as a timeout
+/// after the manifest's limit, not the 5 s default.
+#[tokio::test]
+async fn an_upstream_that_never_accepts_fails_at_the_manifests_connect_timeout() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let upstream = listener.local_addr().unwrap();
+    // Never accepted: these fill the accept queue, after which new SYNs go unanswered.
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(upstream)).await
+        else {
+            break;
+        };
+        queued.push(stream);
+    }
+
+    let manifest = format!("outbound_hosts = [\"http://{upstream}\"]\noutbound_connect_timeout_ms = 300");
+    let server = testkit_server(&manifest).await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    let asked = std::time::Instant::now();
+    client.send_text(&format!("get http://{upstream}/")).await;
+    assert_eq!(client.recv_text().await, "error Timeout: connect timeout");
+    // Not a measurement: the manifest's 300 ms applied, not the 5 s default.
+    assert!(asked.elapsed() < Duration::from_secs(4), "took {:?}", asked.elapsed());
+    drop((queued, listener));
+}
+
 #[tokio::test]
 async fn a_message_over_max_message_bytes_closes_with_1009() {
     let server = testkit_server("max_message_bytes = 1024").await;

@@ -1,5 +1,5 @@
 //! The addon the end-to-end tests drive: each text command exercises one part of the host.
-//! Commands: count, stream, error, trap, info, close, print, log, flood,
+//! Commands: count, stream, error, trap, info, close, print, log, flood, `get <url>`,
 //! `hold <n> <url>`; `?refuse=1` in the query refuses the connection.
 
 use std::time::Duration;
@@ -65,6 +65,10 @@ impl Addon for Testkit {
             }
             other => match other.split_once(' ') {
                 Some(("hold", args)) => hold_requests(args)?,
+                Some(("get", url)) => match Request::get(url).send() {
+                    Ok(response) => send_text(&format!("status {}", response.status()))?,
+                    Err(err) => send_text(&format!("error {:?}: {err}", err.kind))?,
+                },
                 _ => send_text(&format!("unknown: {other}"))?,
             },
         }
