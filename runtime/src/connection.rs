@@ -266,7 +266,7 @@ impl AddonConnection {
                     match outcome {
                         Ok(Ok(())) => {}
                         Ok(Err(reason)) => {
-                            self.failures.record(FailureKind::AddonError);
+                            self.record(FailureKind::AddonError);
                             tracing::warn!(kind = FailureKind::AddonError.code(), cause = %reason, "on-message returned an error");
                             self.send_error(FailureKind::AddonError, &reason).await;
                         }
@@ -288,7 +288,7 @@ impl AddonConnection {
         let handler = self.instance.sockhost_addon_handler();
         if let Err(err) = handler.call_on_close(&mut self.store, code, &reason).await {
             let (kind, cause) = self.classify(&err);
-            self.failures.record(kind);
+            self.record(kind);
             tracing::error!(stage = "on-close", kind = kind.code(), cause = %cause, "addon failed");
         }
     }
@@ -304,7 +304,7 @@ impl AddonConnection {
         if let Some((code, reason)) = session.close_sent() {
             let gone = Inbound::Closed { code: *code, reason: reason.clone() };
             if session.stalled() {
-                self.failures.record(FailureKind::SlowClient);
+                self.record(FailureKind::SlowClient);
                 tracing::warn!(
                     kind = FailureKind::SlowClient.code(),
                     timeout_s = self.policy.send_timeout.as_secs(),
@@ -353,7 +353,7 @@ impl AddonConnection {
             if self.reader.last_frame >= sent {
                 self.ping_sent = None;
             } else if now >= sent + self.policy.ping_interval {
-                self.failures.record(FailureKind::Unresponsive);
+                self.record(FailureKind::Unresponsive);
                 tracing::info!(
                     kind = FailureKind::Unresponsive.code(),
                     "ping unanswered; dropping the connection"
@@ -371,9 +371,15 @@ impl AddonConnection {
         self.keep_alive_timer.as_mut().reset(next);
     }
 
+    /// Counts a failure server-wide and for this addon.
+    fn record(&self, kind: FailureKind) {
+        self.failures.record(kind);
+        self.stats.failures.record(kind);
+    }
+
     /// The client broke a rule: count it, log it, close with `code`.
     async fn fail_client(&mut self, kind: FailureKind, code: u16, reason: &str) {
-        self.failures.record(kind);
+        self.record(kind);
         tracing::info!(kind = kind.code(), code, cause = %reason, "closing the connection");
         self.store.data_mut().session.close(code, reason).await;
     }
@@ -403,7 +409,7 @@ impl AddonConnection {
     /// 1011, never enter the instance again.
     async fn failed(mut self, stage: &'static str, err: wasmtime::Error) {
         let (kind, cause) = self.classify(&err);
-        self.failures.record(kind);
+        self.record(kind);
         tracing::error!(stage, kind = kind.code(), cause = %cause, detail = %describe(&err), "addon failed; closing with 1011");
         let addon = self.store.data().session.info().addon.clone();
         self.send_error(kind, &format!("addon '{addon}' {cause}")).await;

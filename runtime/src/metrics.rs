@@ -7,7 +7,8 @@
 //! atomic adds: no lock, no label lookup. The callback-duration histogram is this
 //! module's own [`AtomicHistogram`], because prometheus-client's histogram takes a mutex
 //! on every observation. Failures stay in [`FailureCounts`] (atomics the connection code
-//! already bumps) and are read only when `/metrics` is scraped.
+//! already bumps; one set server-wide, one per addon in [`AddonStats`]) and are read only
+//! when `/metrics` is scraped.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -22,6 +23,7 @@
 //! | `sockhost_compile_cache_total` | counter | `result` (`hit`, `miss`, `corrupt`, `write_failed`) |
 //! | `sockhost_addons_mounted` | gauge | |
 //! | `sockhost_failures_total` | counter | `kind` (the [`FailureKind`] codes) |
+//! | `sockhost_addon_failures_total` | counter | `addon`, `kind`: the same failures, for the addon whose connection (or upgrade) failed |
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -79,8 +81,10 @@ pub struct Metrics {
     compile_cache: Family<ResultLabel, Counter>,
     addons_mounted: Gauge,
     /// One entry per addon name ever loaded: versions of an addon share it.
-    stats: Mutex<HashMap<String, Arc<AddonStats>>>,
+    stats: Arc<Mutex<AddonStatsByName>>,
 }
+
+type AddonStatsByName = HashMap<String, Arc<AddonStats>>;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,10 +149,13 @@ impl Metrics {
                 "Compiled-code cache look-ups and writes, by result",
             ),
             addons_mounted: registered(r, "addons_mounted", "Addons mounted now"),
-            stats: Mutex::new(HashMap::new()),
+            stats: Arc::default(),
             registry: Registry::default(),
         };
-        registry.register_collector(Box::new(FailureCollector(failures)));
+        registry.register_collector(Box::new(FailureCollector {
+            server: failures,
+            addons: metrics.stats.clone(),
+        }));
         Metrics { registry, ..metrics }
     }
 
@@ -168,6 +175,7 @@ impl Metrics {
                     bytes_in: self.bytes_in.get_or_create(&label).clone(),
                     bytes_out: self.bytes_out.get_or_create(&label).clone(),
                     callback_seconds: self.callback_seconds.get_or_create(&label).clone(),
+                    failures: FailureCounts::default(),
                 })
             })
             .clone()
@@ -218,6 +226,8 @@ pub struct AddonStats {
     pub(crate) bytes_in: Counter,
     pub(crate) bytes_out: Counter,
     pub(crate) callback_seconds: AtomicHistogram,
+    /// This addon's share of the server-wide failure counts.
+    pub(crate) failures: FailureCounts,
 }
 
 impl AddonStats {
@@ -318,9 +328,14 @@ impl EncodeMetric for AtomicHistogram {
     }
 }
 
-/// Exposes [`FailureCounts`] as `sockhost_failures_total{kind}` at scrape time.
+/// Exposes [`FailureCounts`] at scrape time: the server's as `sockhost_failures_total{kind}`,
+/// each addon's as `sockhost_addon_failures_total{addon,kind}`. Every kind is listed, zeros
+/// included, so a dashboard's series exist before the first failure.
 #[derive(Debug)]
-struct FailureCollector(Arc<FailureCounts>);
+struct FailureCollector {
+    server: Arc<FailureCounts>,
+    addons: Arc<Mutex<AddonStatsByName>>,
+}
 
 impl Collector for FailureCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -333,7 +348,26 @@ impl Collector for FailureCollector {
         for kind in FailureKind::ALL {
             let labels = [("kind", kind.code())];
             let metric = family.encode_family(&labels)?;
-            ConstCounter::new(self.0.get(kind)).encode(metric)?;
+            ConstCounter::new(self.server.get(kind)).encode(metric)?;
+        }
+
+        let mut addons: Vec<(String, Arc<AddonStats>)> = {
+            let stats = self.addons.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            stats.iter().map(|(name, stats)| (name.clone(), stats.clone())).collect()
+        };
+        addons.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut family = encoder.encode_descriptor(
+            "sockhost_addon_failures",
+            "Connection failures by addon and kind (the error frame's code)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, stats) in &addons {
+            for kind in FailureKind::ALL {
+                let labels = [("addon", name.as_str()), ("kind", kind.code())];
+                let metric = family.encode_family(&labels)?;
+                ConstCounter::new(stats.failures.get(kind)).encode(metric)?;
+            }
         }
         Ok(())
     }
@@ -353,6 +387,8 @@ mod tests {
         assert!(echo.try_open(1));
         assert!(!echo.try_open(1), "the limit holds");
         echo.message_in(5);
+        echo.failures.record(FailureKind::AddonTrap);
+        metrics.addon("chat").failures.record(FailureKind::RateLimited);
         echo.callback_seconds.observe(Duration::from_micros(300));
         echo.callback_seconds.observe(Duration::from_secs(60));
         let text = metrics.encode();
@@ -366,6 +402,9 @@ mod tests {
             "sockhost_addon_callback_seconds_count{addon=\"echo\"} 2",
             "sockhost_failures_total{kind=\"addon_trap\"} 1",
             "sockhost_failures_total{kind=\"addon_oom\"} 0",
+            "sockhost_addon_failures_total{addon=\"echo\",kind=\"addon_trap\"} 1",
+            "sockhost_addon_failures_total{addon=\"echo\",kind=\"rate_limited\"} 0",
+            "sockhost_addon_failures_total{addon=\"chat\",kind=\"rate_limited\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }

@@ -492,6 +492,12 @@ impl Drop for ServerSlot<'_> {
     }
 }
 
+/// Counts a failure server-wide and for the addon the connection was for.
+fn addon_failure(shared: &Shared, addon: &LoadedAddon, kind: FailureKind) {
+    shared.failures.record(kind);
+    addon.stats().failures.record(kind);
+}
+
 async fn serve_addon(
     shared: &Shared,
     addon: Arc<LoadedAddon>,
@@ -503,7 +509,7 @@ async fn serve_addon(
     let key = match handshake::check_upgrade(head) {
         Ok(key) => key.to_owned(),
         Err(rejection) => {
-            shared.failures.record(FailureKind::BadRequest);
+            addon_failure(shared, &addon, FailureKind::BadRequest);
             return reject(&mut stream, rejection).await;
         }
     };
@@ -514,7 +520,7 @@ async fn serve_addon(
     let policy = addon.policy();
     let origin = head.header("origin");
     if !policy.allows_origin(origin) {
-        shared.failures.record(FailureKind::Origin);
+        addon_failure(shared, &addon, FailureKind::Origin);
         let origin = origin.unwrap_or_default();
         span.in_scope(|| tracing::warn!(%peer, origin, kind = FailureKind::Origin.code(), "origin not allowed; answering 403"));
         let rejection =
@@ -523,14 +529,14 @@ async fn serve_addon(
     }
     let max = shared.config().limits.max_connections;
     let Some(_server_slot) = ServerSlot::reserve(&shared.open_connections, max) else {
-        shared.failures.record(FailureKind::Capacity);
+        addon_failure(shared, &addon, FailureKind::Capacity);
         span.in_scope(|| tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "server connection limit reached; answering 503"));
         let rejection =
             Rejection::new(503, format!("the server is at its limit of {max} connections; retry later"));
         return reject(&mut stream, rejection).await;
     };
     let Some(_addon_slot) = addon.reserve_connection() else {
-        shared.failures.record(FailureKind::Capacity);
+        addon_failure(shared, &addon, FailureKind::Capacity);
         let max = policy.max_connections;
         span.in_scope(|| tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "addon connection limit reached; answering 503"));
         let rejection = Rejection::new(

@@ -25,6 +25,9 @@ async fn health_ready_and_metrics_answer_on_the_websocket_port() {
     assert_eq!(metric_value(&before, "sockhost_addons_mounted"), Some(2.0));
     assert!(metric_value(&before, "sockhost_addon_compile_seconds_count{addon=\"echo\"}") >= Some(1.0));
     assert_eq!(metric_value(&before, "sockhost_failures_total{kind=\"addon_trap\"}"), Some(0.0));
+    let trap_count =
+        |addon: &str| format!("sockhost_addon_failures_total{{addon=\"{addon}\",kind=\"addon_trap\"}}");
+    assert_eq!(metric_value(&before, &trap_count("bad")), Some(0.0));
 
     let mut client = server.connect("/ws/echo").await;
     for text in ["one", "two", "three"] {
@@ -47,11 +50,13 @@ async fn health_ready_and_metrics_answer_on_the_websocket_port() {
     })
     .await;
 
-    // A trap is counted by kind.
+    // A trap is counted by kind, server-wide and for the addon that trapped.
     let mut hostile = server.connect("/ws/bad").await;
     hostile.send_text("u").await;
     assert_eq!(hostile.recv_json().await["code"], "addon_trap");
     assert_eq!(server.metric("sockhost_failures_total{kind=\"addon_trap\"}").await, Some(1.0));
+    assert_eq!(server.metric(&trap_count("bad")).await, Some(1.0));
+    assert_eq!(server.metric(&trap_count("echo")).await, Some(0.0));
 }
 
 #[tokio::test]
