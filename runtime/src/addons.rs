@@ -24,6 +24,7 @@ use wasmtime::{Engine, Store};
 
 use crate::bindings::{Addon, AddonPre};
 use crate::cache::CompileCache;
+use crate::error::FailureKind;
 use crate::host::HostState;
 use crate::metrics::{AddonStats, Metrics};
 use crate::policy::{AddonPolicy, ManifestError};
@@ -140,13 +141,28 @@ impl LoadedAddon {
     }
 
     /// A fresh instance of the addon with its own store and limits, for one connection.
-    pub async fn instantiate(&self, state: HostState) -> wasmtime::Result<(Store<HostState>, Addon)> {
+    pub async fn instantiate(&self, state: HostState) -> Result<(Store<HostState>, Addon), InstantiateError> {
         let mut store = Store::new(self.pre.engine(), state);
         sandbox::install(&mut store);
         sandbox::start_callback(&mut store);
-        let instance = self.pre.instantiate_async(&mut store).await?;
-        Ok((store, instance))
+        match self.pre.instantiate_async(&mut store).await {
+            Ok(instance) => Ok((store, instance)),
+            Err(err) => {
+                let (kind, cause) = sandbox::classify(&store, &self.policy, &err);
+                Err(InstantiateError { kind, cause })
+            }
+        }
     }
+}
+
+/// Why a new instance could not be made: its initial memory is over `memory_limit`, its
+/// start-up code trapped or ran past `cpu_limit_ms`, or the instance pool is exhausted.
+#[derive(Debug)]
+pub struct InstantiateError {
+    /// How it is counted (`addon_oom`, `addon_timeout` or `addon_trap`).
+    pub kind: FailureKind,
+    /// One line for the log and the HTTP answer.
+    pub cause: String,
 }
 
 /// One of an addon's connection slots, held for the life of a connection.

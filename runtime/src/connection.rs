@@ -41,7 +41,7 @@ use crate::error::{Envelope, FailureCounts, FailureKind, close_code};
 use crate::host::HostState;
 use crate::metrics::AddonStats;
 use crate::policy::AddonPolicy;
-use crate::sandbox::{self, LimitHit, TokenBucket};
+use crate::sandbox::{self, TokenBucket};
 use crate::tls::ClientStream;
 
 /// Client messages read ahead while a callback runs, before reading pauses.
@@ -392,17 +392,7 @@ impl AddonConnection {
 
     /// Names why a call into the instance failed.
     fn classify(&self, err: &wasmtime::Error) -> (FailureKind, String) {
-        match self.store.data().limits.hit() {
-            Some(LimitHit::Cpu) => (
-                FailureKind::AddonTimeout,
-                format!("exceeded its CPU limit of {} ms", self.policy.cpu_limit.as_millis()),
-            ),
-            Some(LimitHit::Memory) => (
-                FailureKind::AddonOom,
-                format!("exceeded its memory limit of {} bytes", self.policy.memory_limit),
-            ),
-            None => (FailureKind::AddonTrap, format!("crashed: {}", describe(err))),
-        }
+        sandbox::classify(&self.store, &self.policy, err)
     }
 
     /// The instance failed (trap, CPU or memory limit): tell the client, close with

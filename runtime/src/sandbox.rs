@@ -23,8 +23,28 @@ use std::time::Instant;
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 
 use crate::engine::{EPOCH_TICK, EpochCounter};
+use crate::error::FailureKind;
 use crate::host::HostState;
 use crate::policy::AddonPolicy;
+
+/// Names why entering an instance (a callback, or creating it) failed: a limit the store
+/// saw hit, else a trap. Returns the kind and a one-line cause for logs and error frames.
+pub(crate) fn classify(
+    store: &Store<HostState>,
+    policy: &AddonPolicy,
+    err: &wasmtime::Error,
+) -> (FailureKind, String) {
+    match store.data().limits.hit() {
+        Some(LimitHit::Cpu) => (
+            FailureKind::AddonTimeout,
+            format!("exceeded its CPU limit of {} ms", policy.cpu_limit.as_millis()),
+        ),
+        Some(LimitHit::Memory) => {
+            (FailureKind::AddonOom, format!("exceeded its memory limit of {} bytes", policy.memory_limit))
+        }
+        None => (FailureKind::AddonTrap, format!("crashed: {}", crate::connection::describe(err))),
+    }
+}
 
 /// Most elements a table may grow to. Rust components use a few hundred.
 const MAX_TABLE_ELEMENTS: usize = 100_000;

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::addons::{self, AddonSet, LoadedAddon, Loader};
+use crate::addons::{self, AddonSet, InstantiateError, LoadedAddon, Loader};
 use crate::bindings::ConnectionInfo;
 use crate::cache::CompileCache;
 use crate::config::Config;
@@ -563,14 +563,14 @@ async fn serve_addon(
         .await
     {
         Ok(made) => made,
-        Err(err) => {
-            let cause = crate::connection::describe(&err);
-            span.in_scope(
-                || tracing::error!(cause = %cause, "cannot create an addon instance; answering 503"),
-            );
+        Err(InstantiateError { kind, cause }) => {
+            addon_failure(shared, &addon, kind);
+            span.in_scope(|| {
+                tracing::error!(kind = kind.code(), cause = %cause, "cannot create an addon instance; answering 503")
+            });
             let rejection = Rejection::new(
                 503,
-                format!("addon '{}' cannot take a connection now: {cause}", addon.name()),
+                format!("addon '{}' cannot take a connection now: it {cause}", addon.name()),
             );
             return reject(&mut stream, rejection).await;
         }

@@ -319,6 +319,34 @@ async fn upgrade_status(server: &TestServer, path: &str, origin: Option<&str>) -
     (text[9..12].parse().unwrap(), text)
 }
 
+/// An instance that cannot be made (here: the echo addon's initial linear memory, 17
+/// pages, is over a 1 MiB `memory_limit`) is an HTTP 503 naming the cause before any
+/// upgrade, counted as `addon_oom` for that addon; the server's other addons go on.
+#[tokio::test]
+async fn an_instance_over_its_memory_limit_at_start_is_a_503_counted_as_addon_oom() {
+    let echo = bundled_addon("echo");
+    let testkit = test_addon("testkit");
+    let server = TestServer::start(&[
+        ("echo.wasm", &echo),
+        ("echo.toml", b"memory_limit = \"1MiB\""),
+        ("testkit.wasm", &testkit),
+    ])
+    .await;
+    let (status, text) = upgrade_status(&server, "/ws/echo", None).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains("cannot take a connection now: it exceeded its memory limit of 1048576 bytes"),
+        "{text}"
+    );
+    wait_for_log(&["cannot create an addon instance", "kind=\"addon_oom\"", "addon=\"echo\""]).await;
+    assert_eq!(server.failures.get(FailureKind::AddonOom), 1);
+    let series = "sockhost_addon_failures_total{addon=\"echo\",kind=\"addon_oom\"}";
+    assert_eq!(server.metric(series).await, Some(1.0));
+
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+}
+
 #[tokio::test]
 async fn an_addon_over_max_connections_answers_503_before_upgrading() {
     let server = testkit_server("max_connections = 2").await;
