@@ -155,7 +155,7 @@ impl Drop for RedbBackend {
 
 /// Most writes one group commit takes.
 pub const MAX_GROUP_WRITES: usize = 512;
-/// A group commit stops taking writes once it holds this many bytes of values.
+/// A group commit stops taking writes once it holds this many bytes of keys and values.
 pub const MAX_GROUP_BYTES: usize = 8 << 20;
 
 /// A write for the writer thread, and where its answer goes.
