@@ -34,7 +34,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use wasmtime::{Store, Trap};
+use wasmtime::Store;
 
 use crate::bindings::{Addon, Message};
 use crate::error::{Envelope, FailureCounts, FailureKind, close_code};
@@ -400,7 +400,7 @@ impl AddonConnection {
     async fn failed(mut self, stage: &'static str, err: wasmtime::Error) {
         let (kind, cause) = self.classify(&err);
         self.record(kind);
-        tracing::error!(stage, kind = kind.code(), cause = %cause, detail = %describe(&err), "addon failed; closing with 1011");
+        tracing::error!(stage, kind = kind.code(), cause = %cause, detail = %sandbox::describe(&err), "addon failed; closing with 1011");
         let addon = self.store.data().session.info().addon.clone();
         self.send_error(kind, &format!("addon '{addon}' {cause}")).await;
         self.store.data_mut().session.close(close_code::INTERNAL_ERROR, kind.code()).await;
@@ -435,13 +435,5 @@ async fn read_while<T>(
             out = &mut call => return out,
             event = reader.next(), if can_read => pending.push_back(event),
         }
-    }
-}
-
-/// A one-line description of a failed call: the trap if there is one, else the error chain.
-pub(crate) fn describe(err: &wasmtime::Error) -> String {
-    match err.downcast_ref::<Trap>() {
-        Some(trap) => trap.to_string(),
-        None => format!("{err:#}"),
     }
 }

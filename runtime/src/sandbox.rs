@@ -42,7 +42,15 @@ pub(crate) fn classify(
         Some(LimitHit::Memory) => {
             (FailureKind::AddonOom, format!("exceeded its memory limit of {} bytes", policy.memory_limit))
         }
-        None => (FailureKind::AddonTrap, format!("crashed: {}", crate::connection::describe(err))),
+        None => (FailureKind::AddonTrap, format!("crashed: {}", describe(err))),
+    }
+}
+
+/// A one-line description of a failed call: the trap if there is one, else the error chain.
+pub(crate) fn describe(err: &wasmtime::Error) -> String {
+    match err.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap.to_string(),
+        None => format!("{err:#}"),
     }
 }
 
