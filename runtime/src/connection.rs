@@ -33,7 +33,6 @@ use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use wasmtime::Store;
 
 use crate::bindings::{Addon, Message};
@@ -42,6 +41,7 @@ use crate::host::HostState;
 use crate::metrics::AddonStats;
 use crate::policy::AddonPolicy;
 use crate::sandbox::{self, TokenBucket};
+use crate::shutdown::ShutdownListener;
 use crate::tls::ClientStream;
 
 /// Client messages read ahead while a callback runs, before reading pauses.
@@ -157,9 +157,9 @@ pub(crate) struct AddonConnection {
     /// this, whichever is later (callbacks never overlap), so timing it needs one clock
     /// read per message, not two.
     last_callback_end: Instant,
-    /// Resolves when the server shuts down. Kept across calls to [`Self::wake`], so it
-    /// registers with the token once, not once per message.
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Resolves when the server shuts down. Registered once per connection; a poll is
+    /// an atomic load (see [`crate::shutdown`]).
+    shutdown: ShutdownListener,
     rate: Option<TokenBucket>,
     last_message: Instant,
     ping_sent: Option<Instant>,
@@ -178,7 +178,7 @@ impl AddonConnection {
         policy: Arc<AddonPolicy>,
         stats: Arc<AddonStats>,
         failures: Arc<FailureCounts>,
-        shutdown: CancellationToken,
+        shutdown: ShutdownListener,
     ) -> Self {
         let (sink, stream) = ws.split();
         store.data_mut().session.attach(sink, stats.clone());
@@ -194,7 +194,7 @@ impl AddonConnection {
             stats,
             failures,
             last_callback_end: now,
-            shutdown: Box::pin(shutdown.cancelled_owned()),
+            shutdown,
             last_message: now,
             ping_sent: None,
             keep_alive_timer: Box::pin(tokio::time::sleep_until(first_deadline)),
@@ -319,7 +319,7 @@ impl AddonConnection {
         }
         tokio::select! {
             biased;
-            _ = self.shutdown.as_mut() => Wake::Shutdown,
+            _ = &mut self.shutdown => Wake::Shutdown,
             event = self.reader.next() => Wake::Event(event),
             _ = self.keep_alive_timer.as_mut() => Wake::Timer,
         }

@@ -38,6 +38,7 @@ pub mod policy;
 pub mod reload;
 pub mod sandbox;
 pub mod server;
+mod shutdown;
 pub mod tls;
 
 pub use config::{Cli, Command, Config, LogFormat, ServerLimits, TlsFiles};

@@ -38,7 +38,6 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_util::either::Either;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -54,6 +53,7 @@ use crate::host::kv::KvStore;
 use crate::host::{self, HostServices, HostState};
 use crate::metrics::{LiveInstance, Metrics};
 use crate::reload::{Mounted, Watcher};
+use crate::shutdown::Shutdown;
 use crate::tls::{ClientStream, Tls};
 
 /// Largest message a client may send to the built-in `/ws` endpoint; addons set their own.
@@ -83,8 +83,8 @@ struct Shared {
     services: HostServices,
     /// `wss://` when set.
     tls: Option<Arc<Tls>>,
-    /// Cancelled when the server shuts down: every connection closes with 1001.
-    shutdown: CancellationToken,
+    /// Triggered when the server shuts down: every connection closes with 1001.
+    shutdown: Arc<Shutdown>,
     /// Set when draining starts: `/readyz` answers 503 and new WebSockets are refused.
     draining: AtomicBool,
     /// Every connection task, so shutdown can wait for them.
@@ -178,7 +178,7 @@ impl Server {
             metrics,
             epoch,
             tls,
-            shutdown: CancellationToken::new(),
+            shutdown: Arc::default(),
             draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
         };
@@ -211,10 +211,10 @@ impl Server {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let Server { listener, shared, watcher } = self;
         if let Some(watcher) = watcher {
-            tokio::spawn(watcher.run(shared.shutdown.clone()));
+            tokio::spawn(watcher.run(shared.shutdown.token().clone()));
         }
         if let Some(tls) = &shared.tls {
-            tokio::spawn(tls.clone().watch(shared.shutdown.clone()));
+            tokio::spawn(tls.clone().watch(shared.shutdown.token().clone()));
         }
         tokio::pin!(shutdown);
         let mut purge = tokio::time::interval(KV_PURGE_INTERVAL);
@@ -234,7 +234,7 @@ impl Server {
             timeout_ms = timeout.as_millis() as u64,
             "shutting down: closing connections with 1001; /readyz answers 503"
         );
-        shared.shutdown.cancel();
+        shared.shutdown.trigger();
         shared.tasks.close();
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
@@ -591,7 +591,7 @@ async fn serve_addon(
         policy,
         stats,
         shared.failures.clone(),
-        shared.shutdown.clone(),
+        shared.shutdown.listen(),
     )
     .serve()
     .instrument(span)
@@ -619,9 +619,10 @@ async fn serve_builtin(
     if ws.send(WsMessage::text(greeting)).await.is_err() {
         return Ok(());
     }
+    let mut shutdown = shared.shutdown.listen();
     loop {
         let message = tokio::select! {
-            _ = shared.shutdown.cancelled() => {
+            _ = &mut shutdown => {
                 let frame = CloseFrame { code: CloseCode::Away, reason: "server shutting down".into() };
                 let _ = ws.close(Some(frame)).await;
                 // Let the client answer the close before the socket goes.
