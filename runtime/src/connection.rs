@@ -36,7 +36,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use wasmtime::Store;
 
 use crate::bindings::{Addon, Message};
-use crate::error::{Envelope, FailureCounts, FailureKind, close_code};
+use crate::error::{Envelope, FailureKind, close_code};
 use crate::host::HostState;
 use crate::metrics::AddonStats;
 use crate::policy::AddonPolicy;
@@ -152,7 +152,6 @@ pub(crate) struct AddonConnection {
     policy: Arc<AddonPolicy>,
     /// This addon's counters: messages in, callback durations.
     stats: Arc<AddonStats>,
-    failures: Arc<FailureCounts>,
     /// When the last callback returned. A message's callback starts at its arrival or at
     /// this, whichever is later (callbacks never overlap), so timing it needs one clock
     /// read per message, not two.
@@ -177,7 +176,6 @@ impl AddonConnection {
         ws: WebSocketStream<ClientStream>,
         policy: Arc<AddonPolicy>,
         stats: Arc<AddonStats>,
-        failures: Arc<FailureCounts>,
         shutdown: ShutdownListener,
     ) -> Self {
         let (sink, stream) = ws.split();
@@ -192,7 +190,6 @@ impl AddonConnection {
             rate: policy.message_rate.map(|rate| TokenBucket::new(rate.per_second, rate.burst)),
             policy,
             stats,
-            failures,
             last_callback_end: now,
             shutdown,
             last_message: now,
@@ -266,7 +263,7 @@ impl AddonConnection {
                     match outcome {
                         Ok(Ok(())) => {}
                         Ok(Err(reason)) => {
-                            self.record(FailureKind::AddonError);
+                            self.stats.failure(FailureKind::AddonError);
                             tracing::warn!(kind = FailureKind::AddonError.code(), cause = %reason, "on-message returned an error");
                             self.send_error(FailureKind::AddonError, &reason).await;
                         }
@@ -288,7 +285,7 @@ impl AddonConnection {
         let handler = self.instance.sockhost_addon_handler();
         if let Err(err) = handler.call_on_close(&mut self.store, code, &reason).await {
             let (kind, cause) = self.classify(&err);
-            self.record(kind);
+            self.stats.failure(kind);
             tracing::error!(stage = "on-close", kind = kind.code(), cause = %cause, "addon failed");
         }
     }
@@ -304,7 +301,7 @@ impl AddonConnection {
         if let Some((code, reason)) = session.close_sent() {
             let gone = Inbound::Closed { code: *code, reason: reason.clone() };
             if session.stalled() {
-                self.record(FailureKind::SlowClient);
+                self.stats.failure(FailureKind::SlowClient);
                 tracing::warn!(
                     kind = FailureKind::SlowClient.code(),
                     timeout_s = self.policy.send_timeout.as_secs(),
@@ -353,7 +350,7 @@ impl AddonConnection {
             if self.reader.last_frame >= sent {
                 self.ping_sent = None;
             } else if now >= sent + self.policy.ping_interval {
-                self.record(FailureKind::Unresponsive);
+                self.stats.failure(FailureKind::Unresponsive);
                 tracing::info!(
                     kind = FailureKind::Unresponsive.code(),
                     "ping unanswered; dropping the connection"
@@ -371,15 +368,9 @@ impl AddonConnection {
         self.keep_alive_timer.as_mut().reset(next);
     }
 
-    /// Counts a failure server-wide and for this addon.
-    fn record(&self, kind: FailureKind) {
-        self.failures.record(kind);
-        self.stats.failures.record(kind);
-    }
-
     /// The client broke a rule: count it, log it, close with `code`.
     async fn fail_client(&mut self, kind: FailureKind, code: u16, reason: &str) {
-        self.record(kind);
+        self.stats.failure(kind);
         tracing::info!(kind = kind.code(), code, cause = %reason, "closing the connection");
         self.store.data_mut().session.close(code, reason).await;
     }
@@ -399,7 +390,7 @@ impl AddonConnection {
     /// 1011, never enter the instance again.
     async fn failed(mut self, stage: &'static str, err: wasmtime::Error) {
         let (kind, cause) = self.classify(&err);
-        self.record(kind);
+        self.stats.failure(kind);
         tracing::error!(stage, kind = kind.code(), cause = %cause, detail = %sandbox::describe(&err), "addon failed; closing with 1011");
         let addon = self.store.data().session.info().addon.clone();
         self.send_error(kind, &format!("addon '{addon}' {cause}")).await;

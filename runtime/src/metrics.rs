@@ -80,6 +80,8 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     compile_cache: Family<ResultLabel, Counter>,
     addons_mounted: Gauge,
+    /// The server-wide failure counts, which every addon's also feed.
+    failures: Arc<FailureCounts>,
     /// One entry per addon name ever loaded: versions of an addon share it.
     stats: Arc<Mutex<AddonStatsByName>>,
 }
@@ -151,6 +153,7 @@ impl Metrics {
             addons_mounted: registered(r, "addons_mounted", "Addons mounted now"),
             stats: Arc::default(),
             registry: Registry::default(),
+            failures: failures.clone(),
         };
         registry.register_collector(Box::new(FailureCollector {
             server: failures,
@@ -176,6 +179,7 @@ impl Metrics {
                     bytes_out: self.bytes_out.get_or_create(&label).clone(),
                     callback_seconds: self.callback_seconds.get_or_create(&label).clone(),
                     failures: FailureCounts::default(),
+                    server_failures: self.failures.clone(),
                 })
             })
             .clone()
@@ -228,6 +232,7 @@ pub struct AddonStats {
     pub(crate) callback_seconds: AtomicHistogram,
     /// This addon's share of the server-wide failure counts.
     pub(crate) failures: FailureCounts,
+    server_failures: Arc<FailureCounts>,
 }
 
 impl AddonStats {
@@ -247,6 +252,13 @@ impl AddonStats {
     /// Gives back a slot taken with [`AddonStats::try_open`].
     pub(crate) fn close(&self) {
         self.open_connections.dec();
+    }
+
+    /// Counts a failure of one of this addon's connections (or upgrades), for the addon
+    /// and server-wide.
+    pub(crate) fn failure(&self, kind: FailureKind) {
+        self.failures.record(kind);
+        self.server_failures.record(kind);
     }
 
     /// Counts one inbound client message of `bytes` payload bytes.

@@ -492,12 +492,6 @@ impl Drop for ServerSlot<'_> {
     }
 }
 
-/// Counts a failure server-wide and for the addon the connection was for.
-fn addon_failure(shared: &Shared, addon: &LoadedAddon, kind: FailureKind) {
-    shared.failures.record(kind);
-    addon.stats().failures.record(kind);
-}
-
 async fn serve_addon(
     shared: &Shared,
     addon: Arc<LoadedAddon>,
@@ -509,7 +503,7 @@ async fn serve_addon(
     let key = match handshake::check_upgrade(head) {
         Ok(key) => key.to_owned(),
         Err(rejection) => {
-            addon_failure(shared, &addon, FailureKind::BadRequest);
+            addon.stats().failure(FailureKind::BadRequest);
             return reject(&mut stream, rejection).await;
         }
     };
@@ -520,7 +514,7 @@ async fn serve_addon(
     let policy = addon.policy();
     let origin = head.header("origin");
     if !policy.allows_origin(origin) {
-        addon_failure(shared, &addon, FailureKind::Origin);
+        addon.stats().failure(FailureKind::Origin);
         let origin = origin.unwrap_or_default();
         span.in_scope(|| tracing::warn!(%peer, origin, kind = FailureKind::Origin.code(), "origin not allowed; answering 403"));
         let rejection =
@@ -529,14 +523,14 @@ async fn serve_addon(
     }
     let max = shared.config().limits.max_connections;
     let Some(_server_slot) = ServerSlot::reserve(&shared.open_connections, max) else {
-        addon_failure(shared, &addon, FailureKind::Capacity);
+        addon.stats().failure(FailureKind::Capacity);
         span.in_scope(|| tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "server connection limit reached; answering 503"));
         let rejection =
             Rejection::new(503, format!("the server is at its limit of {max} connections; retry later"));
         return reject(&mut stream, rejection).await;
     };
     let Some(_addon_slot) = addon.reserve_connection() else {
-        addon_failure(shared, &addon, FailureKind::Capacity);
+        addon.stats().failure(FailureKind::Capacity);
         let max = policy.max_connections;
         span.in_scope(|| tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "addon connection limit reached; answering 503"));
         let rejection = Rejection::new(
@@ -564,7 +558,7 @@ async fn serve_addon(
     {
         Ok(made) => made,
         Err(InstantiateError { kind, cause }) => {
-            addon_failure(shared, &addon, kind);
+            addon.stats().failure(kind);
             span.in_scope(|| {
                 tracing::error!(kind = kind.code(), cause = %cause, "cannot create an addon instance; answering 503")
             });
@@ -582,15 +576,12 @@ async fn serve_addon(
     let _live = LiveInstance::new(addon.stats().clone());
     let ws = upgrade(stream, &key, leftover, ws_config).await?;
     addon.stats().connections.inc();
-    let policy = policy.clone();
-    let stats = addon.stats().clone();
     AddonConnection::new(
         store,
         instance,
         ws,
-        policy,
-        stats,
-        shared.failures.clone(),
+        policy.clone(),
+        addon.stats().clone(),
         shared.shutdown.listen(),
     )
     .serve()

@@ -118,7 +118,6 @@ impl OutboundPolicy {
         between_bytes_ms: Option<u64>,
     ) -> Result<OutboundPolicy, String> {
         let mut policy = OutboundPolicy::default();
-
         for entry in hosts.unwrap_or_default() {
             let allowed =
                 AllowedHost::parse(&entry).map_err(|problem| format!("key `outbound_hosts`: {problem}"))?;
