@@ -10,7 +10,10 @@
 //! - **Backend.** [`KvBackend`] is the seam: the default, [`RedbBackend`], keeps one
 //!   crash-safe redb file, `<data_dir>/kv.redb`, which survives restarts. A shared
 //!   backend (Redis) for several server nodes plugs in behind the same trait. The file
-//!   opens on first use, so a server whose addons use no kv never touches the disk.
+//!   opens on first use, so a server whose addons use no kv never touches the disk. One
+//!   process at a time can open it: while another holds it (the process a restart with
+//!   `server.reuse_port` replaces), each call fails with a `backend` error saying so, and
+//!   the next call tries again.
 //! - **Limits** ([`MAX_KEY_BYTES`], [`MAX_VALUE_BYTES`], [`MAX_LIST`]): checked here,
 //!   before the backend, with an `invalid` error that says which one.
 //!
@@ -22,8 +25,8 @@ use std::future::Future;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{ReadableDatabase, TableDefinition};
@@ -78,36 +81,73 @@ pub trait KvBackend: Send + Sync + 'static {
 /// The server's kv store: a backend, opened on first use.
 pub struct KvStore {
     path: PathBuf,
+    /// The outcome of opening the file, once there is one that will not change.
     backend: OnceLock<Result<Arc<dyn KvBackend>, BackendError>>,
+    /// Held while opening, so concurrent first calls open the file once.
+    opening: Mutex<()>,
+    /// Whether the "in use by another process" warning was logged (once is enough).
+    warned_in_use: AtomicBool,
 }
 
 impl KvStore {
     /// A store whose default backend is the redb file `<data_dir>/kv.redb`.
     pub fn new(data_dir: &Path) -> KvStore {
-        KvStore { path: data_dir.join("kv.redb"), backend: OnceLock::new() }
+        KvStore::at(data_dir.join("kv.redb"))
+    }
+
+    fn at(path: PathBuf) -> KvStore {
+        KvStore {
+            path,
+            backend: OnceLock::new(),
+            opening: Mutex::new(()),
+            warned_in_use: AtomicBool::new(false),
+        }
     }
 
     /// A store over a given backend.
     pub fn with_backend(backend: Arc<dyn KvBackend>) -> KvStore {
-        let store = KvStore { path: PathBuf::new(), backend: OnceLock::new() };
+        let store = KvStore::at(PathBuf::new());
         let _ = store.backend.set(Ok(backend));
         store
     }
 
     /// The backend, opening the file the first time. A failure to open is kept: every
     /// later call reports the same cause rather than retrying a broken disk per message.
+    ///
+    /// The one exception is a file held by another process. redb lets one process at a
+    /// time open it, and during a restart with `server.reuse_port` the process being
+    /// replaced holds it until its connections have drained. Until then each call fails
+    /// with a `backend` error that says so, and the next call tries again.
     pub fn backend(&self) -> Result<&Arc<dyn KvBackend>, BackendError> {
-        self.backend
-            .get_or_init(|| {
-                let opened = RedbBackend::open(&self.path).map(|db| Arc::new(db) as Arc<dyn KvBackend>);
-                match &opened {
-                    Ok(_) => tracing::info!("kv store opened at {}", self.path.display()),
-                    Err(err) => tracing::error!("kv store {} cannot be opened: {err}", self.path.display()),
+        if let Some(outcome) = self.backend.get() {
+            return outcome.as_ref().map_err(Clone::clone);
+        }
+        let _opening = self.opening.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(outcome) = self.backend.get() {
+            return outcome.as_ref().map_err(Clone::clone);
+        }
+        let outcome = match RedbBackend::open(&self.path) {
+            Ok(db) => {
+                tracing::info!("kv store opened at {}", self.path.display());
+                Ok(Arc::new(db) as Arc<dyn KvBackend>)
+            }
+            Err(OpenError::InUse) => {
+                let err = BackendError(format!(
+                    "kv store {} is in use by another process, most likely the sockhost this one replaces \
+                     (server.reuse_port); it becomes available when that process exits",
+                    self.path.display()
+                ));
+                if !self.warned_in_use.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("{err}; kv calls fail until then");
                 }
-                opened
-            })
-            .as_ref()
-            .map_err(Clone::clone)
+                return Err(err);
+            }
+            Err(OpenError::Failed(err)) => {
+                tracing::error!("kv store {} cannot be opened: {err}", self.path.display());
+                Err(err)
+            }
+        };
+        self.backend.get_or_init(|| outcome).as_ref().map_err(Clone::clone)
     }
 
     /// Deletes expired entries, if the store was ever opened.
@@ -206,16 +246,31 @@ fn backend_error(err: impl Into<redb::Error>) -> BackendError {
     BackendError(format!("kv store: {}", err.into()))
 }
 
+/// Why [`RedbBackend::open`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Another process has the file open (redb allows one at a time). It may let go.
+    #[error("the file is in use by another process")]
+    InUse,
+    /// Anything else: a missing directory, a corrupt file, no permission.
+    #[error(transparent)]
+    Failed(#[from] BackendError),
+}
+
 impl RedbBackend {
     /// Opens (or creates) the file, creating its directory, and starts the writer thread
     /// (it ends when the backend is dropped).
-    pub fn open(path: &Path) -> Result<RedbBackend, BackendError> {
+    pub fn open(path: &Path) -> Result<RedbBackend, OpenError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|err| {
                 BackendError(format!("cannot create data directory {}: {err}", dir.display()))
             })?;
         }
-        let db = redb::Database::create(path).map_err(backend_error)?;
+        let db = match redb::Database::create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OpenError::InUse),
+            Err(err) => return Err(backend_error(err).into()),
+        };
         // Create the table up front, so readers never meet a missing table.
         let txn = db.begin_write().map_err(backend_error)?;
         txn.open_table(TABLE).map_err(backend_error)?;
@@ -602,6 +657,23 @@ mod tests {
             let value = kv.get("ns", &format!("k{i:03}")).await.unwrap();
             assert_eq!(value, Some(i.to_le_bytes().to_vec()), "k{i:03}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_file_held_by_another_opener_is_retried_until_it_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        // The process being replaced, holding the file.
+        let old = open(dir.path());
+        old.set("ns", "k", b"from the old process".to_vec(), None).await.unwrap();
+
+        let store = KvStore::new(dir.path());
+        for _ in 0..2 {
+            let err = store.backend().err().expect("the file is held");
+            assert!(err.0.contains("in use by another process") && err.0.contains("kv.redb"), "{err}");
+        }
+        drop(old);
+        let backend = store.backend().expect("free again");
+        assert_eq!(backend.get("ns", "k").await.unwrap(), Some(b"from the old process".to_vec()));
     }
 
     #[test]
