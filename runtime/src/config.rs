@@ -50,6 +50,11 @@ pub struct Cli {
     #[arg(long, env = "SOCKHOST_PUBLIC_HOST", value_name = "HOST")]
     pub public_host: Option<String>,
 
+    /// Share the port with another sockhost process (SO_REUSEPORT), for restarts without
+    /// downtime: start the new process, then stop the old one [file: server.reuse_port]
+    #[arg(long, env = "SOCKHOST_REUSE_PORT")]
+    pub reuse_port: bool,
+
     /// Directory scanned for <name>.wasm addons [file: server.addons_dir] [default: ./addons]
     #[arg(long, env = "SOCKHOST_ADDONS_DIR", value_name = "DIR")]
     pub addons_dir: Option<PathBuf>,
@@ -136,6 +141,7 @@ struct FileServer {
     listen: Option<IpAddr>,
     port: Option<u16>,
     public_host: Option<String>,
+    reuse_port: Option<bool>,
     addons_dir: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
@@ -159,6 +165,14 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Host name used in the URLs the server prints.
     pub public_host: String,
+    /// Whether the listening socket shares its port with other processes that ask the
+    /// same (SO_REUSEPORT), so a new sockhost can start on the port before the old one
+    /// stops. With it, a process that starts draining closes its listener at once, so
+    /// every new connection reaches the process still serving; without it, the draining
+    /// process keeps the port and answers 503 (see [`crate::Server::run_until`]). Off by
+    /// default: two servers started on one port by mistake would silently share the
+    /// traffic. File key `server.reuse_port`, flag `--reuse-port`; default `false`.
+    pub reuse_port: bool,
     /// Directory scanned for `<name>.wasm` addons.
     pub addons_dir: PathBuf,
     /// Directory for data the server keeps: `kv.redb`, the kv store (created on first
@@ -229,6 +243,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080),
             public_host: "localhost".to_owned(),
+            reuse_port: false,
             addons_dir: PathBuf::from("addons"),
             data_dir: PathBuf::from("data"),
             limits: ServerLimits::default(),
@@ -272,6 +287,7 @@ impl Config {
         if public_host.is_empty() || public_host.contains(['/', ' ']) {
             bail!("invalid value for server.public_host (--public-host): {public_host:?} is not a host name");
         }
+        let reuse_port = cli.reuse_port || file.server.reuse_port.unwrap_or(defaults.reuse_port);
         let addons_dir = cli.addons_dir.or(file.server.addons_dir).unwrap_or(defaults.addons_dir);
         let data_dir = cli.data_dir.or(file.server.data_dir).unwrap_or(defaults.data_dir);
 
@@ -326,6 +342,7 @@ impl Config {
         Ok(Config {
             listen: SocketAddr::new(listen_ip, port),
             public_host,
+            reuse_port,
             addons_dir,
             data_dir,
             limits,
@@ -384,6 +401,16 @@ mod tests {
         assert!(err.contains("key"), "{err}");
         let cli = Cli { tls_cert: Some("c.pem".into()), ..Cli::default() };
         assert!(Config::merge(cli, FileConfig::default()).unwrap_err().to_string().contains("--tls-key"));
+    }
+
+    #[test]
+    fn reuse_port_comes_from_the_file_or_the_flag() {
+        assert!(!Config::from_toml("").unwrap().reuse_port);
+        assert!(Config::from_toml("[server]\nreuse_port = true").unwrap().reuse_port);
+        let cli = Cli { reuse_port: true, ..Cli::default() };
+        assert!(Config::merge(cli, FileConfig::default()).unwrap().reuse_port);
+        let err = format!("{:#}", Config::from_toml("[server]\nreuse_port = \"yes\"").unwrap_err());
+        assert!(err.contains("reuse_port"), "{err}");
     }
 
     #[test]

@@ -22,7 +22,9 @@
 //! Shutdown ([`Server::run_until`]): tell every connection to close with 1001, wait up to
 //! the drain timeout for them to finish (each runs its `on-close`). While draining the
 //! listener still answers `/healthz`, `/readyz` (503) and `/metrics`, and refuses new
-//! WebSocket connections with 503.
+//! WebSocket connections with 503. With `server.reuse_port` the port is shared with the
+//! process that replaces this one, so the listener is closed instead and new connections
+//! go to that process.
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -32,7 +34,7 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -107,8 +109,7 @@ impl Server {
     /// engine or TLS certificate is an error.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
         // Bind first: a busy port should fail in milliseconds, not after compiling addons.
-        let listener =
-            TcpListener::bind(config.listen).await.map_err(|err| bind_error(config.listen, err))?;
+        let listener = bind(config.listen, config.reuse_port).map_err(|err| bind_error(&config, err))?;
         let local = listener.local_addr()?;
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(Tls::load(files)?)),
@@ -208,6 +209,10 @@ impl Server {
     /// Serves until `shutdown` completes, then drains: closes every connection with 1001
     /// (each addon's `on-close` runs) and returns when they are done or the drain timeout
     /// has passed. Meanwhile the addons directory and the TLS certificate are watched.
+    ///
+    /// While draining, the listener keeps answering (`/readyz` 503, new WebSockets 503)
+    /// so a load balancer sees the server going; with `server.reuse_port` it is closed
+    /// at once, because the process sharing the port serves new connections.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let Server { listener, shared, watcher } = self;
         if let Some(watcher) = watcher {
@@ -228,15 +233,30 @@ impl Server {
         }
         shared.draining.store(true, Ordering::Release);
         let open = shared.tasks.len();
-        let timeout = shared.config().limits.drain_timeout;
-        tracing::info!(
-            open,
-            timeout_ms = timeout.as_millis() as u64,
-            "shutting down: closing connections with 1001; /readyz answers 503"
-        );
+        let config = shared.config();
+        let timeout_ms = config.limits.drain_timeout.as_millis() as u64;
+        let listener = if config.reuse_port {
+            // Another process shares the port: closing ours sends every new connection
+            // there instead of answering it 503 for the rest of the drain.
+            drop(listener);
+            tracing::info!(
+                open,
+                timeout_ms,
+                "shutting down: listener closed, so new connections go to the other processes on this port \
+                 (server.reuse_port); closing connections with 1001"
+            );
+            None
+        } else {
+            tracing::info!(
+                open,
+                timeout_ms,
+                "shutting down: closing connections with 1001; /readyz answers 503"
+            );
+            Some(listener)
+        };
         shared.shutdown.trigger();
         shared.tasks.close();
-        let deadline = tokio::time::sleep(timeout);
+        let deadline = tokio::time::sleep(config.limits.drain_timeout);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
@@ -249,9 +269,17 @@ impl Server {
                     break;
                 }
                 // Probes keep getting answers (503 on /readyz) until the process exits.
-                accepted = listener.accept() => spawn_connection(&shared, accepted).await,
+                accepted = accept(listener.as_ref()) => spawn_connection(&shared, accepted).await,
             }
         }
+    }
+}
+
+/// The next connection on `listener`; without one, never.
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -285,6 +313,7 @@ impl ServerHandle {
         };
         check("server.listen / server.port", new.listen == current.listen);
         check("server.public_host", new.public_host == current.public_host);
+        check("server.reuse_port", new.reuse_port == current.reuse_port);
         check("server.addons_dir", new.addons_dir == current.addons_dir);
         check("server.data_dir", new.data_dir == current.data_dir);
         check("server.cache_dir / server.compile_cache", new.cache_dir == current.cache_dir);
@@ -315,8 +344,35 @@ impl ServerHandle {
     }
 }
 
-fn bind_error(addr: SocketAddr, err: std::io::Error) -> anyhow::Error {
-    if err.kind() == std::io::ErrorKind::AddrInUse {
+/// Connections the kernel queues for [`TcpListener::accept`]. std's listeners ask for
+/// 128; after a restart or a network blip thousands of mobile clients reconnect at once,
+/// and with a short queue the kernel drops their SYNs, so each waits a second or more to
+/// retry. The kernel caps this at `net.core.somaxconn` (4096 on current Linux).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds the listening socket. With `reuse_port` (`server.reuse_port`) the port is
+/// shared with other processes that ask the same, so a new sockhost can start on it
+/// before the old one stops (see [`Server::run_until`]).
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // As std does for listeners: a restarted server can bind while old connections
+    // to the port are still in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+fn bind_error(config: &Config, err: std::io::Error) -> anyhow::Error {
+    let addr = config.listen;
+    if err.kind() == std::io::ErrorKind::AddrInUse && config.reuse_port {
+        anyhow::anyhow!(
+            "cannot listen on {addr}: the address is in use by a process that does not share it; \
+             server.reuse_port (--reuse-port) only shares a port between processes that all set it"
+        )
+    } else if err.kind() == std::io::ErrorKind::AddrInUse {
         anyhow::anyhow!(
             "cannot listen on {addr}: the address is already in use by another process; \
              pick another port with --port, SOCKHOST_PORT or server.port in sockhost.toml"

@@ -23,6 +23,7 @@ fn sockhost_command() -> Command {
         "SOCKHOST_LOG_FORMAT",
         "SOCKHOST_TLS_CERT",
         "SOCKHOST_TLS_KEY",
+        "SOCKHOST_REUSE_PORT",
     ] {
         command.env_remove(key);
     }
@@ -253,6 +254,7 @@ fn help_explains_every_setting() {
         "--log-format",
         "--tls-cert",
         "--tls-key",
+        "--reuse-port",
         "check",
         "SOCKHOST_PORT",
         "8080",
@@ -312,4 +314,77 @@ async fn the_drain_timeout_bounds_shutdown() {
     process.signal("-TERM");
     assert!(process.wait_exit());
     assert!(process.log_text().contains("drain timeout passed"), "{}", process.log_text());
+}
+
+#[tokio::test]
+async fn with_reuse_port_a_new_process_takes_over_the_port_and_the_kv_store_while_the_old_one_drains() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("addons")).unwrap();
+    std::fs::write(work.path().join("addons/testkit.wasm"), test_addon("testkit")).unwrap();
+    std::fs::write(work.path().join("addons/testkit.toml"), "kv = true\n").unwrap();
+    std::fs::write(
+        work.path().join("sockhost.toml"),
+        "[server]\nreuse_port = true\n[limits]\ndrain_timeout_ms = 60000\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port_arg = port.to_string();
+    let args = ["--listen", "127.0.0.1", "--port", &port_arg];
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let url = format!("ws://{addr}/ws/testkit");
+
+    let mut old = spawn(work.path(), &args, &[]);
+    // A client of the old process that never answers its close frame keeps it draining.
+    let mut stuck = Client::connect(&url).await;
+    assert_eq!(stuck.recv_text().await, "open");
+    stuck.send_text("kv-set handover kept").await;
+    assert_eq!(stuck.recv_text().await, "kv ok");
+
+    // The new process starts on the same port while the old one still serves it.
+    let new = spawn(work.path(), &args, &[]);
+    old.signal("-TERM");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !old.log_text().contains("listener closed") {
+        assert!(std::time::Instant::now() < deadline, "no drain line:\n{}", old.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Every new connection reaches the new process: the draining one would answer 503.
+    for i in 0..20 {
+        let mut client = Client::connect(&url).await;
+        assert_eq!(client.recv_text().await, "open", "connection {i}");
+        if i == 0 {
+            // The old process still holds the kv file: a named error, not a hang.
+            client.send_text("kv-get handover").await;
+            let answer = client.recv_text().await;
+            assert!(
+                answer.starts_with("kv error") && answer.contains("in use by another process"),
+                "{answer}"
+            );
+        }
+        assert_eq!(http_get(addr, "/readyz").await.0, 200, "probe {i}");
+    }
+    assert!(old.child.try_wait().unwrap().is_none(), "the old process drained before the checks ended");
+
+    // When its last client goes, the old process exits, and the new one opens the kv file.
+    drop(stuck);
+    assert!(old.wait_exit(), "{}", old.log_text());
+    assert!(old.log_text().contains("all connections closed"), "{}", old.log_text());
+    let mut client = Client::connect(&url).await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text("kv-get handover").await;
+    assert_eq!(client.recv_text().await, "kv value kept");
+    assert!(new.log_text().contains("kv store opened"), "{}", new.log_text());
+}
+
+#[test]
+fn reuse_port_cannot_share_a_port_held_without_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let work = tempfile::tempdir().unwrap();
+    let (code, output) =
+        run_to_exit(work.path(), &["--listen", "127.0.0.1", "--port", &port, "--reuse-port"], &[]);
+    assert_ne!(code, 0);
+    let line = output.lines().find(|l| l.contains("error")).unwrap_or_else(|| panic!("{output}"));
+    assert!(line.contains(&format!("127.0.0.1:{port}")) && line.contains("reuse_port"), "{line}");
 }

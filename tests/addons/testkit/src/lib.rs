@@ -1,12 +1,13 @@
 //! The addon the end-to-end tests drive: each text command exercises one part of the host.
 //! Commands: count, stream, error, trap, info, close, print, log, flood, `get <url>`,
-//! `hold <n> <url>`; `?refuse=1` in the query refuses the connection.
+//! `hold <n> <url>`, `kv-set <key> <value>`, `kv-get <key>`; `?refuse=1` in the query
+//! refuses the connection.
 
 use std::time::Duration;
 
 use sockhost_addon_sdk::http::{Request, Response};
 use sockhost_addon_sdk::{
-    Addon, ConnectionInfo, Error, Message, Refusal, close, connection_info, export_addon, log, send_json,
+    Addon, ConnectionInfo, Error, Message, Refusal, close, connection_info, export_addon, kv, log, send_json,
     send_text,
 };
 
@@ -65,6 +66,18 @@ impl Addon for Testkit {
             }
             other => match other.split_once(' ') {
                 Some(("hold", args)) => hold_requests(args)?,
+                Some(("kv-set", args)) => {
+                    let (key, value) = args.split_once(' ').unwrap_or((args, ""));
+                    match kv::set(key, value.as_bytes()) {
+                        Ok(()) => send_text("kv ok")?,
+                        Err(err) => send_text(&format!("kv error: {err}"))?,
+                    }
+                }
+                Some(("kv-get", key)) => match kv::get(key) {
+                    Ok(Some(value)) => send_text(&format!("kv value {}", String::from_utf8_lossy(&value)))?,
+                    Ok(None) => send_text("kv none")?,
+                    Err(err) => send_text(&format!("kv error: {err}"))?,
+                },
                 Some(("get", url)) => match Request::get(url).send() {
                     Ok(response) => send_text(&format!("status {}", response.status()))?,
                     Err(err) => send_text(&format!("error {:?}: {err}", err.kind))?,
