@@ -324,7 +324,7 @@ async fn with_reuse_port_a_new_process_takes_over_the_port_and_the_kv_store_whil
     std::fs::write(work.path().join("addons/testkit.toml"), "kv = true\n").unwrap();
     std::fs::write(
         work.path().join("sockhost.toml"),
-        "[server]\nreuse_port = true\n[limits]\ndrain_timeout_ms = 60000\n",
+        "[server]\nreuse_port = true\n[limits]\ndrain_timeout_ms = 60000\nhandshake_timeout_ms = 60000\n",
     )
     .unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -334,15 +334,19 @@ async fn with_reuse_port_a_new_process_takes_over_the_port_and_the_kv_store_whil
     let url = format!("ws://{addr}/ws/testkit");
 
     let mut old = spawn(work.path(), &args, &[]);
-    // A client of the old process that never answers its close frame keeps it draining.
-    let mut stuck = Client::connect(&url).await;
-    assert_eq!(stuck.recv_text().await, "open");
-    stuck.send_text("kv-set handover kept").await;
-    assert_eq!(stuck.recv_text().await, "kv ok");
+    let mut writer = Client::connect(&url).await;
+    assert_eq!(writer.recv_text().await, "open");
+    writer.send_text("kv-set handover kept").await;
+    assert_eq!(writer.recv_text().await, "kv ok");
+    // A client still sending its request head keeps the old process draining (up to the
+    // handshake timeout), so the checks below run while both processes are up.
+    let mut half_open = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut half_open, b"GET /ws/testkit HTTP/1.1\r\n").await.unwrap();
 
     // The new process starts on the same port while the old one still serves it.
     let new = spawn(work.path(), &args, &[]);
     old.signal("-TERM");
+    assert_eq!(writer.recv_close().await.0, 1001);
     let deadline = std::time::Instant::now() + PATIENCE;
     while !old.log_text().contains("listener closed") {
         assert!(std::time::Instant::now() < deadline, "no drain line:\n{}", old.log_text());
@@ -364,10 +368,10 @@ async fn with_reuse_port_a_new_process_takes_over_the_port_and_the_kv_store_whil
         }
         assert_eq!(http_get(addr, "/readyz").await.0, 200, "probe {i}");
     }
-    assert!(old.child.try_wait().unwrap().is_none(), "the old process drained before the checks ended");
+    assert!(old.child.try_wait().unwrap().is_none(), "the old process exited before the checks ended");
 
     // When its last client goes, the old process exits, and the new one opens the kv file.
-    drop(stuck);
+    drop(half_open);
     assert!(old.wait_exit(), "{}", old.log_text());
     assert!(old.log_text().contains("all connections closed"), "{}", old.log_text());
     let mut client = Client::connect(&url).await;
