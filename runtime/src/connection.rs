@@ -186,7 +186,10 @@ impl AddonConnection {
             store,
             instance,
             reader: Reader { stream, finished: false, last_frame: now },
-            pending: VecDeque::with_capacity(MAX_PENDING),
+            // Empty until a message arrives while a callback runs: most connections,
+            // chat clients waiting for a reply, never queue one, and a full queue's room
+            // (about 1 KB) would stay with every idle connection.
+            pending: VecDeque::new(),
             rate: policy.message_rate.map(|rate| TokenBucket::new(rate.per_second, rate.burst)),
             policy,
             stats,
