@@ -51,7 +51,7 @@ pub struct Cli {
     pub public_host: Option<String>,
 
     /// Share the port with another sockhost process (SO_REUSEPORT), for restarts without
-    /// downtime: start the new process, then stop the old one [file: server.reuse_port]
+    /// downtime: start the new process, then stop the old one [file: server.reuse_port] [default: off]
     #[arg(long, env = "SOCKHOST_REUSE_PORT")]
     pub reuse_port: bool,
 
