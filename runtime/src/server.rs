@@ -106,11 +106,21 @@ pub struct ServerHandle(Arc<Shared>);
 impl Server {
     /// Binds the listen address, then loads every addon in the addons directory.
     /// Addons that fail to load are logged and skipped; only an unusable listen address,
-    /// engine or TLS certificate is an error.
+    /// engine or TLS certificate is an error. With `server.reuse_port` the socket starts
+    /// listening only once the addons are loaded.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
         // Bind first: a busy port should fail in milliseconds, not after compiling addons.
-        let listener = bind(config.listen, config.reuse_port).map_err(|err| bind_error(&config, err))?;
-        let local = listener.local_addr()?;
+        let socket = bind(config.listen, config.reuse_port).map_err(|err| bind_error(&config, err))?;
+        let local = socket.local_addr()?;
+        // Without reuse_port, listen at once: a client that connects while the addons
+        // load waits in the queue instead of being refused. With it, listen only once
+        // loaded: until then the kernel keeps giving new connections to the process
+        // this one replaces, which can serve them now.
+        let socket = if config.reuse_port {
+            BoundSocket::Bound(socket)
+        } else {
+            BoundSocket::Listening(socket.listen(LISTEN_BACKLOG)?)
+        };
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(Tls::load(files)?)),
             None => None,
@@ -141,6 +151,7 @@ impl Server {
             }
         };
 
+        let listener = socket.listen()?;
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         let base = format!("{scheme}://{}:{}", config.public_host, local.port());
         tracing::info!("listening on {local}; test endpoint {base}/ws");
@@ -350,10 +361,11 @@ impl ServerHandle {
 /// retry. The kernel caps this at `net.core.somaxconn` (4096 on current Linux).
 const LISTEN_BACKLOG: u32 = 1024;
 
-/// Binds the listening socket. With `reuse_port` (`server.reuse_port`) the port is
+/// Binds the server's socket. With `reuse_port` (`server.reuse_port`) the port is
 /// shared with other processes that ask the same, so a new sockhost can start on it
-/// before the old one stops (see [`Server::run_until`]).
-fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+/// before the old one stops (see [`Server::run_until`]). A conflict shows here, before
+/// listening.
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     // As std does for listeners: a restarted server can bind while old connections
     // to the port are still in TIME_WAIT.
@@ -362,7 +374,23 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
         socket.set_reuseport(true)?;
     }
     socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    Ok(socket)
+}
+
+/// The server's socket during start-up: bound, and listening or not yet.
+enum BoundSocket {
+    Bound(TcpSocket),
+    Listening(TcpListener),
+}
+
+impl BoundSocket {
+    /// Starts listening, if it has not yet.
+    fn listen(self) -> std::io::Result<TcpListener> {
+        match self {
+            BoundSocket::Bound(socket) => socket.listen(LISTEN_BACKLOG),
+            BoundSocket::Listening(listener) => Ok(listener),
+        }
+    }
 }
 
 fn bind_error(config: &Config, err: std::io::Error) -> anyhow::Error {

@@ -5,6 +5,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sockhost");
@@ -391,4 +393,64 @@ fn reuse_port_cannot_share_a_port_held_without_it() {
     assert_ne!(code, 0);
     let line = output.lines().find(|l| l.contains("error")).unwrap_or_else(|| panic!("{output}"));
     assert!(line.contains(&format!("127.0.0.1:{port}")) && line.contains("reuse_port"), "{line}");
+}
+
+#[tokio::test]
+async fn with_reuse_port_a_starting_process_takes_no_connections_until_its_addons_are_loaded() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port_arg = port.to_string();
+    let args = ["--listen", "127.0.0.1", "--port", &port_arg];
+    let base = format!("ws://127.0.0.1:{port}");
+    let work = |addon: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("addons")).unwrap();
+        std::fs::write(dir.path().join(format!("addons/{addon}.wasm")), test_addon(addon)).unwrap();
+        std::fs::write(dir.path().join("sockhost.toml"), "[server]\nreuse_port = true\n").unwrap();
+        dir
+    };
+    let old_dir = work("testkit");
+    let mut old = spawn(old_dir.path(), &args, &[]);
+
+    // The new process serves mirror only. Its manifest is a FIFO, so loading it waits
+    // until the test writes the manifest: a start-up that takes as long as the test wants.
+    let new_dir = work("mirror");
+    let fifo = new_dir.path().join("addons/mirror.toml");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let (path, args_owned) = (new_dir.path().to_owned(), args.map(str::to_owned));
+    let starting = std::thread::spawn(move || {
+        let args: Vec<&str> = args_owned.iter().map(String::as_str).collect();
+        spawn(&path, &args, &[])
+    });
+    // Opening a FIFO for writing returns once a reader has it open: the new process is
+    // past binding the port and inside loading its addons.
+    let opened = tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(fifo));
+    let mut manifest = tokio::time::timeout(PATIENCE, opened)
+        .await
+        .expect("the new process never read its manifest")
+        .unwrap()
+        .unwrap();
+
+    // Meanwhile every connection is the old process's: one queued for the new process
+    // would wait for its start-up, and get 404 for testkit after it.
+    for i in 0..20 {
+        let connect = tokio_tungstenite::connect_async(format!("{base}/ws/testkit"));
+        let (mut ws, _) = tokio::time::timeout(Duration::from_secs(3), connect)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("connection {i} was not answered: it went to the process still loading")
+            })
+            .unwrap_or_else(|err| panic!("connection {i}: {err}"));
+        let first = tokio::time::timeout(PATIENCE, ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(first.into_text().unwrap().as_str(), "open", "connection {i}");
+    }
+
+    // Its start-up finishes; once the old process has stopped, the new one serves.
+    std::io::Write::write_all(&mut manifest, b"max_connections = 10\n").unwrap();
+    drop(manifest);
+    let _new = starting.join().unwrap();
+    old.signal("-TERM");
+    assert!(old.wait_exit(), "{}", old.log_text());
+    let mut client = Client::connect(&format!("{base}/ws/mirror")).await;
+    client.send_text("hi").await;
+    assert_eq!(client.recv_text().await, "hi");
 }
