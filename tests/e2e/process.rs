@@ -319,7 +319,7 @@ async fn the_drain_timeout_bounds_shutdown() {
 }
 
 #[tokio::test]
-async fn with_reuse_port_a_new_process_takes_over_the_port_and_the_kv_store_while_the_old_one_drains() {
+async fn with_reuse_port_a_new_process_takes_over_the_port_and_then_the_kv_store_while_the_old_one_drains() {
     let work = tempfile::tempdir().unwrap();
     std::fs::create_dir(work.path().join("addons")).unwrap();
     std::fs::write(work.path().join("addons/testkit.wasm"), test_addon("testkit")).unwrap();
@@ -349,6 +349,7 @@ async fn with_reuse_port_a_new_process_takes_over_the_port_and_the_kv_store_whil
     let new = spawn(work.path(), &args, &[]);
     old.signal("-TERM");
     assert_eq!(writer.recv_close().await.0, 1001);
+    drop(writer);
     let deadline = std::time::Instant::now() + PATIENCE;
     while !old.log_text().contains("listener closed") {
         assert!(std::time::Instant::now() < deadline, "no drain line:\n{}", old.log_text());
@@ -359,27 +360,26 @@ async fn with_reuse_port_a_new_process_takes_over_the_port_and_the_kv_store_whil
     for i in 0..20 {
         let mut client = Client::connect(&url).await;
         assert_eq!(client.recv_text().await, "open", "connection {i}");
-        if i == 0 {
-            // The old process still holds the kv file: a named error, not a hang.
-            client.send_text("kv-get handover").await;
-            let answer = client.recv_text().await;
-            assert!(
-                answer.starts_with("kv error") && answer.contains("in use by another process"),
-                "{answer}"
-            );
-        }
         assert_eq!(http_get(addr, "/readyz").await.0, 200, "probe {i}");
+    }
+
+    // The old process still holds the kv file: a kv call in the new one waits for it.
+    let mut reader = Client::connect(&url).await;
+    assert_eq!(reader.recv_text().await, "open");
+    reader.send_text("kv-get handover").await;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !new.log_text().contains("in use by another process") {
+        assert!(std::time::Instant::now() < deadline, "no wait for the kv file:\n{}", new.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(old.child.try_wait().unwrap().is_none(), "the old process exited before the checks ended");
 
-    // When its last client goes, the old process exits, and the new one opens the kv file.
+    // When its last client goes, the old process exits, and the waiting call gets the
+    // value the old process wrote.
     drop(half_open);
+    assert_eq!(reader.recv_text().await, "kv value kept");
     assert!(old.wait_exit(), "{}", old.log_text());
     assert!(old.log_text().contains("all connections closed"), "{}", old.log_text());
-    let mut client = Client::connect(&url).await;
-    assert_eq!(client.recv_text().await, "open");
-    client.send_text("kv-get handover").await;
-    assert_eq!(client.recv_text().await, "kv value kept");
     assert!(new.log_text().contains("kv store opened"), "{}", new.log_text());
 }
 

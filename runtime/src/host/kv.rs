@@ -12,8 +12,8 @@
 //!   backend (Redis) for several server nodes plugs in behind the same trait. The file
 //!   opens on first use, so a server whose addons use no kv never touches the disk. One
 //!   process at a time can open it: while another holds it (the process a restart with
-//!   `server.reuse_port` replaces), each call fails with a `backend` error saying so, and
-//!   the next call tries again.
+//!   `server.reuse_port` replaces), a call waits for it up to [`IN_USE_WAIT`], then fails
+//!   with a `backend` error saying so; the next call tries again.
 //! - **Limits** ([`MAX_KEY_BYTES`], [`MAX_VALUE_BYTES`], [`MAX_LIST`]): checked here,
 //!   before the backend, with an `invalid` error that says which one.
 //!
@@ -87,7 +87,17 @@ pub struct KvStore {
     opening: Mutex<()>,
     /// Whether the "in use by another process" warning was logged (once is enough).
     warned_in_use: AtomicBool,
+    /// How long a call waits for a file another process holds ([`IN_USE_WAIT`]).
+    in_use_wait: Duration,
 }
+
+/// How long a kv call waits for the file while another process holds it: the process a
+/// restart with `server.reuse_port` replaces keeps it until its connections have drained,
+/// which takes a moment when clients answer the close frame promptly. Like SQLite's busy
+/// timeout, a short wait turns most of that window into a delay instead of an error.
+pub const IN_USE_WAIT: Duration = Duration::from_secs(5);
+/// How often a waiting call tries the file again.
+const IN_USE_RETRY: Duration = Duration::from_millis(50);
 
 impl KvStore {
     /// A store whose default backend is the redb file `<data_dir>/kv.redb`.
@@ -101,6 +111,7 @@ impl KvStore {
             backend: OnceLock::new(),
             opening: Mutex::new(()),
             warned_in_use: AtomicBool::new(false),
+            in_use_wait: IN_USE_WAIT,
         }
     }
 
@@ -116,15 +127,29 @@ impl KvStore {
     ///
     /// The one exception is a file held by another process. redb lets one process at a
     /// time open it, and during a restart with `server.reuse_port` the process being
-    /// replaced holds it until its connections have drained. Until then each call fails
-    /// with a `backend` error that says so, and the next call tries again.
-    pub fn backend(&self) -> Result<&Arc<dyn KvBackend>, BackendError> {
+    /// replaced holds it until its connections have drained. A call then waits up to
+    /// [`IN_USE_WAIT`] for it; after that it fails with a `backend` error that says why,
+    /// and the next call tries again.
+    pub async fn backend(&self) -> Result<&Arc<dyn KvBackend>, BackendError> {
+        let deadline = tokio::time::Instant::now() + self.in_use_wait;
+        loop {
+            match self.try_open() {
+                Err(Opening::InUse(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(IN_USE_RETRY).await;
+                }
+                Err(Opening::InUse(err) | Opening::Failed(err)) => return Err(err),
+                Ok(backend) => return Ok(backend),
+            }
+        }
+    }
+
+    fn try_open(&self) -> Result<&Arc<dyn KvBackend>, Opening> {
         if let Some(outcome) = self.backend.get() {
-            return outcome.as_ref().map_err(Clone::clone);
+            return outcome.as_ref().map_err(|err| Opening::Failed(err.clone()));
         }
         let _opening = self.opening.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(outcome) = self.backend.get() {
-            return outcome.as_ref().map_err(Clone::clone);
+            return outcome.as_ref().map_err(|err| Opening::Failed(err.clone()));
         }
         let outcome = match RedbBackend::open(&self.path) {
             Ok(db) => {
@@ -138,16 +163,16 @@ impl KvStore {
                     self.path.display()
                 ));
                 if !self.warned_in_use.swap(true, Ordering::Relaxed) {
-                    tracing::warn!("{err}; kv calls fail until then");
+                    tracing::warn!("{err}; kv calls wait for it, up to {:?} each", self.in_use_wait);
                 }
-                return Err(err);
+                return Err(Opening::InUse(err));
             }
             Err(OpenError::Failed(err)) => {
                 tracing::error!("kv store {} cannot be opened: {err}", self.path.display());
                 Err(err)
             }
         };
-        self.backend.get_or_init(|| outcome).as_ref().map_err(Clone::clone)
+        self.backend.get_or_init(|| outcome).as_ref().map_err(|err| Opening::Failed(err.clone()))
     }
 
     /// Deletes expired entries, if the store was ever opened.
@@ -244,6 +269,14 @@ fn live(stored: &[u8], now: u64) -> Option<&[u8]> {
 
 fn backend_error(err: impl Into<redb::Error>) -> BackendError {
     BackendError(format!("kv store: {}", err.into()))
+}
+
+/// Why [`KvStore::try_open`] has no backend to give.
+enum Opening {
+    /// Another process holds the file; worth trying again.
+    InUse(BackendError),
+    /// Kept for good.
+    Failed(BackendError),
 }
 
 /// Why [`RedbBackend::open`] failed.
@@ -482,9 +515,9 @@ pub(crate) struct KvAccess {
 }
 
 impl KvAccess {
-    fn backend(&self) -> Result<&Arc<dyn KvBackend>, KvError> {
+    async fn backend(&self) -> Result<&Arc<dyn KvBackend>, KvError> {
         let store = self.store.as_ref().ok_or(KvError::Denied)?;
-        store.backend().map_err(|err| KvError::Backend(err.0))
+        store.backend().await.map_err(|err| KvError::Backend(err.0))
     }
 
     /// A backend's answer as the guest gets it; a failure is also logged.
@@ -509,7 +542,7 @@ fn check_key(key: &str) -> Result<(), KvError> {
 impl Host for HostState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, KvError> {
         check_key(&key)?;
-        let backend = self.kv.backend()?;
+        let backend = self.kv.backend().await?;
         let result = backend.get(&self.kv.namespace, &key).await;
         self.kv.answer(result)
     }
@@ -525,14 +558,14 @@ impl Host for HostState {
         if ttl_ms == Some(0) {
             return Err(KvError::Invalid("ttl-ms must be at least 1; leave it out for no expiry".into()));
         }
-        let backend = self.kv.backend()?;
+        let backend = self.kv.backend().await?;
         let result = backend.set(&self.kv.namespace, &key, value, ttl_ms.map(Duration::from_millis)).await;
         self.kv.answer(result)
     }
 
     async fn delete(&mut self, key: String) -> Result<bool, KvError> {
         check_key(&key)?;
-        let backend = self.kv.backend()?;
+        let backend = self.kv.backend().await?;
         let result = backend.delete(&self.kv.namespace, &key).await;
         self.kv.answer(result)
     }
@@ -546,7 +579,7 @@ impl Host for HostState {
         if prefix.len() > MAX_KEY_BYTES {
             return Err(KvError::Invalid(format!("a prefix is at most {MAX_KEY_BYTES} bytes")));
         }
-        let backend = self.kv.backend()?;
+        let backend = self.kv.backend().await?;
         let result =
             backend.list_keys(&self.kv.namespace, &prefix, start_after.as_deref(), limit.min(MAX_LIST)).await;
         self.kv.answer(result)
@@ -660,29 +693,41 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_file_held_by_another_opener_is_retried_until_it_is_free() {
+    async fn a_file_held_by_another_opener_is_waited_for_then_named() {
         let dir = tempfile::tempdir().unwrap();
         // The process being replaced, holding the file.
         let old = open(dir.path());
         old.set("ns", "k", b"from the old process".to_vec(), None).await.unwrap();
 
-        let store = KvStore::new(dir.path());
+        // Held for longer than a call waits: a named error, and each call tries again.
+        let mut store = KvStore::new(dir.path());
+        store.in_use_wait = Duration::from_millis(200);
         for _ in 0..2 {
-            let err = store.backend().err().expect("the file is held");
+            let err = store.backend().await.err().expect("the file is held");
             assert!(err.0.contains("in use by another process") && err.0.contains("kv.redb"), "{err}");
         }
+
+        // Let go while a call waits: that call gets the file.
+        store.in_use_wait = Duration::from_secs(30);
+        let store = Arc::new(store);
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.backend().await.cloned() }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "the call waits while the file is held");
         drop(old);
-        let backend = store.backend().expect("free again");
+        let backend = waiting.await.unwrap().expect("free again");
         assert_eq!(backend.get("ns", "k").await.unwrap(), Some(b"from the old process".to_vec()));
     }
 
-    #[test]
-    fn an_unusable_data_dir_is_a_named_error() {
+    #[tokio::test]
+    async fn an_unusable_data_dir_is_a_named_error() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("not-a-dir");
         std::fs::write(&file, "x").unwrap();
         let store = KvStore::new(&file.join("sub"));
-        let err = store.backend().err().expect("cannot open under a file");
+        let err = store.backend().await.err().expect("cannot open under a file");
         assert!(err.0.contains("data directory"), "{err}");
     }
 }
