@@ -131,14 +131,18 @@ impl KvStore {
     /// [`IN_USE_WAIT`] for it; after that it fails with a `backend` error that says why,
     /// and the next call tries again.
     pub async fn backend(&self) -> Result<&Arc<dyn KvBackend>, BackendError> {
-        let deadline = tokio::time::Instant::now() + self.in_use_wait;
+        let mut deadline = None;
         loop {
             match self.try_open() {
-                Err(Opening::InUse(_)) if tokio::time::Instant::now() < deadline => {
+                Ok(backend) => return Ok(backend),
+                Err(Opening::Failed(err)) => return Err(err),
+                Err(Opening::InUse(err)) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= *deadline.get_or_insert(now + self.in_use_wait) {
+                        return Err(err);
+                    }
                     tokio::time::sleep(IN_USE_RETRY).await;
                 }
-                Err(Opening::InUse(err) | Opening::Failed(err)) => return Err(err),
-                Ok(backend) => return Ok(backend),
             }
         }
     }
