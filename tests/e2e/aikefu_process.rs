@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::aikefu::{chat, read_reply};
 use crate::fake_llm::{FakeLlm, REPLY};
-use crate::process::{Process, spawn};
+use crate::process::{Process, spawn, work_dir};
 use crate::support::*;
 
 const SECRET: &str = "test-secret-test-secret-test-secret-0123";
@@ -29,9 +29,7 @@ fn user_token(user: &str) -> String {
 /// A working directory with aikefu and a production-style manifest: JWT auth, the fake
 /// model, the API key from the environment.
 fn workdir(llm: &FakeLlm) -> tempfile::TempDir {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::create_dir(work.path().join("addons")).unwrap();
-    std::fs::write(work.path().join("addons/aikefu.wasm"), bundled_addon("aikefu")).unwrap();
+    let work = work_dir(&[("addons/aikefu.wasm", &bundled_addon("aikefu"))]);
     let manifest = format!(
         r#"
 kv = true
@@ -146,9 +144,7 @@ async fn conversation_memory_survives_a_restart() {
 /// test server and ends the process once the reply is complete.
 #[tokio::test]
 async fn the_seed_javascript_client_runs_unchanged_against_aikefu() {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::create_dir(work.path().join("addons")).unwrap();
-    std::fs::write(work.path().join("addons/aikefu.wasm"), bundled_addon("aikefu")).unwrap();
+    let work = work_dir(&[("addons/aikefu.wasm", &bundled_addon("aikefu"))]);
     std::fs::copy(repo_root().join("addons/aikefu.toml"), work.path().join("addons/aikefu.toml")).unwrap();
     let process = spawn(work.path(), &["--listen", "127.0.0.1"], &[("SOCKHOST_PORT", "0")]);
 

@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::time::Duration;
 
-use crate::process::{run_to_exit, spawn};
+use crate::process::{run_to_exit, spawn, work_dir};
 use crate::support::*;
 
 #[tokio::test]
@@ -61,10 +61,10 @@ async fn health_ready_and_metrics_answer_on_the_websocket_port() {
 
 #[tokio::test]
 async fn readyz_turns_503_during_a_sigterm_drain_while_healthz_stays_200() {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::create_dir(work.path().join("addons")).unwrap();
-    std::fs::write(work.path().join("addons/testkit.wasm"), test_addon("testkit")).unwrap();
-    std::fs::write(work.path().join("sockhost.toml"), "[limits]\ndrain_timeout_ms = 8000\n").unwrap();
+    let work = work_dir(&[
+        ("addons/testkit.wasm", &test_addon("testkit")),
+        ("sockhost.toml", b"[limits]\ndrain_timeout_ms = 8000\n"),
+    ]);
     let mut process = spawn(work.path(), &["--listen", "127.0.0.1"], &[("SOCKHOST_PORT", "0")]);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", process.port).parse().unwrap();
     assert_eq!(http_get(addr, "/readyz").await.0, 200);
@@ -240,9 +240,7 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 
 #[tokio::test]
 async fn json_logs_carry_the_addon_and_connection_id_on_every_connection_line() {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::create_dir(work.path().join("addons")).unwrap();
-    std::fs::write(work.path().join("addons/testkit.wasm"), test_addon("testkit")).unwrap();
+    let work = work_dir(&[("addons/testkit.wasm", &test_addon("testkit"))]);
     let process =
         spawn(work.path(), &["--listen", "127.0.0.1", "--log-format", "json"], &[("SOCKHOST_PORT", "0")]);
     let mut client = Client::connect(&format!("ws://127.0.0.1:{}/ws/testkit", process.port)).await;
@@ -280,8 +278,7 @@ async fn json_logs_carry_the_addon_and_connection_id_on_every_connection_line() 
 
 #[tokio::test]
 async fn sighup_applies_what_it_can_and_names_what_needs_a_restart() {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::create_dir(work.path().join("addons")).unwrap();
+    let work = work_dir(&[]);
     let config = work.path().join("sockhost.toml");
     std::fs::write(
         &config,

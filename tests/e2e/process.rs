@@ -72,6 +72,17 @@ impl Drop for Process {
     }
 }
 
+/// A working directory for the binary, with an `addons/` folder and `files` written at
+/// their paths relative to it (`addons/testkit.wasm`, `sockhost.toml`).
+pub fn work_dir(files: &[(&str, &[u8])]) -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("addons")).unwrap();
+    for (path, bytes) in files {
+        std::fs::write(work.path().join(path), bytes).unwrap();
+    }
+    work
+}
+
 /// Starts the binary in `cwd` with `args` and `env`, and reads its log until it listens.
 pub fn spawn(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Process {
     let mut command = sockhost_command();
@@ -155,9 +166,7 @@ pub fn run_to_exit(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -
 
 #[tokio::test]
 async fn the_binary_serves_addons_from_the_working_directory_and_logs_their_urls() {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::create_dir(work.path().join("addons")).unwrap();
-    std::fs::write(work.path().join("addons/echo.wasm"), bundled_addon("echo")).unwrap();
+    let work = work_dir(&[("addons/echo.wasm", &bundled_addon("echo"))]);
     // No flags, no config file: the defaults, except the port (8080 may be taken here).
     let process = spawn(work.path(), &[], &[("SOCKHOST_PORT", "0")]);
     let log = process.startup.join("\n");
@@ -174,11 +183,10 @@ async fn the_binary_serves_addons_from_the_working_directory_and_logs_their_urls
 
 #[tokio::test]
 async fn the_binary_logs_each_mounted_addon_with_its_url() {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::create_dir(work.path().join("addons")).unwrap();
-    std::fs::write(work.path().join("addons/echo.wasm"), bundled_addon("echo")).unwrap();
-    std::fs::write(work.path().join("sockhost.toml"), "[server]\nport = 0\npublic_host = \"shop.example\"\n")
-        .unwrap();
+    let work = work_dir(&[
+        ("addons/echo.wasm", &bundled_addon("echo")),
+        ("sockhost.toml", b"[server]\nport = 0\npublic_host = \"shop.example\"\n"),
+    ]);
     let mut command = sockhost_command();
     command.current_dir(work.path()).stderr(Stdio::piped()).stdout(Stdio::null()).env("RUST_LOG", "info");
     let mut child = command.spawn().unwrap();
@@ -269,9 +277,7 @@ fn help_explains_every_setting() {
 #[tokio::test]
 async fn sigterm_and_sigint_close_every_connection_with_1001_run_on_close_and_exit() {
     for signal in ["-TERM", "-INT"] {
-        let work = tempfile::tempdir().unwrap();
-        std::fs::create_dir(work.path().join("addons")).unwrap();
-        std::fs::write(work.path().join("addons/testkit.wasm"), test_addon("testkit")).unwrap();
+        let work = work_dir(&[("addons/testkit.wasm", &test_addon("testkit"))]);
         let mut process = spawn(work.path(), &["--listen", "127.0.0.1"], &[("SOCKHOST_PORT", "0")]);
         let base = format!("ws://127.0.0.1:{}", process.port);
         let mut clients = Vec::new();
@@ -305,10 +311,10 @@ async fn sigterm_and_sigint_close_every_connection_with_1001_run_on_close_and_ex
 
 #[tokio::test]
 async fn the_drain_timeout_bounds_shutdown() {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::create_dir(work.path().join("addons")).unwrap();
-    std::fs::write(work.path().join("addons/testkit.wasm"), test_addon("testkit")).unwrap();
-    std::fs::write(work.path().join("sockhost.toml"), "[limits]\ndrain_timeout_ms = 500\n").unwrap();
+    let work = work_dir(&[
+        ("addons/testkit.wasm", &test_addon("testkit")),
+        ("sockhost.toml", b"[limits]\ndrain_timeout_ms = 500\n"),
+    ]);
     let mut process = spawn(work.path(), &["--listen", "127.0.0.1"], &[("SOCKHOST_PORT", "0")]);
     // A client that never answers the close frame holds its connection open.
     let mut stuck = Client::connect(&format!("ws://127.0.0.1:{}/ws/testkit", process.port)).await;
@@ -320,15 +326,11 @@ async fn the_drain_timeout_bounds_shutdown() {
 
 #[tokio::test]
 async fn with_reuse_port_a_new_process_takes_over_the_port_and_then_the_kv_store_while_the_old_one_drains() {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::create_dir(work.path().join("addons")).unwrap();
-    std::fs::write(work.path().join("addons/testkit.wasm"), test_addon("testkit")).unwrap();
-    std::fs::write(work.path().join("addons/testkit.toml"), "kv = true\n").unwrap();
-    std::fs::write(
-        work.path().join("sockhost.toml"),
-        "[server]\nreuse_port = true\n[limits]\ndrain_timeout_ms = 60000\nhandshake_timeout_ms = 60000\n",
-    )
-    .unwrap();
+    let work = work_dir(&[
+        ("addons/testkit.wasm", &test_addon("testkit")),
+        ("addons/testkit.toml", b"kv = true\n"),
+        ("sockhost.toml", b"[server]\nreuse_port = true\n[limits]\ndrain_timeout_ms = 60000\nhandshake_timeout_ms = 60000\n"),
+    ]);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let port_arg = port.to_string();
     let args = ["--listen", "127.0.0.1", "--port", &port_arg];
@@ -402,11 +404,8 @@ async fn with_reuse_port_a_starting_process_takes_no_connections_until_its_addon
     let args = ["--listen", "127.0.0.1", "--port", &port_arg];
     let base = format!("ws://127.0.0.1:{port}");
     let work = |addon: &str| {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("addons")).unwrap();
-        std::fs::write(dir.path().join(format!("addons/{addon}.wasm")), test_addon(addon)).unwrap();
-        std::fs::write(dir.path().join("sockhost.toml"), "[server]\nreuse_port = true\n").unwrap();
-        dir
+        let wasm = format!("addons/{addon}.wasm");
+        work_dir(&[(&wasm, &test_addon(addon)), ("sockhost.toml", b"[server]\nreuse_port = true\n")])
     };
     let old_dir = work("testkit");
     let mut old = spawn(old_dir.path(), &args, &[]);
