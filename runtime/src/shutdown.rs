@@ -28,7 +28,6 @@ pub(crate) struct Shutdown {
 
 #[derive(Default)]
 struct Listeners {
-    triggered: bool,
     next_id: u64,
     by_id: HashMap<u64, Arc<Flag>>,
 }
@@ -47,20 +46,21 @@ impl Shutdown {
 
     /// Starts the shutdown: every listener, present and future, resolves.
     pub(crate) fn trigger(&self) {
-        let mut listeners = self.lock();
-        listeners.triggered = true;
+        let listeners = self.lock();
+        // Cancelled under the lock, so a listener made now either sees the token
+        // cancelled or is in the map below.
+        self.token.cancel();
         for flag in listeners.by_id.values() {
             flag.set.store(true, Ordering::Release);
             flag.waker.wake();
         }
-        drop(listeners);
-        self.token.cancel();
     }
 
     /// A listener for one connection; it unregisters itself when dropped.
     pub(crate) fn listen(self: &Arc<Self>) -> ShutdownListener {
         let mut listeners = self.lock();
-        let flag = Arc::new(Flag { set: AtomicBool::new(listeners.triggered), waker: AtomicWaker::new() });
+        let flag =
+            Arc::new(Flag { set: AtomicBool::new(self.token.is_cancelled()), waker: AtomicWaker::new() });
         let id = listeners.next_id;
         listeners.next_id += 1;
         listeners.by_id.insert(id, flag.clone());
