@@ -135,8 +135,16 @@ impl KvStore {
         loop {
             match self.try_open() {
                 Ok(backend) => return Ok(backend),
-                Err(Opening::Failed(err)) => return Err(err),
-                Err(Opening::InUse(err)) => {
+                Err(OpenError::Failed(err)) => return Err(err),
+                Err(OpenError::InUse) => {
+                    let err = BackendError(format!(
+                        "kv store {} is in use by another process, most likely the sockhost this one \
+                         replaces (server.reuse_port); it becomes available when that process exits",
+                        self.path.display()
+                    ));
+                    if !self.warned_in_use.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("{err}; kv calls wait for it, up to {:?} each", self.in_use_wait);
+                    }
                     let now = tokio::time::Instant::now();
                     if now >= *deadline.get_or_insert(now + self.in_use_wait) {
                         return Err(err);
@@ -147,36 +155,28 @@ impl KvStore {
         }
     }
 
-    fn try_open(&self) -> Result<&Arc<dyn KvBackend>, Opening> {
+    /// The backend, or why there is none: [`OpenError::InUse`] is worth trying again,
+    /// [`OpenError::Failed`] is kept.
+    fn try_open(&self) -> Result<&Arc<dyn KvBackend>, OpenError> {
         if let Some(outcome) = self.backend.get() {
-            return outcome.as_ref().map_err(|err| Opening::Failed(err.clone()));
+            return kept(outcome);
         }
         let _opening = self.opening.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(outcome) = self.backend.get() {
-            return outcome.as_ref().map_err(|err| Opening::Failed(err.clone()));
+            return kept(outcome);
         }
         let outcome = match RedbBackend::open(&self.path) {
             Ok(db) => {
                 tracing::info!("kv store opened at {}", self.path.display());
                 Ok(Arc::new(db) as Arc<dyn KvBackend>)
             }
-            Err(OpenError::InUse) => {
-                let err = BackendError(format!(
-                    "kv store {} is in use by another process, most likely the sockhost this one replaces \
-                     (server.reuse_port); it becomes available when that process exits",
-                    self.path.display()
-                ));
-                if !self.warned_in_use.swap(true, Ordering::Relaxed) {
-                    tracing::warn!("{err}; kv calls wait for it, up to {:?} each", self.in_use_wait);
-                }
-                return Err(Opening::InUse(err));
-            }
+            Err(OpenError::InUse) => return Err(OpenError::InUse),
             Err(OpenError::Failed(err)) => {
                 tracing::error!("kv store {} cannot be opened: {err}", self.path.display());
                 Err(err)
             }
         };
-        self.backend.get_or_init(|| outcome).as_ref().map_err(|err| Opening::Failed(err.clone()))
+        kept(self.backend.get_or_init(|| outcome))
     }
 
     /// Deletes expired entries, if the store was ever opened.
@@ -275,12 +275,9 @@ fn backend_error(err: impl Into<redb::Error>) -> BackendError {
     BackendError(format!("kv store: {}", err.into()))
 }
 
-/// Why [`KvStore::try_open`] has no backend to give.
-enum Opening {
-    /// Another process holds the file; worth trying again.
-    InUse(BackendError),
-    /// Kept for good.
-    Failed(BackendError),
+/// A kept outcome of opening the file, as [`KvStore::try_open`] answers it.
+fn kept(outcome: &Result<Arc<dyn KvBackend>, BackendError>) -> Result<&Arc<dyn KvBackend>, OpenError> {
+    outcome.as_ref().map_err(|err| OpenError::Failed(err.clone()))
 }
 
 /// Why [`RedbBackend::open`] failed.
