@@ -14,6 +14,7 @@
 //! - [`cache`]: compiled code on disk, checked before it is trusted;
 //! - [`reload`]: hot reload of the addons directory;
 //! - [`check`]: `sockhost check`, validating addons without serving;
+//! - [`cluster`]: the link to Redis that lets several nodes act as one;
 //! - [`metrics`]: the Prometheus metrics behind `/metrics`;
 //! - [`tls`]: `wss://` and certificate reloading;
 //! - [`policy`]: addon manifests (`<name>.toml`): limits and grants;
@@ -27,6 +28,7 @@ pub mod addons;
 mod bindings;
 pub mod cache;
 pub mod check;
+pub mod cluster;
 pub mod config;
 mod connection;
 pub mod engine;
