@@ -41,6 +41,8 @@ pub mod reload;
 pub mod sandbox;
 pub mod server;
 mod shutdown;
+#[doc(hidden)]
+pub mod testing;
 pub mod tls;
 
 pub use config::{Cli, Command, Config, LogFormat, ServerLimits, TlsFiles};
