@@ -528,6 +528,48 @@ impl KvAccess {
             KvError::Backend(err.0)
         })
     }
+
+    // The guest's calls: the grant and the limits are checked here, before any backend.
+
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        check_key(key)?;
+        let backend = self.backend().await?;
+        self.answer(backend.get(&self.namespace, key).await)
+    }
+
+    pub(crate) async fn set(&self, key: &str, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvError> {
+        check_key(key)?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(KvError::Invalid(format!(
+                "a value is at most 1 MiB; this one is {} bytes",
+                value.len()
+            )));
+        }
+        if ttl_ms == Some(0) {
+            return Err(KvError::Invalid("ttl-ms must be at least 1; leave it out for no expiry".into()));
+        }
+        let backend = self.backend().await?;
+        self.answer(backend.set(&self.namespace, key, value, ttl_ms.map(Duration::from_millis)).await)
+    }
+
+    pub(crate) async fn delete(&self, key: &str) -> Result<bool, KvError> {
+        check_key(key)?;
+        let backend = self.backend().await?;
+        self.answer(backend.delete(&self.namespace, key).await)
+    }
+
+    pub(crate) async fn list_keys(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, KvError> {
+        if prefix.len() > MAX_KEY_BYTES {
+            return Err(KvError::Invalid(format!("a prefix is at most {MAX_KEY_BYTES} bytes")));
+        }
+        let backend = self.backend().await?;
+        self.answer(backend.list_keys(&self.namespace, prefix, start_after, limit.min(MAX_LIST)).await)
+    }
 }
 
 fn check_key(key: &str) -> Result<(), KvError> {
@@ -542,33 +584,15 @@ fn check_key(key: &str) -> Result<(), KvError> {
 
 impl Host for HostState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, KvError> {
-        check_key(&key)?;
-        let backend = self.kv.backend().await?;
-        let result = backend.get(&self.kv.namespace, &key).await;
-        self.kv.answer(result)
+        self.kv.get(&key).await
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvError> {
-        check_key(&key)?;
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(KvError::Invalid(format!(
-                "a value is at most 1 MiB; this one is {} bytes",
-                value.len()
-            )));
-        }
-        if ttl_ms == Some(0) {
-            return Err(KvError::Invalid("ttl-ms must be at least 1; leave it out for no expiry".into()));
-        }
-        let backend = self.kv.backend().await?;
-        let result = backend.set(&self.kv.namespace, &key, value, ttl_ms.map(Duration::from_millis)).await;
-        self.kv.answer(result)
+        self.kv.set(&key, value, ttl_ms).await
     }
 
     async fn delete(&mut self, key: String) -> Result<bool, KvError> {
-        check_key(&key)?;
-        let backend = self.kv.backend().await?;
-        let result = backend.delete(&self.kv.namespace, &key).await;
-        self.kv.answer(result)
+        self.kv.delete(&key).await
     }
 
     async fn list_keys(
@@ -577,13 +601,7 @@ impl Host for HostState {
         start_after: Option<String>,
         limit: u32,
     ) -> Result<Vec<String>, KvError> {
-        if prefix.len() > MAX_KEY_BYTES {
-            return Err(KvError::Invalid(format!("a prefix is at most {MAX_KEY_BYTES} bytes")));
-        }
-        let backend = self.kv.backend().await?;
-        let result =
-            backend.list_keys(&self.kv.namespace, &prefix, start_after.as_deref(), limit.min(MAX_LIST)).await;
-        self.kv.answer(result)
+        self.kv.list_keys(&prefix, start_after.as_deref(), limit).await
     }
 }
 
