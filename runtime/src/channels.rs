@@ -329,6 +329,10 @@ async fn subscriber_task(bus: std::sync::Weak<Channels>, mut commands: mpsc::Unb
             if let Err(err) = sink.subscribe(&names).await {
                 tracing::debug!(error = %err, "redis resubscribe failed");
                 link.set_up(false);
+                if !wait_for_retry(&mut commands, delay).await {
+                    return;
+                }
+                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
                 continue;
             }
             tracing::info!(channels = names.len(), "redis subscriptions restored");

@@ -1,6 +1,7 @@
 mod aikefu;
 mod aikefu_process;
 mod channels;
+mod cluster;
 mod core;
 mod fake_llm;
 mod limits;
