@@ -389,6 +389,8 @@ impl ServerHandle {
         check("limits.max_connections", new.limits.max_connections == current.limits.max_connections);
         check("limits.read_buffer_bytes", new.limits.read_buffer_bytes == current.limits.read_buffer_bytes);
         check("log.format", new.log_format == current.log_format);
+        check("cluster.redis_url", new.redis_url == current.redis_url);
+        check("admin.listen / admin.api_key_env / the API key", new.admin == current.admin);
         check("tls (switching TLS on or off)", new.tls.is_some() == current.tls.is_some());
 
         let mut next = Config::clone(&current);
