@@ -4,6 +4,7 @@ mod channels;
 mod cluster;
 mod core;
 mod fake_llm;
+mod hardening;
 mod limits;
 mod loading;
 mod ops;
