@@ -77,3 +77,37 @@ async fn a_closed_connection_is_dropped_at_its_deadline_however_the_client_trick
     assert!(received.windows(4).any(|w| w[0] == 0x88 && w[2..4] == 1008u16.to_be_bytes()), "{text}");
     trickle.abort();
 }
+
+/// An allowed `https://` upstream that accepts TCP and never answers the TLS handshake:
+/// the request fails at the manifest's deadline (connect + first byte), it does not hang.
+#[tokio::test]
+async fn an_upstream_that_never_finishes_the_tls_handshake_times_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    // Accepts, keeps every socket, says nothing.
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let manifest = format!(
+        "outbound_hosts = [\"https://{upstream}\"]\noutbound_connect_timeout_ms = 300\noutbound_first_byte_timeout_ms = 700\n"
+    );
+    let work = work_dir(&[
+        ("addons/testkit.wasm", &test_addon("testkit")),
+        ("addons/testkit.toml", manifest.as_bytes()),
+    ]);
+    let process = spawn(work.path(), &["--listen", "127.0.0.1"], &[("SOCKHOST_PORT", "0")]);
+    let mut client = Client::connect(&format!("ws://127.0.0.1:{}/ws/testkit", process.port)).await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text(&format!("get https://{upstream}/")).await;
+    let answer = client.recv_text().await;
+    assert!(answer.starts_with("error Timeout"), "{answer}");
+    // The log line is read from the process's stderr by another thread: give it a moment.
+    eventually("the log names the deadline", || async {
+        process.log_text().contains("no response within 1000 ms")
+    })
+    .await;
+    silent.abort();
+}

@@ -9,7 +9,9 @@
 //!   destination, so an operator sees at once which grant is missing.
 //! - **Timeouts.** Connect, first byte and between bytes: the smaller of what the
 //!   request asks for and the manifest's limit, so an addon cannot wait on an upstream
-//!   longer than its operator allows, but may ask for less.
+//!   longer than its operator allows, but may ask for less. Connect, the TLS handshake
+//!   and the response head share one deadline (connect + first byte), because the
+//!   default sender has none on the handshake.
 //! - **Open requests.** One instance may have `outbound_max_requests` (default 4) open at
 //!   once, from sending to the end of the response; one more fails at once with
 //!   `connection-limit-reached` and a `warn` line, so a runaway addon cannot open sockets
@@ -267,10 +269,26 @@ impl WasiHttpHooks for OutboundHooks {
             return Box::new(async { Err(wasmtime_wasi_http::Error::ConnectionLimitReached) });
         };
         let options = self.policy.cap(options);
+        // One deadline over connecting, the TLS handshake and the response head: the
+        // default sender bounds TCP connect and the first byte, but not the handshake,
+        // so an upstream that accepts and then says nothing would hold the guest forever.
+        let deadline = options.connect_timeout.unwrap_or(self.policy.connect_timeout)
+            + options.first_byte_timeout.unwrap_or(self.policy.first_byte_timeout);
         let defaults = wasmtime_wasi_http::default_hooks();
         let sent = Box::into_pin(defaults.send_request(request, Some(options), fut));
+        let (addon, conn) = (self.addon.clone(), self.conn);
         Box::new(async move {
-            let (response, connection) = sent.await?;
+            let Ok(sent) = tokio::time::timeout(deadline, sent).await else {
+                tracing::warn!(
+                    addon = &*addon,
+                    conn,
+                    "outbound HTTP request to {destination}: no response within {} ms \
+                     (outbound_connect_timeout_ms + outbound_first_byte_timeout_ms)",
+                    deadline.as_millis()
+                );
+                return Err(wasmtime_wasi_http::Error::ConnectionTimeout);
+            };
+            let (response, connection) = sent?;
             // The connection task runs until the response body is over: the slot goes
             // back with it.
             let connection: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send> =
