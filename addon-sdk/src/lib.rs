@@ -51,10 +51,13 @@
 //! - [`kv`]: storage shared by the addon's connections and kept across restarts;
 //! - [`config`]: the manifest's `[config]` settings, secrets read from the environment;
 //! - [`auth`]: verification of the tokens clients send;
+//! - [`channels`]: publish to and subscribe on channels shared by the addon's connections
+//!   on every node, and receive server pushes from the shop's backend;
 //! - [`http`]: outbound HTTP to the manifest's `outbound_hosts`, with a streaming body,
 //!   and [`sse`] to parse event streams from it.
 
 pub mod auth;
+pub mod channels;
 pub mod config;
 pub mod http;
 pub mod kv;
@@ -104,6 +107,29 @@ pub trait Addon: Default + 'static {
     fn on_message(&mut self, msg: Message) -> Result<(), Error> {
         let _ = msg;
         Ok(())
+    }
+
+    /// Called once for each message published on a channel this connection subscribed to
+    /// (see [`channels`]), between the other callbacks, in publish order. The default
+    /// ignores it.
+    ///
+    /// ```
+    /// use sockhost_addon_sdk::{Addon, Message, send_text};
+    ///
+    /// #[derive(Default)]
+    /// struct Forward;
+    ///
+    /// impl Addon for Forward {
+    ///     fn on_channel_message(&mut self, channel: &str, msg: Message) {
+    ///         if let Message::Text(text) = msg {
+    ///             // The client left: nothing to do, the connection is ending.
+    ///             let _ = send_text(&format!("[{channel}] {text}"));
+    ///         }
+    ///     }
+    /// }
+    /// ```
+    fn on_channel_message(&mut self, channel: &str, msg: Message) {
+        let _ = (channel, msg);
     }
 
     /// Called once when the connection ends, with the client's close code and reason (1006
@@ -156,6 +182,50 @@ impl ConnectionInfo {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
+
+    /// The first value of the query parameter `name`, percent-decoded (`+` is a space).
+    /// Bytes that do not decode to UTF-8 become U+FFFD.
+    ///
+    /// ```
+    /// # use sockhost_addon_sdk::ConnectionInfo;
+    /// let info = ConnectionInfo { query: "room=lobby&name=%E5%B0%8F%E6%98%8E+W".into(), ..Default::default() };
+    /// assert_eq!(info.query_param("room").as_deref(), Some("lobby"));
+    /// assert_eq!(info.query_param("name").as_deref(), Some("小明 W"));
+    /// assert_eq!(info.query_param("missing"), None);
+    /// let odd = ConnectionInfo { query: "a=100%&b=%zz&c=%4".into(), ..Default::default() };
+    /// assert_eq!(odd.query_param("a").as_deref(), Some("100%"));
+    /// assert_eq!(odd.query_param("b").as_deref(), Some("%zz"));
+    /// assert_eq!(odd.query_param("c").as_deref(), Some("%4"));
+    /// ```
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query.split('&').find_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(key) == name).then(|| percent_decode(value))
+        })
+    }
+}
+
+/// Decodes `%XX` escapes and `+` (a space) in a query component.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(high), Some(low)) => {
+                    out.push((high * 16 + low) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            other => out.push(other),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Refuses a connection from [`Addon::on_open`]: the host closes it with this code and
@@ -344,6 +414,7 @@ impl From<session::ConnectionInfo> for ConnectionInfo {
 macro_rules! export_addon {
     ($addon:ty) => {
         const _: () = {
+            use $crate::__private::bindings::exports::sockhost::addon::channel_handler as __channel_handler;
             use $crate::__private::bindings::exports::sockhost::addon::handler as __handler;
 
             ::std::thread_local! {
@@ -366,6 +437,12 @@ macro_rules! export_addon {
 
                 fn on_close(code: u16, reason: ::std::string::String) {
                     $crate::__private::on_close(&__SOCKHOST_ADDON_STATE, code, reason)
+                }
+            }
+
+            impl __channel_handler::Guest for __SockhostAddonExport {
+                fn on_channel_message(channel: ::std::string::String, msg: __channel_handler::Message) {
+                    $crate::__private::on_channel_message(&__SOCKHOST_ADDON_STATE, channel, msg)
                 }
             }
 
@@ -414,14 +491,27 @@ pub mod __private {
         }
     }
 
+    fn message(msg: handler::Message) -> crate::Message {
+        match msg {
+            handler::Message::Text(text) => crate::Message::Text(text),
+            handler::Message::Binary(data) => crate::Message::Binary(data),
+        }
+    }
+
+    pub fn on_channel_message<T: Addon>(
+        state: &'static LocalKey<State<T>>,
+        channel: String,
+        msg: handler::Message,
+    ) {
+        let msg = message(msg);
+        state.with_borrow_mut(|addon| addon.get_or_insert_with(T::default).on_channel_message(&channel, msg))
+    }
+
     pub fn on_message<T: Addon>(
         state: &'static LocalKey<State<T>>,
         msg: handler::Message,
     ) -> Result<(), String> {
-        let msg = match msg {
-            handler::Message::Text(text) => crate::Message::Text(text),
-            handler::Message::Binary(data) => crate::Message::Binary(data),
-        };
+        let msg = message(msg);
         // The host always calls on-open first; falling back to a default value rather than
         // panicking keeps a misbehaving host from turning into a trap.
         state.with_borrow_mut(|addon| addon.get_or_insert_with(T::default).on_message(msg).map_err(|e| e.0))

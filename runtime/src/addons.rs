@@ -7,11 +7,12 @@
 //! ([`LoadError`]) and skipped, and the rest still mount.
 //!
 //! Each file is compiled once (or its native code taken from the [`crate::cache`]), on
-//! its own thread, then linked into an [`AddonPre`] (wasmtime's `InstancePre`): imports
+//! its own thread, then linked into an `InstancePre`: imports
 //! are resolved at load time, so creating the per-connection instance later is only a
 //! copy-on-write memory image and a few pointers from the pooling allocator. The
 //! [`Loader`] does this for start-up, for hot reload ([`crate::reload`]) and for
-//! `sockhost check` alike.
+//! `sockhost check` alike. The `handler` export is required; `channel-handler` is looked
+//! up too, and its absence only means the addon's instances cannot subscribe.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,10 +20,10 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Engine, Store};
 
-use crate::bindings::{Addon, AddonPre};
+use crate::bindings::{ChannelHandler, ChannelHandlerIndices, Handler, HandlerIndices};
 use crate::cache::CompileCache;
 use crate::error::FailureKind;
 use crate::host::HostState;
@@ -49,7 +50,7 @@ pub enum LoadError {
     Compile(anyhow::Error),
     #[error("{0:#}")]
     Link(anyhow::Error),
-    #[error("does not export the sockhost:addon/handler@0.1.1 interface: {0:#}")]
+    #[error("does not export the sockhost:addon/handler@0.1.x interface: {0:#}")]
     WrongWorld(anyhow::Error),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
@@ -61,7 +62,11 @@ pub enum LoadError {
 pub struct LoadedAddon {
     name: String,
     path: PathBuf,
-    pre: AddonPre<HostState>,
+    pre: InstancePre<HostState>,
+    /// Where the required `handler` export's functions are.
+    handler: HandlerIndices,
+    /// Where `channel-handler`'s function is, when the component exports it.
+    channel_handler: Option<ChannelHandlerIndices>,
     /// Shared with every connection of this version, so a connection costs no copy of it.
     policy: Arc<AddonPolicy>,
     /// SHA-256 of the wasm bytes: names the version in logs.
@@ -117,7 +122,7 @@ impl LoadedAddon {
 
     /// The interfaces the component imports, sorted: what it asks of the host.
     pub fn imports(&self) -> Vec<String> {
-        let component = self.pre.instance_pre().component();
+        let component = self.pre.component();
         let mut names: Vec<String> =
             component.component_type().imports(self.pre.engine()).map(|(name, _)| name.to_owned()).collect();
         names.sort();
@@ -140,12 +145,31 @@ impl LoadedAddon {
         self.stats.try_open(self.policy.max_connections).then(|| AddonSlot(self.stats.clone()))
     }
 
+    /// Whether the component exports `channel-handler`, so it can receive channel messages.
+    pub fn receives_channel_messages(&self) -> bool {
+        self.channel_handler.is_some()
+    }
+
     /// A fresh instance of the addon with its own store and limits, for one connection.
-    pub async fn instantiate(&self, state: HostState) -> Result<(Store<HostState>, Addon), InstantiateError> {
+    pub async fn instantiate(
+        &self,
+        mut state: HostState,
+    ) -> Result<(Store<HostState>, AddonInstance), InstantiateError> {
+        state.channels.can_receive = self.channel_handler.is_some();
         let mut store = Store::new(self.pre.engine(), state);
         sandbox::install(&mut store);
         sandbox::start_callback(&mut store);
-        match self.pre.instantiate_async(&mut store).await {
+        let made = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            let handler = self.handler.load(&mut store, &instance)?;
+            let channel_handler = match &self.channel_handler {
+                Some(indices) => Some(indices.load(&mut store, &instance)?),
+                None => None,
+            };
+            wasmtime::Result::Ok(AddonInstance { handler, channel_handler })
+        }
+        .await;
+        match made {
             Ok(instance) => Ok((store, instance)),
             Err(err) => {
                 let (kind, cause) = sandbox::classify(&store, &self.policy, &err);
@@ -153,6 +177,12 @@ impl LoadedAddon {
             }
         }
     }
+}
+
+/// One connection's instance: its exports, ready to call.
+pub struct AddonInstance {
+    pub(crate) handler: Handler,
+    pub(crate) channel_handler: Option<ChannelHandler>,
 }
 
 /// Why a new instance could not be made: its initial memory is over `memory_limit`, its
@@ -355,8 +385,25 @@ impl Loader {
             None => Component::from_binary(&self.engine, &bytes),
         }
         .map_err(|e| LoadError::Compile(e.into()))?;
-        let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Link(e.into()))?;
-        let pre = AddonPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(e.into()))?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Link(e.into()))?;
+        let handler = HandlerIndices::new(&pre).map_err(|e| LoadError::WrongWorld(e.into()))?;
+        // Optional: components built against 0.1.0 and 0.1.1 do not have it. One that has
+        // it with the wrong shape is refused rather than treated as not subscribing.
+        let channel_handler = match ChannelHandlerIndices::new(&pre) {
+            Ok(indices) => Some(indices),
+            Err(err) => {
+                let exported = component
+                    .component_type()
+                    .exports(&self.engine)
+                    .any(|(name, _)| name.starts_with("sockhost:addon/channel-handler"));
+                if exported {
+                    return Err(LoadError::WrongWorld(
+                        anyhow::Error::from(err).context("its sockhost:addon/channel-handler export"),
+                    ));
+                }
+                None
+            }
+        };
         let elapsed = started.elapsed();
         self.metrics.compiled(&stem, elapsed);
         tracing::debug!(addon = %stem, elapsed_ms = elapsed.as_millis() as u64, "compiled");
@@ -365,6 +412,8 @@ impl Loader {
             name: stem,
             path: path.to_owned(),
             pre,
+            handler,
+            channel_handler,
             policy: Arc::new(policy),
             sha256,
             fingerprint,

@@ -1,8 +1,14 @@
 //! Host-side bindings generated from `wit/addon.wit` (world `sockhost:addon/addon`).
 //!
-//! Calls that wait on something outside the instance (the socket, the kv store's disk)
-//! are async, so a waiting instance parks its fiber instead of a runtime thread; `info`,
-//! `log`, `config` and `auth` are plain calls, which are cheaper to enter.
+//! The world's two exports are bound apart: `handler` is required, `channel-handler`
+//! optional ([`crate::addons`] looks each up in the component; a component built against
+//! 0.1.0 or 0.1.1 has only `handler`). So this module uses the per-interface
+//! `GuestIndices`, not the world's `AddonPre`, which would require both.
+//!
+//! Calls that wait on something outside the instance (the socket, the kv store, the
+//! cluster) are async, so a waiting instance parks its fiber instead of a runtime
+//! thread; `info`, `log`, `config`, `auth` and `unsubscribe` are plain calls, which are
+//! cheaper to enter.
 //!
 //! The WASI interfaces the world imports (`wasi:http`, and `wasi:io`/`wasi:clocks`
 //! beneath it) are not generated here: they map to wasmtime-wasi's and
@@ -19,6 +25,8 @@ wasmtime::component::bindgen!({
         "sockhost:addon/kv.set": async,
         "sockhost:addon/kv.delete": async,
         "sockhost:addon/kv.list-keys": async,
+        "sockhost:addon/channels.subscribe": async,
+        "sockhost:addon/channels.publish": async,
     },
     exports: { default: async },
     with: {
@@ -27,4 +35,8 @@ wasmtime::component::bindgen!({
     },
 });
 
+pub use self::exports::sockhost::addon::channel_handler::{
+    Guest as ChannelHandler, GuestIndices as ChannelHandlerIndices,
+};
+pub use self::exports::sockhost::addon::handler::{Guest as Handler, GuestIndices as HandlerIndices};
 pub use self::sockhost::addon::types::{CloseFrame, ConnectionInfo, Message};

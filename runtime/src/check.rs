@@ -72,6 +72,12 @@ fn check(paths: &[PathBuf], out: &mut impl Write) -> anyhow::Result<bool> {
                     addon.version()
                 )?;
                 writeln!(out, "      imports: {}", addon.imports().join(", "))?;
+                let receives = if addon.receives_channel_messages() {
+                    "handler, channel-handler"
+                } else {
+                    "handler (no channel-handler: it cannot subscribe to channels)"
+                };
+                writeln!(out, "      exports: {receives}")?;
                 writeln!(out, "      manifest: {}", manifest_note(file))?;
                 write_policy(out, addon.policy())?;
             }
@@ -94,7 +100,7 @@ fn write_policy(out: &mut impl Write, policy: &AddonPolicy) -> std::io::Result<(
     writeln!(out, "      always: session, log; WASI with no files, environment, arguments or network")?;
     let grants = policy.grants();
     if grants.is_empty() {
-        writeln!(out, "      grants: none (no kv, config, auth or outbound HTTP)")?;
+        writeln!(out, "      grants: none (no kv, config, auth, outbound HTTP or channels)")?;
     }
     for grant in grants {
         writeln!(out, "      grant: {grant}")?;

@@ -99,7 +99,10 @@ impl RedisLink {
 
     /// Runs one command (or pipeline, or script) made with [`RedisLink::connection`],
     /// bounded by [`COMMAND_TIMEOUT`], and keeps the link's up/down state current.
-    pub async fn run<T>(&self, command: impl Future<Output = redis::RedisResult<T>>) -> Result<T, RedisUnavailable> {
+    pub async fn run<T>(
+        &self,
+        command: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, RedisUnavailable> {
         match tokio::time::timeout(COMMAND_TIMEOUT, command).await {
             Ok(Ok(value)) => {
                 self.set_up(true);

@@ -82,6 +82,16 @@ pub struct Cli {
     #[arg(long, env = "SOCKHOST_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
 
+    /// Redis shared by several sockhost nodes, for channels and kv across them, e.g.
+    /// redis://127.0.0.1:6379 [file: cluster.redis_url] [default: none, all in-process]
+    #[arg(long, env = "SOCKHOST_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+
+    /// Address of the admin listener (POST /api/publish, /metrics), apart from the public
+    /// port, e.g. 127.0.0.1:9090 [file: admin.listen] [default: none, off]
+    #[arg(long, env = "SOCKHOST_ADMIN_LISTEN", value_name = "IP:PORT")]
+    pub admin_listen: Option<SocketAddr>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -120,6 +130,23 @@ struct FileConfig {
     #[serde(default)]
     log: FileLog,
     tls: Option<FileTls>,
+    #[serde(default)]
+    cluster: FileCluster,
+    #[serde(default)]
+    admin: FileAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    redis_url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: Option<SocketAddr>,
+    api_key_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,7 +218,41 @@ pub struct Config {
     /// Certificate and key for `wss://`; `None` serves plain `ws://`. File keys
     /// `tls.cert` and `tls.key`.
     pub tls: Option<TlsFiles>,
+    /// Redis shared by the nodes of a cluster: channels go through its pub/sub and kv is
+    /// kept in it. `None` keeps both in this process (kv in `data_dir`). File key
+    /// `cluster.redis_url`, flag `--redis-url`, env `SOCKHOST_REDIS_URL`.
+    pub redis_url: Option<String>,
+    /// The admin listener; `None` (the default) runs none.
+    pub admin: Option<AdminConfig>,
 }
+
+/// The admin listener: `POST /api/publish` for the shop's backend, and `/metrics`, on an
+/// address apart from the public port (keep it on loopback or a private network).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// File key `admin.listen`, flag `--admin-listen`, env `SOCKHOST_ADMIN_LISTEN`.
+    pub listen: SocketAddr,
+    /// The environment variable that holds the API key (`Authorization: Bearer <key>`).
+    /// When it is unset or empty, `/api/publish` does not exist and the log says so.
+    /// File key `admin.api_key_env`; default `SOCKHOST_API_KEY`.
+    pub api_key_env: String,
+    /// The key read from `api_key_env` when the configuration was built. Never in a
+    /// file: keys belong in the environment (or a secret manager that sets it).
+    pub api_key: Option<ApiKey>,
+}
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
+}
+
+/// The default of `admin.api_key_env`.
+pub const DEFAULT_API_KEY_ENV: &str = "SOCKHOST_API_KEY";
 
 /// Where the TLS certificate chain and private key are (PEM files).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +312,8 @@ impl Default for Config {
             reload_poll: Some(Duration::from_millis(250)),
             log_format: LogFormat::Text,
             tls: None,
+            redis_url: None,
+            admin: None,
         }
     }
 }
@@ -339,6 +402,21 @@ impl Config {
             }
         };
 
+        let redis_url = cli.redis_url.or(file.cluster.redis_url).filter(|url| !url.is_empty());
+        if let Some(url) = &redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
+        {
+            bail!("invalid value for cluster.redis_url (--redis-url): {url:?} is not a redis:// URL");
+        }
+        let api_key_env = file.admin.api_key_env.unwrap_or_else(|| DEFAULT_API_KEY_ENV.to_owned());
+        if api_key_env.is_empty() || !api_key_env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            bail!("invalid value for admin.api_key_env: {api_key_env:?} is not an environment variable name");
+        }
+        let admin = cli.admin_listen.or(file.admin.listen).map(|listen| {
+            let api_key = std::env::var(&api_key_env).ok().filter(|key| !key.is_empty()).map(ApiKey);
+            AdminConfig { listen, api_key_env, api_key }
+        });
+
         Ok(Config {
             listen: SocketAddr::new(listen_ip, port),
             public_host,
@@ -350,6 +428,8 @@ impl Config {
             reload_poll,
             log_format,
             tls,
+            redis_url,
+            admin,
         })
     }
 }
@@ -411,6 +491,34 @@ mod tests {
         assert!(Config::merge(cli, FileConfig::default()).unwrap().reuse_port);
         let err = format!("{:#}", Config::from_toml("[server]\nreuse_port = \"yes\"").unwrap_err());
         assert!(err.contains("reuse_port"), "{err}");
+    }
+
+    #[test]
+    fn cluster_and_admin_are_off_unless_set() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!((config.redis_url, config.admin), (None, None));
+        let config = Config::from_toml(
+            "[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\n[admin]\nlisten = \"127.0.0.1:9090\"",
+        )
+        .unwrap();
+        assert_eq!(config.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
+        let admin = config.admin.unwrap();
+        assert_eq!(
+            (admin.listen.to_string(), admin.api_key_env.as_str()),
+            ("127.0.0.1:9090".into(), "SOCKHOST_API_KEY")
+        );
+        let cli = Cli { redis_url: Some("redis://h:1".into()), ..Cli::default() };
+        let file = toml::from_str("[cluster]\nredis_url = \"redis://file:2\"").unwrap();
+        assert_eq!(Config::merge(cli, file).unwrap().redis_url.as_deref(), Some("redis://h:1"));
+        for (text, key) in [
+            ("[cluster]\nredis_url = \"http://x\"", "cluster.redis_url"),
+            ("[admin]\nlisten = \"127.0.0.1:9090\"\napi_key_env = \"A-B\"", "admin.api_key_env"),
+            ("[admin]\nlisten = \"nowhere\"", "listen"),
+            ("[cluster]\nredis = 1", "redis"),
+        ] {
+            let err = format!("{:#}", Config::from_toml(text).unwrap_err());
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! socket ─► Reader ─► limits ─► pending (bounded) ─► instance.on-message ─► session.send-* ─► socket
+//! channel bus ─► inbox (bounded) ─────────────────► instance.on-channel-message ─┘
 //! ```
 //!
 //! Callbacks on the instance never overlap and see messages in arrival order. While a
@@ -11,6 +12,11 @@
 //! socket so that pings are answered and a client's close is noticed; what it reads waits
 //! in a small queue ([`MAX_PENDING`]). When that queue is full the task stops reading,
 //! and TCP flow control slows the client down.
+//!
+//! Deliveries from subscribed channels ([`crate::channels`]) wait in the connection's
+//! inbox and take turns with client messages: one callback at a time, each stream in its
+//! own order. While a callback runs the inbox fills; a connection whose inbox overflows
+//! cannot keep up, and is closed with a `slow_subscriber` error frame and 1008.
 //!
 //! Between callbacks the task also keeps the connection honest: it pings a silent client
 //! and drops one that does not answer, closes an idle one, enforces the message rate, and
@@ -35,7 +41,9 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use wasmtime::Store;
 
-use crate::bindings::{Addon, Message};
+use crate::addons::AddonInstance;
+use crate::bindings::Message;
+use crate::channels::{Delivery, Inbox};
 use crate::error::{Envelope, FailureKind, close_code};
 use crate::host::HostState;
 use crate::metrics::AddonStats;
@@ -138,6 +146,10 @@ fn classify_read_error(err: WsError) -> Inbound {
 /// What the connection task woke up for.
 enum Wake {
     Event(Inbound),
+    /// A message from a subscribed channel.
+    Delivery(Arc<Delivery>),
+    /// The inbox overflowed: this connection cannot keep up with its channels.
+    InboxOverflow,
     /// A keep-alive deadline (idle, ping, pong) passed.
     Timer,
     Shutdown,
@@ -146,7 +158,9 @@ enum Wake {
 /// A connection served by its own addon instance.
 pub(crate) struct AddonConnection {
     store: Store<HostState>,
-    instance: Addon,
+    instance: AddonInstance,
+    /// Deliveries from subscribed channels; made by the first `subscribe`.
+    inbox: Option<Inbox>,
     reader: Reader,
     pending: VecDeque<Inbound>,
     policy: Arc<AddonPolicy>,
@@ -172,7 +186,7 @@ impl AddonConnection {
     /// Joins an instance (made before the upgrade) with the upgraded socket.
     pub(crate) fn new(
         mut store: Store<HostState>,
-        instance: Addon,
+        instance: AddonInstance,
         ws: WebSocketStream<ClientStream>,
         policy: Arc<AddonPolicy>,
         stats: Arc<AddonStats>,
@@ -185,6 +199,7 @@ impl AddonConnection {
         AddonConnection {
             store,
             instance,
+            inbox: None,
             reader: Reader { stream, finished: false, last_frame: now },
             // Empty until a message arrives while a callback runs: most connections,
             // chat clients waiting for a reply, never queue one, and a full queue's room
@@ -205,10 +220,11 @@ impl AddonConnection {
     pub(crate) async fn serve(mut self) {
         let info = self.store.data().session.info().clone();
         sandbox::start_callback(&mut self.store);
-        let handler = self.instance.sockhost_addon_handler();
+        let handler = &self.instance.handler;
         let opened =
             read_while(handler.call_on_open(&mut self.store, &info), &mut self.reader, &mut self.pending)
                 .await;
+        self.pick_up_inbox();
         match opened {
             Ok(Ok(())) => {}
             Ok(Err(refusal)) => {
@@ -223,6 +239,22 @@ impl AddonConnection {
         let (code, reason) = loop {
             let event = match self.wake().await {
                 Wake::Event(event) => event,
+                Wake::Delivery(delivery) => {
+                    if let Err(err) = self.deliver(&delivery).await {
+                        return self.failed("on-channel-message", err).await;
+                    }
+                    continue;
+                }
+                Wake::InboxOverflow => {
+                    let inbox = self.policy.channels.limits.inbox;
+                    let reason = format!(
+                        "slow subscriber: more than {inbox} channel messages waited for this connection \
+                         (channels.inbox); reconnect to resume"
+                    );
+                    self.send_error(FailureKind::SlowSubscriber, &reason).await;
+                    self.fail_client(FailureKind::SlowSubscriber, close_code::POLICY, &reason).await;
+                    continue;
+                }
                 Wake::Timer => {
                     self.keep_alive().await;
                     continue;
@@ -257,9 +289,10 @@ impl AddonConnection {
                         continue;
                     }
                     sandbox::start_callback(&mut self.store);
-                    let handler = self.instance.sockhost_addon_handler();
+                    let handler = &self.instance.handler;
                     let call = handler.call_on_message(&mut self.store, &message);
                     let outcome = read_while(call, &mut self.reader, &mut self.pending).await;
+                    self.pick_up_inbox();
                     let started = self.last_message.max(self.last_callback_end);
                     self.last_callback_end = Instant::now();
                     self.stats.callback_seconds.observe(self.last_callback_end - started);
@@ -285,7 +318,7 @@ impl AddonConnection {
         self.store.data_mut().session.shutdown().await;
         tracing::debug!(code, reason = %reason, "connection closed");
         sandbox::start_callback(&mut self.store);
-        let handler = self.instance.sockhost_addon_handler();
+        let handler = &self.instance.handler;
         if let Err(err) = handler.call_on_close(&mut self.store, code, &reason).await {
             let (kind, cause) = self.classify(&err);
             self.stats.failure(kind);
@@ -321,8 +354,35 @@ impl AddonConnection {
             biased;
             _ = &mut self.shutdown => Wake::Shutdown,
             event = self.reader.next() => Wake::Event(event),
+            delivery = next_delivery(&mut self.inbox) => match delivery {
+                Some(delivery) => Wake::Delivery(delivery),
+                None => Wake::InboxOverflow,
+            },
             _ = self.keep_alive_timer.as_mut() => Wake::Timer,
         }
+    }
+
+    /// After a callback: the first `subscribe` made the inbox, which this task polls from
+    /// now on. (Made lazily, so connections that never subscribe carry none.)
+    fn pick_up_inbox(&mut self) {
+        if self.inbox.is_none() {
+            self.inbox = self.store.data_mut().channels.take_inbox();
+        }
+    }
+
+    /// Runs `on-channel-message` for one delivery, reading the socket meanwhile.
+    async fn deliver(&mut self, delivery: &Delivery) -> wasmtime::Result<()> {
+        let Some(channel_handler) = &self.instance.channel_handler else {
+            // Unreachable in practice: such an instance's subscribe answers `denied`.
+            return Ok(());
+        };
+        self.stats.channel_delivery();
+        sandbox::start_callback(&mut self.store);
+        let call =
+            channel_handler.call_on_channel_message(&mut self.store, &delivery.channel, &delivery.payload);
+        let outcome = read_while(call, &mut self.reader, &mut self.pending).await;
+        self.last_callback_end = Instant::now();
+        outcome
     }
 
     /// The next keep-alive deadline: idle timeout, ping due, or pong overdue.
@@ -411,6 +471,14 @@ impl AddonConnection {
             }
         }
         self.store.data_mut().session.shutdown().await;
+    }
+}
+
+/// The next delivery from `inbox`, or never when there is none. `None` means it overflowed.
+async fn next_delivery(inbox: &mut Option<Inbox>) -> Option<Arc<Delivery>> {
+    match inbox {
+        Some(inbox) => inbox.next().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -37,6 +37,9 @@ pub enum FailureKind {
     Unresponsive,
     /// The client did not read for `send_timeout_s` while the addon sent. Socket dropped.
     SlowClient,
+    /// More channel messages waited for the connection than its inbox holds
+    /// (`channels.inbox`): error frame, then close 1008.
+    SlowSubscriber,
     /// `Origin` not in the addon's `allowed_origins`. HTTP 403 before the upgrade.
     Origin,
     /// The addon's or the server's connection limit was reached. HTTP 503.
@@ -49,7 +52,7 @@ pub enum FailureKind {
 
 impl FailureKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FailureKind; 15] = [
+    pub const ALL: [FailureKind; 16] = [
         FailureKind::AddonError,
         FailureKind::AddonTrap,
         FailureKind::AddonTimeout,
@@ -61,6 +64,7 @@ impl FailureKind {
         FailureKind::Idle,
         FailureKind::Unresponsive,
         FailureKind::SlowClient,
+        FailureKind::SlowSubscriber,
         FailureKind::Origin,
         FailureKind::Capacity,
         FailureKind::HandshakeTimeout,
@@ -81,6 +85,7 @@ impl FailureKind {
             FailureKind::Idle => "idle",
             FailureKind::Unresponsive => "unresponsive",
             FailureKind::SlowClient => "slow_client",
+            FailureKind::SlowSubscriber => "slow_subscriber",
             FailureKind::Origin => "origin",
             FailureKind::Capacity => "capacity",
             FailureKind::HandshakeTimeout => "handshake_timeout",

@@ -17,6 +17,8 @@
 //! - [`cluster`]: the link to Redis that lets several nodes act as one;
 //! - [`metrics`]: the Prometheus metrics behind `/metrics`;
 //! - [`tls`]: `wss://` and certificate reloading;
+//! - [`channels`]: the channel bus, in-process or across nodes; `admin`: the admin
+//!   listener with `POST /api/publish`;
 //! - [`policy`]: addon manifests (`<name>.toml`): limits and grants;
 //! - [`sandbox`]: memory and CPU limits inside an instance's store;
 //! - [`server`]: listener and routing; `handshake`: HTTP head and upgrade;
@@ -25,8 +27,10 @@
 //! - [`error`]: failure kinds, error frames and close codes.
 
 pub mod addons;
+mod admin;
 mod bindings;
 pub mod cache;
+pub mod channels;
 pub mod check;
 pub mod cluster;
 pub mod config;
@@ -43,7 +47,7 @@ pub mod server;
 mod shutdown;
 pub mod tls;
 
-pub use config::{Cli, Command, Config, LogFormat, ServerLimits, TlsFiles};
+pub use config::{AdminConfig, ApiKey, Cli, Command, Config, LogFormat, ServerLimits, TlsFiles};
 pub use error::{FailureCounts, FailureKind};
 pub use server::{Server, ServerHandle};
 

@@ -22,6 +22,9 @@
 //! | `sockhost_addon_reloads_total` | counter | `addon`, `result` (`ok`, `failed`, `removed`) |
 //! | `sockhost_compile_cache_total` | counter | `result` (`hit`, `miss`, `corrupt`, `write_failed`) |
 //! | `sockhost_addons_mounted` | gauge | |
+//! | `sockhost_channel_published_total` | counter | `addon`: messages published on its channels (by instances and `/api/publish`) |
+//! | `sockhost_channel_deliveries_total` | counter | `addon`: `on-channel-message` calls made |
+//! | `sockhost_cluster_up` | gauge | 1 while Redis answers, 0 while not; absent without `redis_url` |
 //! | `sockhost_failures_total` | counter | `kind` (the [`FailureKind`] codes) |
 //! | `sockhost_addon_failures_total` | counter | `addon`, `kind`: the same failures, for the addon whose connection (or upgrade) failed |
 
@@ -80,6 +83,10 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     compile_cache: Family<ResultLabel, Counter>,
     addons_mounted: Gauge,
+    channel_published: Family<AddonLabel, Counter>,
+    channel_deliveries: Family<AddonLabel, Counter>,
+    /// Registered only in a cluster.
+    cluster_up: Gauge,
     /// The server-wide failure counts, which every addon's also feed.
     failures: Arc<FailureCounts>,
     /// One entry per addon name ever loaded: versions of an addon share it.
@@ -151,6 +158,17 @@ impl Metrics {
                 "Compiled-code cache look-ups and writes, by result",
             ),
             addons_mounted: registered(r, "addons_mounted", "Addons mounted now"),
+            channel_published: registered(
+                r,
+                "channel_published",
+                "Messages published on the addon's channels",
+            ),
+            channel_deliveries: registered(
+                r,
+                "channel_deliveries",
+                "Channel messages delivered to the addon's instances (on-channel-message calls)",
+            ),
+            cluster_up: Gauge::default(),
             stats: Arc::default(),
             registry: Registry::default(),
             failures: failures.clone(),
@@ -178,6 +196,8 @@ impl Metrics {
                     bytes_in: self.bytes_in.get_or_create(&label).clone(),
                     bytes_out: self.bytes_out.get_or_create(&label).clone(),
                     callback_seconds: self.callback_seconds.get_or_create(&label).clone(),
+                    channel_published: self.channel_published.get_or_create(&label).clone(),
+                    channel_deliveries: self.channel_deliveries.get_or_create(&label).clone(),
                     failures: FailureCounts::default(),
                     server_failures: self.failures.clone(),
                 })
@@ -200,6 +220,20 @@ impl Metrics {
     /// Records a compiled-code cache event: `hit`, `miss`, `corrupt` or `write_failed`.
     pub fn cache(&self, result: &'static str) {
         self.compile_cache.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Shows `sockhost_cluster_up`: called once, by a server with `redis_url`.
+    pub fn register_cluster(&mut self) {
+        self.registry.register(
+            "sockhost_cluster_up",
+            "Whether this node reaches Redis (cluster.redis_url): 1 yes, 0 no",
+            self.cluster_up.clone(),
+        );
+    }
+
+    /// Records whether Redis answers (read at each scrape).
+    pub fn set_cluster_up(&self, up: bool) {
+        self.cluster_up.set(up as i64);
     }
 
     /// Sets the number of mounted addons.
@@ -230,6 +264,8 @@ pub struct AddonStats {
     pub(crate) bytes_in: Counter,
     pub(crate) bytes_out: Counter,
     pub(crate) callback_seconds: AtomicHistogram,
+    pub(crate) channel_published: Counter,
+    pub(crate) channel_deliveries: Counter,
     /// This addon's share of the server-wide failure counts.
     pub(crate) failures: FailureCounts,
     server_failures: Arc<FailureCounts>,
@@ -266,6 +302,12 @@ impl AddonStats {
     pub(crate) fn message_in(&self, bytes: usize) {
         self.messages_in.inc();
         self.bytes_in.inc_by(bytes as u64);
+    }
+
+    /// Counts one `on-channel-message` call.
+    #[inline]
+    pub(crate) fn channel_delivery(&self) {
+        self.channel_deliveries.inc();
     }
 
     /// Counts one message sent to a client.

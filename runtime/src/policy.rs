@@ -28,6 +28,7 @@
 //! | `outbound_max_requests` | outbound requests one instance may have open at once: 4 |
 //! | `[config]` | settings the addon reads with `config.get`; `{ env = "NAME" }` reads a variable |
 //! | `[auth]` | token verification (`auth.verify-token`): HS256 JWT, secret from the environment |
+//! | `[channels]` | `subscribe` / `publish` patterns (`"room:*"`), and `max_message_bytes` (64 KiB), `max_subscriptions` (64), `inbox` (256) |
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::host::auth::{AuthSection, JwtVerifier};
+use crate::host::channels::{ChannelGrants, ChannelsSection};
 use crate::host::config::{AddonConfig, EnvLookup};
 use crate::host::outbound::OutboundPolicy;
 
@@ -61,11 +63,12 @@ struct ManifestFile {
     outbound_max_requests: Option<u32>,
     config: Option<toml::Table>,
     auth: Option<AuthSection>,
+    channels: Option<ChannelsSection>,
 }
 
 /// A byte count written as an integer or as a string with a unit: `"64KiB"`, `"32 MiB"`.
 #[derive(Debug, Clone, Copy)]
-struct ByteSize(u64);
+pub(crate) struct ByteSize(pub(crate) u64);
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -137,6 +140,8 @@ pub struct AddonPolicy {
     pub config: Arc<AddonConfig>,
     /// The token verifier, when `[auth]` is set.
     pub auth: Option<Arc<JwtVerifier>>,
+    /// What the addon may do with channels (`[channels]`), and their limits.
+    pub channels: Arc<ChannelGrants>,
 }
 
 impl Default for AddonPolicy {
@@ -155,6 +160,7 @@ impl Default for AddonPolicy {
             outbound: Arc::default(),
             config: Arc::default(),
             auth: None,
+            channels: Arc::default(),
         }
     }
 }
@@ -284,6 +290,9 @@ impl AddonPolicy {
         if let Some(section) = file.auth {
             policy.auth = Some(Arc::new(JwtVerifier::from_manifest(section, env)?));
         }
+        if let Some(section) = file.channels {
+            policy.channels = Arc::new(ChannelGrants::from_manifest(section)?);
+        }
         Ok(policy)
     }
 
@@ -306,6 +315,9 @@ impl AddonPolicy {
         }
         if let Some(auth) = &self.auth {
             grants.push(format!("auth: {}", auth.describe()));
+        }
+        if self.channels.is_granted() {
+            grants.push(self.channels.describe());
         }
         grants
     }
@@ -348,6 +360,9 @@ impl AddonPolicy {
             ("ping_interval_s", self.ping_interval.as_secs().to_string()),
             ("send_timeout_s", self.send_timeout.as_secs().to_string()),
             ("allowed_origins", origins),
+            ("channels.max_message_bytes", format_size(self.channels.limits.max_message_bytes as u64)),
+            ("channels.max_subscriptions", self.channels.limits.max_subscriptions.to_string()),
+            ("channels.inbox", self.channels.limits.inbox.to_string()),
         ]
     }
 }

@@ -8,7 +8,8 @@
 //! - `/healthz`: `200` while the process serves (liveness);
 //! - `/readyz`: `200` when ready for traffic (addons are loaded before the listener
 //!   accepts), `503` while draining after SIGTERM, so a load balancer stops sending;
-//! - `/metrics`: Prometheus text format ([`crate::metrics`]);
+//! - `/metrics`: Prometheus text format ([`crate::metrics`]), unless the admin listener
+//!   ([`crate::admin`]) is set: then it is served there instead;
 //! - anything else: `404 Not Found`, without upgrading.
 //!
 //! Before an addon connection is upgraded the server checks, in order: the request is a
@@ -44,8 +45,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::addons::{self, AddonSet, InstantiateError, LoadedAddon, Loader};
+use crate::admin::Admin;
 use crate::bindings::ConnectionInfo;
 use crate::cache::CompileCache;
+use crate::channels::Channels;
+use crate::cluster::RedisLink;
 use crate::config::Config;
 use crate::connection::AddonConnection;
 use crate::engine::EpochCounter;
@@ -66,6 +70,8 @@ pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
     watcher: Option<Watcher>,
+    /// The admin listener, when `[admin] listen` is set.
+    admin: Option<(TcpListener, Arc<Admin>)>,
 }
 
 /// What every connection task reads.
@@ -91,6 +97,8 @@ struct Shared {
     draining: AtomicBool,
     /// Every connection task, so shutdown can wait for them.
     tasks: TaskTracker,
+    /// Whether `/metrics` is on the admin listener rather than here.
+    metrics_on_admin: bool,
 }
 
 impl Shared {
@@ -130,7 +138,24 @@ impl Server {
         let linker = host::linker(&engine).map_err(anyhow::Error::from).context("linking host interfaces")?;
         let cache = config.cache_dir.as_deref().map(|dir| CompileCache::open(dir, &engine));
         let failures = Arc::new(FailureCounts::default());
-        let metrics = Arc::new(Metrics::new(failures.clone()));
+        let mut metrics = Metrics::new(failures.clone());
+        let link = match &config.redis_url {
+            Some(url) => {
+                metrics.register_cluster();
+                let link = Arc::new(RedisLink::new(url)?);
+                tracing::info!(redis = %link.url(), "cluster: channels and kv go through redis");
+                Some(link)
+            }
+            None => None,
+        };
+        let metrics = Arc::new(metrics);
+        // Bound before the addons load, like the public port: a busy address fails fast.
+        let admin_listener = match &config.admin {
+            Some(admin) => Some(TcpListener::bind(admin.listen).await.with_context(|| {
+                format!("cannot listen on admin.listen {} (--admin-listen)", admin.listen)
+            })?),
+            None => None,
+        };
         let loader = Arc::new(Loader::new(engine, linker, cache, metrics.clone()));
         let dir = config.addons_dir.clone();
         let scan = loader.clone();
@@ -154,7 +179,12 @@ impl Server {
         let listener = socket.listen()?;
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         let base = format!("{scheme}://{}:{}", config.public_host, local.port());
-        tracing::info!("listening on {local}; test endpoint {base}/ws");
+        match admin_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+            Some(admin) => {
+                tracing::info!("listening on {local}; test endpoint {base}/ws; admin listener http://{admin}")
+            }
+            None => tracing::info!("listening on {local}; test endpoint {base}/ws"),
+        }
         for addon in addons.iter() {
             let name = addon.name();
             tracing::info!(addon = name, version = %addon.version(), "mounted {base}/ws/{name}{}", addon.grants_note());
@@ -178,7 +208,20 @@ impl Server {
             .read_buffer_size(config.limits.read_buffer_bytes)
             .max_message_size(Some(BUILTIN_MAX_MESSAGE))
             .max_frame_size(Some(BUILTIN_MAX_MESSAGE));
-        let services = HostServices { kv: Arc::new(KvStore::new(&config.data_dir)) };
+        let channels = match &link {
+            Some(link) => Channels::clustered(link.clone(), metrics.clone()),
+            None => Channels::in_process(metrics.clone()),
+        };
+        let services =
+            HostServices { kv: Arc::new(KvStore::new(&config.data_dir)), channels: channels.clone() };
+        let admin = match (admin_listener, &config.admin) {
+            (Some(listener), Some(settings)) => {
+                let admin = Admin::new(mounted.clone(), channels, metrics.clone(), settings);
+                Some((listener, Arc::new(admin)))
+            }
+            _ => None,
+        };
+        let metrics_on_admin = admin.is_some();
         let shared = Shared {
             addons: mounted,
             services,
@@ -193,8 +236,14 @@ impl Server {
             shutdown: Arc::default(),
             draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
+            metrics_on_admin,
         };
-        Ok(Server { listener, shared: Arc::new(shared), watcher })
+        Ok(Server { listener, shared: Arc::new(shared), watcher, admin })
+    }
+
+    /// The admin listener's address, when there is one (useful with port 0).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     /// The address the server listens on (useful with port 0).
@@ -225,9 +274,13 @@ impl Server {
     /// so a load balancer sees the server going; with `server.reuse_port` it is closed
     /// at once, because the process sharing the port serves new connections.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
-        let Server { listener, shared, watcher } = self;
+        let Server { listener, shared, watcher, admin } = self;
         if let Some(watcher) = watcher {
             tokio::spawn(watcher.run(shared.shutdown.token().clone()));
+        }
+        if let Some((listener, admin)) = admin {
+            // It stops with the drain's start: the backend should publish to nodes that serve.
+            tokio::spawn(admin.run(listener, shared.shutdown.token().clone()));
         }
         if let Some(tls) = &shared.tls {
             tokio::spawn(tls.clone().watch(shared.shutdown.token().clone()));
@@ -487,10 +540,22 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             reject(&mut stream, Rejection::new(503, "draining: the server is shutting down")).await
         }
         Route::Ready => {
-            let body = format!("ready: {} addons mounted\n", shared.addons.get().len());
+            let mut body = format!("ready: {} addons mounted\n", shared.addons.get().len());
+            if let Some(link) = shared.services.channels.cluster() {
+                // Still 200: Redis is shared by every node, so taking this one out of the
+                // load balancer would not help; what needs no Redis still works here.
+                let state = if link.is_up() { "up" } else { "DOWN (reconnecting; channels and kv fail meanwhile)" };
+                body.push_str(&format!("cluster: redis {} {state}\n", link.url()));
+            }
             handshake::write_response(&mut stream, 200, "text/plain; charset=utf-8", &[], &body).await
         }
+        Route::Metrics if shared.metrics_on_admin => {
+            reject(&mut stream, Rejection::new(404, "/metrics is served on the admin listener (admin.listen)")).await
+        }
         Route::Metrics => {
+            if let Some(link) = shared.services.channels.cluster() {
+                shared.metrics.set_cluster_up(link.is_up());
+            }
             let body = shared.metrics.encode();
             handshake::write_response(&mut stream, 200, crate::metrics::CONTENT_TYPE, &[], &body).await
         }

@@ -1,5 +1,6 @@
 mod aikefu;
 mod aikefu_process;
+mod channels;
 mod core;
 mod fake_llm;
 mod limits;

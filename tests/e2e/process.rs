@@ -26,6 +26,9 @@ fn sockhost_command() -> Command {
         "SOCKHOST_TLS_CERT",
         "SOCKHOST_TLS_KEY",
         "SOCKHOST_REUSE_PORT",
+        "SOCKHOST_REDIS_URL",
+        "SOCKHOST_ADMIN_LISTEN",
+        "SOCKHOST_API_KEY",
     ] {
         command.env_remove(key);
     }

@@ -57,6 +57,8 @@ pub fn addons_dir(files: &[(&str, &[u8])]) -> tempfile::TempDir {
 /// A server running in this process on 127.0.0.1 with a free port.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The admin listener, when the test configured one.
+    pub admin: Option<SocketAddr>,
     pub addon_names: Vec<String>,
     pub failures: std::sync::Arc<sockhost::FailureCounts>,
     pub handle: sockhost::ServerHandle,
@@ -94,6 +96,7 @@ impl TestServer {
         adjust(&mut config);
         let server = sockhost::Server::start(config).await.expect("server starts");
         let addr = server.local_addr();
+        let admin = server.admin_addr();
         let addon_names = server.addon_names();
         let failures = server.failures();
         let handle = server.handle();
@@ -101,7 +104,7 @@ impl TestServer {
         tokio::spawn(server.run_until(async {
             let _ = stopped.await;
         }));
-        TestServer { addr, addon_names, failures, handle, dir, cache, _data: data, stop: Some(stop) }
+        TestServer { addr, admin, addon_names, failures, handle, dir, cache, _data: data, stop: Some(stop) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -120,6 +123,13 @@ impl TestServer {
     /// with its labels as exposed, e.g. `sockhost_addon_messages_in_total{addon="echo"}`.
     pub async fn metric(&self, series: &str) -> Option<f64> {
         let (status, text) = http_get(self.addr, "/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        metric_value(&text, series)
+    }
+
+    /// Like [`TestServer::metric`], scraped from the admin listener.
+    pub async fn metric_admin(&self, series: &str) -> Option<f64> {
+        let (status, text) = http_get(self.admin.expect("an admin listener"), "/metrics").await;
         assert_eq!(status, 200, "{text}");
         metric_value(&text, series)
     }
@@ -222,6 +232,22 @@ pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
     (status, text)
 }
 
+/// `POST path` with a JSON body and, when given, `Authorization: Bearer <key>`.
+pub async fn http_post(addr: SocketAddr, path: &str, key: Option<&str>, body: &str) -> (u16, String) {
+    let auth = key.map(|key| format!("Authorization: Bearer {key}\r\n")).unwrap_or_default();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    http_request(addr, &request).await
+}
+
+/// The body of an HTTP response as JSON.
+pub fn json_body(response: &str) -> Value {
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|err| panic!("not a JSON body ({err}): {response}"))
+}
+
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http_request(addr, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")).await
 }
@@ -317,7 +343,7 @@ pub async fn wait_for_log(needles: &[&str]) -> String {
 
 // ---- hostile components --------------------------------------------------------------
 
-/// A component of the `addon` world, written in WAT, whose `on-message` misbehaves on
+/// A component of the `base` world (no `channel-handler`), written in WAT, whose `on-message` misbehaves on
 /// command (the first byte of a text message):
 /// `l` loops forever, `m` grows memory until refused then traps (as Rust's allocator
 /// does), `s` overflows the stack, `u` hits `unreachable`, `d` divides by zero,
@@ -325,7 +351,7 @@ pub async fn wait_for_log(needles: &[&str]) -> String {
 pub fn hostile_component() -> Vec<u8> {
     const CORE: &str = r#"
     (module
-      (import "sockhost:addon/session@0.1.1" "send-text" (func $send (param i32 i32 i32)))
+      (import "sockhost:addon/session@0.1.2" "send-text" (func $send (param i32 i32 i32)))
       (memory (export "memory") 1)
       (global $heap (mut i32) (i32.const 1024))
       (data (i32.const 32) "ok")
@@ -346,12 +372,12 @@ pub fn hostile_component() -> Vec<u8> {
       (func $recurse (param i64) (result i64)
         (i64.add (call $recurse (i64.add (local.get 0) (i64.const 1))) (i64.const 1)))
 
-      (func (export "sockhost:addon/handler@0.1.1#on-open")
+      (func (export "sockhost:addon/handler@0.1.2#on-open")
         (param i64 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
         (global.set $heap (i32.const 1024))
         (i32.const 16))
 
-      (func (export "sockhost:addon/handler@0.1.1#on-message") (param $kind i32) (param $ptr i32) (param $len i32) (result i32)
+      (func (export "sockhost:addon/handler@0.1.2#on-message") (param $kind i32) (param $ptr i32) (param $len i32) (result i32)
         (local $command i32)
         (if (i32.gt_u (local.get $len) (i32.const 0))
           (then (local.set $command (i32.load8_u (local.get $ptr)))))
@@ -378,12 +404,12 @@ pub fn hostile_component() -> Vec<u8> {
         ;; A zeroed result area: ok.
         (i32.const 16))
 
-      (func (export "sockhost:addon/handler@0.1.1#on-close") (param i32 i32 i32))
+      (func (export "sockhost:addon/handler@0.1.2#on-close") (param i32 i32 i32))
     )"#;
     let mut module = wat::parse_str(CORE).expect("hostile core module parses");
     let mut resolve = wit_parser::Resolve::default();
     let (package, _) = resolve.push_path(repo_root().join("wit")).expect("wit parses");
-    let world = resolve.select_world(&[package], Some("addon")).expect("addon world");
+    let world = resolve.select_world(&[package], Some("base")).expect("base world");
     wit_component::embed_component_metadata(
         &mut module,
         &resolve,

@@ -15,8 +15,15 @@
 //! [`history`]), so a client that reconnects with its session id continues where it
 //! was, and nobody else can.
 //!
+//! Server push: once a connection's token is verified, it subscribes to the channel
+//! `user:<id>`, so the shop's backend can reach every open chat of that user with
+//! `POST /api/publish` (`{"addon":"aikefu","channel":"user:42","data":"您的订单已发货"}`);
+//! each gets the text as `{"type":"system","message":...}`. (With
+//! `dev_accept_any_token`, the user id is the token itself.)
+//!
 //! Host grants it needs (`addons/aikefu.toml`): `kv = true`; `outbound_hosts` for the
-//! model's origin; `[auth]` for real token verification.
+//! model's origin; `[auth]` for real token verification; `[channels] subscribe =
+//! ["user:*"]` for server push.
 
 mod faq;
 mod history;
@@ -27,7 +34,7 @@ use std::time::Duration;
 
 use sockhost_addon_sdk::auth::{self, AuthError};
 use sockhost_addon_sdk::protocol::{ChatStream, ClientMessage, send_error, send_system};
-use sockhost_addon_sdk::{Addon, ConnectionInfo, Error, Message, Refusal, export_addon, log};
+use sockhost_addon_sdk::{Addon, ConnectionInfo, Error, Message, Refusal, channels, export_addon, log};
 
 use crate::settings::Settings;
 
@@ -57,6 +64,9 @@ const OFFLINE_CHUNK_CHARS: usize = 6;
 #[derive(Default)]
 struct Aikefu {
     settings: Option<Settings>,
+    /// The push channel this connection is subscribed to (`user:<id>`), once a token
+    /// was verified.
+    push_channel: Option<String>,
 }
 
 impl Addon for Aikefu {
@@ -84,14 +94,45 @@ impl Addon for Aikefu {
                 return Ok(());
             }
         };
+        follow_user(&mut self.push_channel, &request.push_id);
         request.answer(settings)?;
         Ok(())
     }
+
+    fn on_channel_message(&mut self, _channel: &str, msg: Message) {
+        // The backend's push: shown as the seed protocol's system notice.
+        let text = match msg {
+            Message::Text(text) => text,
+            Message::Binary(data) => String::from_utf8_lossy(&data).into_owned(),
+        };
+        let _ = send_system(&text);
+    }
+}
+
+/// Subscribes to the verified user's push channel (and leaves a previous user's, if the
+/// client signed in as someone else). Push is a convenience: when it cannot be set up the
+/// chat still works, and the log says why.
+fn follow_user(push_channel: &mut Option<String>, push_id: &str) {
+    let channel = format!("user:{push_id}");
+    if push_channel.as_deref() == Some(channel.as_str()) {
+        return;
+    }
+    if let Some(old) = push_channel.take() {
+        channels::unsubscribe(&old);
+    }
+    // Denied or invalid (an id that is not a channel segment) will not change: it is
+    // remembered as tried either way, so the log gets one line, not one per message.
+    if let Err(err) = channels::subscribe(&channel) {
+        log::warn(&format!("no server push for this connection ({channel}): {err}"));
+    }
+    *push_channel = Some(channel);
 }
 
 /// A validated chat message from a verified user.
 struct ChatRequest {
     user: String,
+    /// The user's id as the backend knows it, for the push channel `user:<id>`.
+    push_id: String,
     session_id: String,
     question: String,
 }
@@ -123,10 +164,10 @@ impl ChatRequest {
             Some(token) if !token.is_empty() => token,
             _ => return Err((codes::UNAUTHORIZED, "missing `token`: sign in first".into())),
         };
-        let user = match auth::verify_token(&token) {
-            Ok(user) => user.id,
+        let (user, push_id) = match auth::verify_token(&token) {
+            Ok(user) => (user.id.clone(), user.id),
             // Development only: no verifier configured, and the manifest opted in.
-            Err(AuthError::NotConfigured) if settings.dev_accept_any_token => format!("dev:{token}"),
+            Err(AuthError::NotConfigured) if settings.dev_accept_any_token => (format!("dev:{token}"), token),
             Err(AuthError::NotConfigured) => {
                 log::error(
                     "no [auth] verifier is configured and dev_accept_any_token is off; refusing every token",
@@ -138,7 +179,7 @@ impl ChatRequest {
             }
             Err(err) => return Err((codes::UNAUTHORIZED, err.to_string())),
         };
-        Ok(ChatRequest { user, session_id, question: msg.message })
+        Ok(ChatRequest { user, push_id, session_id, question: msg.message })
     }
 
     fn answer(self, settings: &Settings) -> Result<(), Error> {

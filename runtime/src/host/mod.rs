@@ -10,6 +10,7 @@
 //! | [`kv`]      | `sockhost:addon/kv`       | [`kv::KvAccess`]: the server's store if granted |
 //! | [`config`]  | `sockhost:addon/config`   | the addon's [`config::AddonConfig`] |
 //! | [`auth`]    | `sockhost:addon/auth`     | the addon's [`auth::JwtVerifier`], if any |
+//! | [`channels`]| `sockhost:addon/channels` | [`channels::ChannelAccess`]: grants, subscriptions, the inbox |
 //! | [`outbound`]| `wasi:http/outgoing-handler` | `WasiHttpCtx` + [`outbound::OutboundHooks`] |
 //! | WASI        | `wasi:*@0.2` (p2)         | `WasiCtx` + table      |
 //!
@@ -24,6 +25,7 @@
 //! small.
 
 pub mod auth;
+pub mod channels;
 pub mod config;
 pub mod kv;
 pub mod log;
@@ -51,6 +53,7 @@ pub struct HostState {
     kv: kv::KvAccess,
     config: config::ConfigHandle,
     auth: Option<Arc<auth::JwtVerifier>>,
+    pub(crate) channels: channels::ChannelAccess,
     wasi: WasiCtx,
     http: WasiHttpCtx,
     outbound: outbound::OutboundHooks,
@@ -62,6 +65,8 @@ pub struct HostState {
 pub struct HostServices {
     /// The kv store, handed to instances whose manifest grants `kv`.
     pub kv: Arc<kv::KvStore>,
+    /// The channel bus; what an instance may do on it is its manifest's `[channels]`.
+    pub channels: Arc<crate::channels::Channels>,
 }
 
 impl HostState {
@@ -74,7 +79,8 @@ impl HostState {
         epoch: EpochCounter,
     ) -> HostState {
         let addon: Arc<str> = Arc::from(info.addon.as_str());
-        let log = log::LogContext::new(addon.clone(), info.id);
+        let conn = info.id;
+        let log = log::LogContext::new(addon.clone(), conn);
         let outbound = outbound::OutboundHooks {
             policy: policy.outbound.clone(),
             addon: addon.clone(),
@@ -92,9 +98,15 @@ impl HostState {
             session: session::Session::new(info, policy.send_timeout),
             log,
             limits: InstanceLimits::new(policy, epoch),
-            kv: kv::KvAccess { store: policy.kv.then(|| services.kv.clone()), namespace: addon },
+            kv: kv::KvAccess { store: policy.kv.then(|| services.kv.clone()), namespace: addon.clone() },
             config: policy.config.clone(),
             auth: policy.auth.clone(),
+            channels: channels::ChannelAccess::new(
+                services.channels.clone(),
+                addon.clone(),
+                conn,
+                policy.channels.clone(),
+            ),
             wasi,
             http: WasiHttpCtx::new(),
             outbound,
@@ -131,6 +143,7 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     iface::kv::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
     iface::config::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
     iface::auth::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
+    iface::channels::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
     Ok(linker)
 }
 

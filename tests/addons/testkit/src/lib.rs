@@ -1,19 +1,27 @@
 //! The addon the end-to-end tests drive: each text command exercises one part of the host.
 //! Commands: count, stream, error, trap, info, close, print, log, flood, `get <url>`,
-//! `hold <n> <url>`, `kv-set <key> <value>`, `kv-get <key>`; `?refuse=1` in the query
-//! refuses the connection.
+//! `hold <n> <url>`, `kv-set <key> <value>`, `kv-get <key>`, `sub <channel>`,
+//! `unsub <channel>`, `pub <channel> <text>`, `pub-bin <channel> <bytes>` (that many zero
+//! bytes); `?refuse=1` in the query refuses the connection, `?slow=<ms>` makes every
+//! channel delivery take that long, `?tag=<text>` tags the on-close log line. Deliveries reach the client as
+//! `chan <channel> <text>` (or `chan <channel> <n> bytes`).
 
 use std::time::Duration;
 
 use sockhost_addon_sdk::http::{Request, Response};
 use sockhost_addon_sdk::{
-    Addon, ConnectionInfo, Error, Message, Refusal, close, connection_info, export_addon, kv, log, send_json,
-    send_text,
+    Addon, ConnectionInfo, Error, Message, Refusal, channels, close, connection_info, export_addon, kv, log,
+    send_json, send_text,
 };
 
 #[derive(Default)]
 struct Testkit {
     count: u64,
+    /// `?slow=<ms>`: how long each channel delivery takes.
+    slow_ms: u64,
+    /// `?tag=<text>`: added to the on-close log line, so a test can find its own among
+    /// the lines of every server in the test process.
+    tag: String,
 }
 
 impl Addon for Testkit {
@@ -21,6 +29,8 @@ impl Addon for Testkit {
         if info.query.split('&').any(|pair| pair == "refuse=1") {
             return Err(Refusal::new(4003, "refused by testkit"));
         }
+        self.slow_ms = info.query_param("slow").and_then(|ms| ms.parse().ok()).unwrap_or(0);
+        self.tag = info.query_param("tag").unwrap_or_default();
         // A client that left during the handshake is not a reason to refuse.
         let _ = send_text("open");
         Ok(())
@@ -78,6 +88,29 @@ impl Addon for Testkit {
                     Ok(None) => send_text("kv none")?,
                     Err(err) => send_text(&format!("kv error: {err}"))?,
                 },
+                Some(("sub", channel)) => match channels::subscribe(channel) {
+                    Ok(()) => send_text(&format!("subscribed {channel}"))?,
+                    Err(err) => send_text(&format!("channel error: {err:?}"))?,
+                },
+                Some(("unsub", channel)) => {
+                    channels::unsubscribe(channel);
+                    send_text(&format!("unsubscribed {channel}"))?;
+                }
+                Some(("pub", args)) => {
+                    let (channel, text) = args.split_once(' ').unwrap_or((args, ""));
+                    match channels::publish_text(channel, text) {
+                        Ok(()) => send_text("published")?,
+                        Err(err) => send_text(&format!("channel error: {err:?}"))?,
+                    }
+                }
+                Some(("pub-bin", args)) => {
+                    let (channel, size) = args.split_once(' ').unwrap_or((args, "0"));
+                    let data = vec![0u8; size.parse().unwrap_or(0)];
+                    match channels::publish(channel, &Message::Binary(data)) {
+                        Ok(()) => send_text("published")?,
+                        Err(err) => send_text(&format!("channel error: {err:?}"))?,
+                    }
+                }
                 Some(("get", url)) => match Request::get(url).send() {
                     Ok(response) => send_text(&format!("status {}", response.status()))?,
                     Err(err) => send_text(&format!("error {:?}: {err}", err.kind))?,
@@ -88,8 +121,18 @@ impl Addon for Testkit {
         Ok(())
     }
 
+    fn on_channel_message(&mut self, channel: &str, msg: Message) {
+        if self.slow_ms > 0 {
+            std::thread::sleep(Duration::from_millis(self.slow_ms));
+        }
+        let _ = match msg {
+            Message::Text(text) => send_text(&format!("chan {channel} {text}")),
+            Message::Binary(data) => send_text(&format!("chan {channel} {} bytes", data.len())),
+        };
+    }
+
     fn on_close(&mut self, code: u16, reason: &str) {
-        log::info(&format!("testkit on-close code={code} reason={reason}"));
+        log::info(&format!("testkit on-close code={code} reason={reason} tag={}", self.tag));
     }
 }
 
