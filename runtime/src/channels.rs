@@ -176,6 +176,7 @@ impl Channels {
             subscribers.push(inbox.clone());
             subscribers.len() == 1
         };
+        self.metrics.addon(addon).channel_subscriptions.inc();
         if let (true, Some(bus)) = (first, &self.redis) {
             let (done, confirmed) = oneshot::channel();
             let _ = bus.commands.send(Command::Sync { name: redis_name(addon, channel), done: Some(done) });
@@ -191,7 +192,11 @@ impl Channels {
             let mut registry = self.write();
             let Some(by_channel) = registry.get_mut(addon) else { return };
             let Some(subscribers) = by_channel.get_mut(channel) else { return };
+            let before = subscribers.len();
             subscribers.retain(|s| s.conn != conn);
+            if subscribers.len() < before {
+                self.metrics.addon(addon).channel_subscriptions.dec();
+            }
             let last = subscribers.is_empty();
             if last {
                 by_channel.remove(channel);
@@ -212,9 +217,8 @@ impl Channels {
     /// reaches (in a cluster, those subscribed when it was handed to Redis; other nodes
     /// count their own).
     pub async fn publish(&self, addon: &str, channel: &str, payload: Payload) -> Result<usize, BusError> {
-        self.metrics.addon(addon).channel_published.inc();
-        match &self.redis {
-            None => Ok(self.fan_out(addon, Arc::new(Delivery { channel: channel.into(), payload }))),
+        let reached = match &self.redis {
+            None => self.fan_out(addon, Arc::new(Delivery { channel: channel.into(), payload })),
             Some(bus) => {
                 let local = self.local_subscribers(addon, channel);
                 let mut conn = bus.link.connection();
@@ -224,9 +228,11 @@ impl Channels {
                     .run(cmd.query_async::<i64>(&mut conn))
                     .await
                     .map_err(|err| BusError::Unavailable(err.to_string()))?;
-                Ok(local)
+                local
             }
-        }
+        };
+        self.metrics.addon(addon).channel_published.inc();
+        Ok(reached)
     }
 
     /// Hands `delivery` to every local subscriber of its channel without waiting for any.
@@ -329,6 +335,10 @@ async fn subscriber_task(bus: std::sync::Weak<Channels>, mut commands: mpsc::Unb
             if let Err(err) = sink.subscribe(&names).await {
                 tracing::debug!(error = %err, "redis resubscribe failed");
                 link.set_up(false);
+                if !wait_for_retry(&mut commands, delay).await {
+                    return;
+                }
+                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
                 continue;
             }
             tracing::info!(channels = names.len(), "redis subscriptions restored");

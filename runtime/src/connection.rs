@@ -176,6 +176,8 @@ pub(crate) struct AddonConnection {
     rate: Option<TokenBucket>,
     last_message: Instant,
     ping_sent: Option<Instant>,
+    /// When the client's answer to the host's close frame is due; set once.
+    close_deadline: Option<Instant>,
     /// Fires at or before the next keep-alive deadline. Activity only moves deadlines
     /// later, so the timer is not re-armed per message: when it fires early,
     /// [`Self::keep_alive`] re-arms it for the real deadline.
@@ -212,6 +214,7 @@ impl AddonConnection {
             shutdown,
             last_message: now,
             ping_sent: None,
+            close_deadline: None,
             keep_alive_timer: Box::pin(tokio::time::sleep_until(first_deadline)),
         }
     }
@@ -328,7 +331,7 @@ impl AddonConnection {
 
     /// Waits for the next thing to do: a client event (from the read-ahead queue first),
     /// a keep-alive deadline, or shutdown. Once the host sent a close frame, the client
-    /// gets [`CLOSE_HANDSHAKE_TIMEOUT`] to answer it.
+    /// gets [`CLOSE_HANDSHAKE_TIMEOUT`] in all to answer it.
     async fn wake(&mut self) -> Wake {
         if let Some(event) = self.pending.pop_front() {
             return Wake::Event(event);
@@ -345,9 +348,18 @@ impl AddonConnection {
                 );
                 return Wake::Event(gone);
             }
-            return match tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, self.reader.next()).await {
+            // One deadline from the first look after the close frame went out: frames the
+            // client keeps sending are read and dropped, but never buy it more time, so a
+            // closed connection cannot hold its slot and instance by trickling data.
+            let deadline =
+                *self.close_deadline.get_or_insert_with(|| Instant::now() + CLOSE_HANDSHAKE_TIMEOUT);
+            return match tokio::time::timeout_at(deadline, self.reader.next()).await {
                 Ok(event) => Wake::Event(event),
-                Err(_) => Wake::Event(gone),
+                Err(_) => {
+                    tracing::debug!("no close frame from the client in time; socket dropped");
+                    self.reader.finished = true;
+                    Wake::Event(gone)
+                }
             };
         }
         tokio::select! {

@@ -45,6 +45,8 @@ pub mod reload;
 pub mod sandbox;
 pub mod server;
 mod shutdown;
+#[doc(hidden)]
+pub mod testing;
 pub mod tls;
 
 pub use config::{AdminConfig, ApiKey, Cli, Command, Config, LogFormat, ServerLimits, TlsFiles};

@@ -24,6 +24,7 @@
 //! | `sockhost_addons_mounted` | gauge | |
 //! | `sockhost_channel_published_total` | counter | `addon`: messages published on its channels (by instances and `/api/publish`) |
 //! | `sockhost_channel_deliveries_total` | counter | `addon`: `on-channel-message` calls made |
+//! | `sockhost_channel_subscriptions` | gauge | `addon`: subscriptions held by this node's connections now |
 //! | `sockhost_cluster_up` | gauge | 1 while Redis answers, 0 while not; absent without `redis_url` |
 //! | `sockhost_failures_total` | counter | `kind` (the [`FailureKind`] codes) |
 //! | `sockhost_addon_failures_total` | counter | `addon`, `kind`: the same failures, for the addon whose connection (or upgrade) failed |
@@ -85,6 +86,7 @@ pub struct Metrics {
     addons_mounted: Gauge,
     channel_published: Family<AddonLabel, Counter>,
     channel_deliveries: Family<AddonLabel, Counter>,
+    channel_subscriptions: Family<AddonLabel, Gauge>,
     /// Registered only in a cluster.
     cluster_up: Gauge,
     /// The server-wide failure counts, which every addon's also feed.
@@ -168,6 +170,11 @@ impl Metrics {
                 "channel_deliveries",
                 "Channel messages delivered to the addon's instances (on-channel-message calls)",
             ),
+            channel_subscriptions: registered(
+                r,
+                "channel_subscriptions",
+                "Channel subscriptions held by this node's connections to the addon now",
+            ),
             cluster_up: Gauge::default(),
             stats: Arc::default(),
             registry: Registry::default(),
@@ -198,6 +205,7 @@ impl Metrics {
                     callback_seconds: self.callback_seconds.get_or_create(&label).clone(),
                     channel_published: self.channel_published.get_or_create(&label).clone(),
                     channel_deliveries: self.channel_deliveries.get_or_create(&label).clone(),
+                    channel_subscriptions: self.channel_subscriptions.get_or_create(&label).clone(),
                     failures: FailureCounts::default(),
                     server_failures: self.failures.clone(),
                 })
@@ -266,6 +274,7 @@ pub struct AddonStats {
     pub(crate) callback_seconds: AtomicHistogram,
     pub(crate) channel_published: Counter,
     pub(crate) channel_deliveries: Counter,
+    pub(crate) channel_subscriptions: Gauge,
     /// This addon's share of the server-wide failure counts.
     pub(crate) failures: FailureCounts,
     server_failures: Arc<FailureCounts>,

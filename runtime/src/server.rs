@@ -56,6 +56,7 @@ use crate::engine::EpochCounter;
 use crate::error::{Envelope, FailureCounts, FailureKind};
 use crate::handshake::{self, HeadError, Rejection, RequestHead};
 use crate::host::kv::KvStore;
+use crate::host::kv_redis::RedisKvBackend;
 use crate::host::{self, HostServices, HostState};
 use crate::metrics::{LiveInstance, Metrics};
 use crate::reload::{Mounted, Watcher};
@@ -212,8 +213,11 @@ impl Server {
             Some(link) => Channels::clustered(link.clone(), metrics.clone()),
             None => Channels::in_process(metrics.clone()),
         };
-        let services =
-            HostServices { kv: Arc::new(KvStore::new(&config.data_dir)), channels: channels.clone() };
+        let kv = match &link {
+            Some(link) => KvStore::with_backend(Arc::new(RedisKvBackend::new(link.clone()))),
+            None => KvStore::new(&config.data_dir),
+        };
+        let services = HostServices { kv: Arc::new(kv), channels: channels.clone() };
         let admin = match (admin_listener, &config.admin) {
             (Some(listener), Some(settings)) => {
                 let admin = Admin::new(mounted.clone(), channels, metrics.clone(), settings);
@@ -385,6 +389,8 @@ impl ServerHandle {
         check("limits.max_connections", new.limits.max_connections == current.limits.max_connections);
         check("limits.read_buffer_bytes", new.limits.read_buffer_bytes == current.limits.read_buffer_bytes);
         check("log.format", new.log_format == current.log_format);
+        check("cluster.redis_url", new.redis_url == current.redis_url);
+        check("admin.listen / admin.api_key_env / the API key", new.admin == current.admin);
         check("tls (switching TLS on or off)", new.tls.is_some() == current.tls.is_some());
 
         let mut next = Config::clone(&current);

@@ -281,6 +281,15 @@ async fn the_offline_faq_answers_chinese_and_english_questions_in_chunks() {
 }
 
 #[tokio::test]
+async fn a_chinese_session_id_at_the_limit_keeps_its_conversation() {
+    let server = bundled_server().await;
+    let mut client = open(&server).await;
+    let session = "会".repeat(42); // 126 bytes, the longest that fits in 128
+    client.send_text(&chat("发货", "t", &session)).await;
+    assert!(!read_reply(&mut client, &session).await.is_empty());
+}
+
+#[tokio::test]
 async fn each_kind_of_bad_input_gets_its_own_error_code_and_the_connection_stays_usable() {
     let server = bundled_server().await;
     let mut client = open(&server).await;
@@ -292,6 +301,11 @@ async fn each_kind_of_bad_input_gets_its_own_error_code_and_the_connection_stays
         (json!({"message": "  ", "token": "t", "session_id": "s"}).to_string(), "missing_field"),
         (json!({"message": "hi", "token": "t", "action": "chat"}).to_string(), "missing_field"),
         (json!({"message": "hi", "token": "t", "session_id": "x".repeat(129)}).to_string(), "invalid_field"),
+        // Counted in bytes: 128 Chinese characters are 384 bytes, and used to reach kv's
+        // key limit (storage_error) instead of being refused here.
+        (json!({"message": "hi", "token": "t", "session_id": "会".repeat(128)}).to_string(), "invalid_field"),
+        (json!({"message": "hi", "token": "t", "session_id": "会".repeat(43)}).to_string(), "invalid_field"),
+        (json!({"message": "hi", "token": "u".repeat(500), "session_id": "s"}).to_string(), "invalid_field"),
         (json!({"message": "hi", "token": "t", "session_id": "a\u{0}b"}).to_string(), "invalid_field"),
         (
             json!({"message": "hi", "token": "t", "session_id": "s", "action": "delete_all"}).to_string(),

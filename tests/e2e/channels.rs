@@ -189,11 +189,14 @@ async fn subscriptions_end_with_unsubscribe_and_with_the_connection() {
     assert_eq!(json_body(&response)["delivered"], 1);
     assert_eq!(b.recv_text().await, "chan room:leave x");
 
+    let held = r#"sockhost_channel_subscriptions{addon="testkit"}"#;
+    assert_eq!(server.metric_admin(held).await, Some(1.0));
     b.close(1000, "bye").await;
     eventually("the closed connection's subscription is gone", || async {
-        json_body(&publish(&server, body.clone()).await.1)["delivered"] == 0
+        server.metric_admin(held).await == Some(0.0)
     })
     .await;
+    assert_eq!(json_body(&publish(&server, body.clone()).await.1)["delivered"], 0);
     // a, unsubscribed, got nothing more: its next frame is the answer to a command.
     assert_eq!(ask(&mut a, "count").await, "1");
 }

@@ -1,8 +1,10 @@
 mod aikefu;
 mod aikefu_process;
 mod channels;
+mod cluster;
 mod core;
 mod fake_llm;
+mod hardening;
 mod limits;
 mod loading;
 mod ops;

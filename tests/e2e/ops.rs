@@ -117,7 +117,7 @@ fn check_validates_addons_and_exits_non_zero_on_a_problem() {
     std::fs::write(granted.join("aikefu.wasm"), bundled_addon("aikefu")).unwrap();
     std::fs::write(
         granted.join("aikefu.toml"),
-        "kv = true\noutbound_hosts = [\"https://api.example.com\"]\n[auth]\njwt_hs256_secret = { env = \"CHECK_JWT\" }\n[config]\nmodel = \"m\"\napi_key = { env = \"CHECK_KEY\" }\n",
+        "kv = true\noutbound_hosts = [\"https://api.example.com\"]\n[auth]\njwt_hs256_secret = { env = \"CHECK_JWT\" }\n[channels]\nsubscribe = [\"user:*\"]\ninbox = 32\n[config]\nmodel = \"m\"\napi_key = { env = \"CHECK_KEY\" }\n",
     )
     .unwrap();
     let secret = "check-secret-check-secret-check-secret";
@@ -130,6 +130,9 @@ fn check_validates_addons_and_exits_non_zero_on_a_problem() {
         "grant: auth: JWT HS256, secret from $CHECK_JWT",
         "grant: config model = m",
         "grant: config api_key = <from $CHECK_KEY>",
+        "grant: channels: subscribe user:*; publish none",
+        "channels.inbox       32",
+        "exports: handler, channel-handler",
         "wasi:http/outgoing-handler",
     ] {
         assert!(output.contains(needle), "missing {needle:?} in:\n{output}");
@@ -141,6 +144,8 @@ fn check_validates_addons_and_exits_non_zero_on_a_problem() {
     std::fs::write(bad.join("core.wasm"), wat::parse_str("(module)").unwrap()).unwrap();
     std::fs::write(bad.join("mirror.wasm"), test_addon("mirror")).unwrap();
     std::fs::write(bad.join("mirror.toml"), "cpu_limit_ms = 0\n").unwrap();
+    std::fs::write(bad.join("rooms.wasm"), test_addon("fanout")).unwrap();
+    std::fs::write(bad.join("rooms.toml"), "[channels]\nsubscribe = [\"room:*x\"]\n").unwrap();
     let (code, output) = run_to_exit(work.path(), &["check", "bad", "good/echo.wasm"], &[]);
     assert_ne!(code, 0, "{output}");
     assert!(output.contains("FAIL  bad/core.wasm: this is a core WebAssembly module"), "{output}");
@@ -148,7 +153,12 @@ fn check_validates_addons_and_exits_non_zero_on_a_problem() {
         output.contains("FAIL  bad/mirror.wasm: invalid manifest") && output.contains("cpu_limit_ms"),
         "{output}"
     );
-    assert!(output.contains("3 checked: 1 ok, 2 failed"), "{output}");
+    assert!(
+        output.contains("FAIL  bad/rooms.wasm: invalid manifest")
+            && output.contains("key `channels.subscribe`"),
+        "{output}"
+    );
+    assert!(output.contains("4 checked: 1 ok, 3 failed"), "{output}");
 
     let (code, output) = run_to_exit(work.path(), &["check", "missing.wasm"], &[]);
     assert_ne!(code, 0, "{output}");

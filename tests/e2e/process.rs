@@ -63,6 +63,13 @@ impl Process {
         }
     }
 
+    /// The admin listener's port, from the "listening on" line.
+    pub fn admin_port(&self) -> Option<u16> {
+        let line = self.startup.last()?;
+        let addr = line.split("admin listener http://").nth(1)?;
+        addr.trim().rsplit(':').next()?.parse().ok()
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }

@@ -44,7 +44,8 @@ pub mod codes {
     pub const BAD_JSON: &str = "bad_json";
     /// `message`, `token` or `session_id` is absent or empty.
     pub const MISSING_FIELD: &str = "missing_field";
-    /// `session_id` is longer than 128 characters or holds control characters.
+    /// `session_id` is longer than 128 bytes (UTF-8) or holds control characters, or the
+    /// conversation's key (user and session) is over kv's 512-byte limit.
     pub const INVALID_FIELD: &str = "invalid_field";
     /// `action` is something other than `chat`.
     pub const UNSUPPORTED_ACTION: &str = "unsupported_action";
@@ -56,8 +57,11 @@ pub mod codes {
     pub const STORAGE_ERROR: &str = "storage_error";
 }
 
-/// Longest accepted session id, in characters.
-const MAX_SESSION_ID: usize = 128;
+/// Longest accepted session id, in bytes of UTF-8: counted in bytes, like kv's key limit
+/// the conversation key must fit (42 CJK characters, 128 ASCII ones).
+const MAX_SESSION_ID_BYTES: usize = 128;
+/// kv's key limit, which the conversation key (`history::key`) must fit.
+const MAX_KV_KEY_BYTES: usize = 512;
 /// Characters per chunk when streaming an offline answer.
 const OFFLINE_CHUNK_CHARS: usize = 6;
 
@@ -154,10 +158,13 @@ impl ChatRequest {
             Some(id) if !id.is_empty() => id,
             _ => return Err((codes::MISSING_FIELD, "missing field `session_id`".into())),
         };
-        if session_id.chars().count() > MAX_SESSION_ID || session_id.chars().any(char::is_control) {
+        if session_id.len() > MAX_SESSION_ID_BYTES || session_id.chars().any(char::is_control) {
             return Err((
                 codes::INVALID_FIELD,
-                format!("`session_id` must be 1 to {MAX_SESSION_ID} characters without control characters"),
+                format!(
+                    "`session_id` must be 1 to {MAX_SESSION_ID_BYTES} bytes of UTF-8 (42 Chinese characters) \
+                     without control characters"
+                ),
             ));
         }
         let token = match msg.token {
@@ -179,6 +186,15 @@ impl ChatRequest {
             }
             Err(err) => return Err((codes::UNAUTHORIZED, err.to_string())),
         };
+        if history::key(&user, &session_id).len() > MAX_KV_KEY_BYTES {
+            // Only a very long user id gets here: the session id alone always fits.
+            return Err((
+                codes::INVALID_FIELD,
+                format!(
+                    "user id and `session_id` together are over the {MAX_KV_KEY_BYTES}-byte key limit of conversation memory; use a shorter `session_id`"
+                ),
+            ));
+        }
         Ok(ChatRequest { user, push_id, session_id, question: msg.message })
     }
 

@@ -8,8 +8,9 @@
 //! - **Namespaces.** Each addon has its own key space, named by the addon; the guest
 //!   never sees or chooses the namespace, so two addons cannot read each other's keys.
 //! - **Backend.** [`KvBackend`] is the seam: the default, [`RedbBackend`], keeps one
-//!   crash-safe redb file, `<data_dir>/kv.redb`, which survives restarts. A shared
-//!   backend (Redis) for several server nodes plugs in behind the same trait. The file
+//!   crash-safe redb file, `<data_dir>/kv.redb`, which survives restarts. With
+//!   `[cluster] redis_url`, [`super::kv_redis::RedisKvBackend`] keeps the data in Redis
+//!   instead, shared by every node, with the same semantics. The file
 //!   opens on first use, so a server whose addons use no kv never touches the disk. One
 //!   process at a time can open it: while another holds it (the process a restart with
 //!   `server.reuse_port` replaces), a call waits for it up to [`IN_USE_WAIT`], then fails
@@ -528,6 +529,48 @@ impl KvAccess {
             KvError::Backend(err.0)
         })
     }
+
+    // The guest's calls: the grant and the limits are checked here, before any backend.
+
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        check_key(key)?;
+        let backend = self.backend().await?;
+        self.answer(backend.get(&self.namespace, key).await)
+    }
+
+    pub(crate) async fn set(&self, key: &str, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvError> {
+        check_key(key)?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(KvError::Invalid(format!(
+                "a value is at most 1 MiB; this one is {} bytes",
+                value.len()
+            )));
+        }
+        if ttl_ms == Some(0) {
+            return Err(KvError::Invalid("ttl-ms must be at least 1; leave it out for no expiry".into()));
+        }
+        let backend = self.backend().await?;
+        self.answer(backend.set(&self.namespace, key, value, ttl_ms.map(Duration::from_millis)).await)
+    }
+
+    pub(crate) async fn delete(&self, key: &str) -> Result<bool, KvError> {
+        check_key(key)?;
+        let backend = self.backend().await?;
+        self.answer(backend.delete(&self.namespace, key).await)
+    }
+
+    pub(crate) async fn list_keys(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, KvError> {
+        if prefix.len() > MAX_KEY_BYTES {
+            return Err(KvError::Invalid(format!("a prefix is at most {MAX_KEY_BYTES} bytes")));
+        }
+        let backend = self.backend().await?;
+        self.answer(backend.list_keys(&self.namespace, prefix, start_after, limit.min(MAX_LIST)).await)
+    }
 }
 
 fn check_key(key: &str) -> Result<(), KvError> {
@@ -542,33 +585,15 @@ fn check_key(key: &str) -> Result<(), KvError> {
 
 impl Host for HostState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, KvError> {
-        check_key(&key)?;
-        let backend = self.kv.backend().await?;
-        let result = backend.get(&self.kv.namespace, &key).await;
-        self.kv.answer(result)
+        self.kv.get(&key).await
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvError> {
-        check_key(&key)?;
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(KvError::Invalid(format!(
-                "a value is at most 1 MiB; this one is {} bytes",
-                value.len()
-            )));
-        }
-        if ttl_ms == Some(0) {
-            return Err(KvError::Invalid("ttl-ms must be at least 1; leave it out for no expiry".into()));
-        }
-        let backend = self.kv.backend().await?;
-        let result = backend.set(&self.kv.namespace, &key, value, ttl_ms.map(Duration::from_millis)).await;
-        self.kv.answer(result)
+        self.kv.set(&key, value, ttl_ms).await
     }
 
     async fn delete(&mut self, key: String) -> Result<bool, KvError> {
-        check_key(&key)?;
-        let backend = self.kv.backend().await?;
-        let result = backend.delete(&self.kv.namespace, &key).await;
-        self.kv.answer(result)
+        self.kv.delete(&key).await
     }
 
     async fn list_keys(
@@ -577,13 +602,7 @@ impl Host for HostState {
         start_after: Option<String>,
         limit: u32,
     ) -> Result<Vec<String>, KvError> {
-        if prefix.len() > MAX_KEY_BYTES {
-            return Err(KvError::Invalid(format!("a prefix is at most {MAX_KEY_BYTES} bytes")));
-        }
-        let backend = self.kv.backend().await?;
-        let result =
-            backend.list_keys(&self.kv.namespace, &prefix, start_after.as_deref(), limit.min(MAX_LIST)).await;
-        self.kv.answer(result)
+        self.kv.list_keys(&prefix, start_after.as_deref(), limit).await
     }
 }
 
@@ -595,10 +614,74 @@ mod tests {
         RedbBackend::open(&dir.join("kv.redb")).unwrap()
     }
 
-    #[tokio::test]
-    async fn values_round_trip_per_namespace() {
+    // The suite every backend passes: each `async fn` below taking a `Subject` runs once
+    // per backend, as `on_redb::<name>` and `on_redis::<name>`. What only one backend has
+    // (redb's file, Redis going away) is tested after it, and in `kv_redis`.
+
+    /// A backend under test, and what it lives on (a temporary directory, a redis-server),
+    /// dropped after it.
+    struct Subject {
+        kv: Arc<dyn KvBackend>,
+        _home: Box<dyn std::any::Any + Send>,
+    }
+
+    impl Subject {
+        /// The guest's view of the backend: the grant and the limits in front of it.
+        fn access(&self, namespace: &str) -> KvAccess {
+            KvAccess {
+                store: Some(Arc::new(KvStore::with_backend(self.kv.clone()))),
+                namespace: namespace.into(),
+            }
+        }
+    }
+
+    fn redb() -> Subject {
         let dir = tempfile::tempdir().unwrap();
-        let kv = open(dir.path());
+        Subject { kv: Arc::new(open(dir.path())), _home: Box::new(dir) }
+    }
+
+    /// A Redis backend on a redis-server of its own.
+    fn redis() -> Subject {
+        let server = crate::testing::RedisServer::start();
+        let link = crate::cluster::RedisLink::new(&server.url()).unwrap();
+        let kv = super::super::kv_redis::RedisKvBackend::new(Arc::new(link));
+        Subject { kv: Arc::new(kv), _home: Box::new(server) }
+    }
+
+    macro_rules! on_every_backend {
+        ($($test:ident),* $(,)?) => {
+            mod on_redb {
+                $(#[tokio::test]
+                async fn $test() {
+                    super::$test(super::redb()).await
+                })*
+            }
+            mod on_redis {
+                $(#[tokio::test]
+                async fn $test() {
+                    super::$test(super::redis()).await
+                })*
+            }
+        };
+    }
+
+    on_every_backend!(
+        values_round_trip_per_namespace,
+        a_namespace_cannot_reach_into_another_by_key_tricks,
+        listing_pages_by_prefix_in_order,
+        listing_skips_what_is_gone,
+        entries_expire,
+        a_later_set_replaces_the_expiry,
+        limits_are_checked_before_the_backend,
+        concurrent_writes_all_land,
+    );
+
+    /// A short TTL, and a wait well past it: the tests assert what expired, never how fast.
+    const SHORT_TTL: Duration = Duration::from_millis(50);
+    const PAST_SHORT_TTL: Duration = Duration::from_millis(250);
+
+    async fn values_round_trip_per_namespace(subject: Subject) {
+        let kv = &subject.kv;
         kv.set("a", "k", b"one".to_vec(), None).await.unwrap();
         kv.set("b", "k", b"two".to_vec(), None).await.unwrap();
         assert_eq!(kv.get("a", "k").await.unwrap().as_deref(), Some(&b"one"[..]));
@@ -608,49 +691,166 @@ mod tests {
         assert!(!kv.delete("a", "k").await.unwrap());
         assert_eq!(kv.get("a", "k").await.unwrap(), None);
         assert_eq!(kv.get("b", "k").await.unwrap().as_deref(), Some(&b"two"[..]));
+
+        // Values are bytes, any bytes, empty included; a set replaces.
+        let binary: Vec<u8> = (0..=255).collect();
+        kv.set("a", "bin", binary.clone(), None).await.unwrap();
+        assert_eq!(kv.get("a", "bin").await.unwrap(), Some(binary));
+        kv.set("a", "bin", Vec::new(), None).await.unwrap();
+        assert_eq!(kv.get("a", "bin").await.unwrap(), Some(Vec::new()));
+        assert!(!kv.delete("c", "never-set").await.unwrap());
     }
 
-    #[tokio::test]
-    async fn a_namespace_cannot_reach_into_another_by_key_tricks() {
-        let dir = tempfile::tempdir().unwrap();
-        let kv = open(dir.path());
+    async fn a_namespace_cannot_reach_into_another_by_key_tricks(subject: Subject) {
+        let kv = &subject.kv;
         kv.set("ab", "x", b"secret".to_vec(), None).await.unwrap();
-        // "a" + "\0" + "b\0x" is not "ab" + "\0" + "x".
+        // redb: "a" + "\0" + "b\0x" is not "ab" + "\0" + "x". Redis: "a" + ":" + "b:x" is
+        // not "ab" + ":" + "x" (and no namespace contains ':').
         assert_eq!(kv.get("a", "b\0x").await.unwrap(), None);
+        assert_eq!(kv.get("a", "b:x").await.unwrap(), None);
+        assert_eq!(kv.get("a", "bx").await.unwrap(), None);
         assert_eq!(kv.list_keys("a", "", None, 100).await.unwrap(), Vec::<String>::new());
+        assert!(!kv.delete("a", "b\0x").await.unwrap());
+        assert_eq!(kv.get("ab", "x").await.unwrap().as_deref(), Some(&b"secret"[..]));
     }
 
-    #[tokio::test]
-    async fn listing_pages_by_prefix_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let kv = open(dir.path());
-        for key in ["h/2", "h/1", "h/3", "i/1", "g/9"] {
+    async fn listing_pages_by_prefix_in_order(subject: Subject) {
+        let kv = &subject.kv;
+        for key in ["h/2", "h/1", "h/3", "i/1", "g/9", "h", "h/10"] {
             kv.set("ns", key, vec![1], None).await.unwrap();
         }
         kv.set("other", "h/0", vec![1], None).await.unwrap();
-        assert_eq!(kv.list_keys("ns", "h/", None, 100).await.unwrap(), ["h/1", "h/2", "h/3"]);
-        assert_eq!(kv.list_keys("ns", "h/", None, 2).await.unwrap(), ["h/1", "h/2"]);
-        assert_eq!(kv.list_keys("ns", "h/", Some("h/2"), 2).await.unwrap(), ["h/3"]);
-        assert_eq!(kv.list_keys("ns", "", None, 100).await.unwrap().len(), 5);
+        assert_eq!(kv.list_keys("ns", "h/", None, 100).await.unwrap(), ["h/1", "h/10", "h/2", "h/3"]);
+        assert_eq!(kv.list_keys("ns", "h/", None, 2).await.unwrap(), ["h/1", "h/10"]);
+        assert_eq!(kv.list_keys("ns", "h/", Some("h/10"), 2).await.unwrap(), ["h/2", "h/3"]);
+        assert_eq!(kv.list_keys("ns", "h/", Some("h/3"), 2).await.unwrap(), Vec::<String>::new());
+        // A cursor before the prefix starts at the prefix; one past it finds nothing.
+        assert_eq!(kv.list_keys("ns", "h/", Some("a"), 1).await.unwrap(), ["h/1"]);
+        assert_eq!(kv.list_keys("ns", "h/", Some("i"), 10).await.unwrap(), Vec::<String>::new());
+        assert_eq!(kv.list_keys("ns", "h", None, 100).await.unwrap(), ["h", "h/1", "h/10", "h/2", "h/3"]);
+        assert_eq!(kv.list_keys("ns", "", None, 100).await.unwrap().len(), 7);
+        assert_eq!(kv.list_keys("ns", "", None, 0).await.unwrap(), Vec::<String>::new());
+        assert_eq!(kv.list_keys("ns", "", Some("h/3"), 100).await.unwrap(), ["i/1"]);
+        assert_eq!(kv.list_keys("ns", "z", None, 100).await.unwrap(), Vec::<String>::new());
+
+        // Paging through everything, a page at a time, sees every key once, in order.
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = kv.list_keys("ns", "", after.as_deref(), 3).await.unwrap();
+            let Some(last) = page.last() else { break };
+            after = Some(last.clone());
+            seen.extend(page);
+        }
+        assert_eq!(seen, ["g/9", "h", "h/1", "h/10", "h/2", "h/3", "i/1"]);
     }
 
-    #[tokio::test]
-    async fn entries_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let kv = open(dir.path());
+    async fn listing_skips_what_is_gone(subject: Subject) {
+        let kv = &subject.kv;
+        for key in ["k1", "k2", "k3", "k4", "k5"] {
+            kv.set("ns", key, vec![1], None).await.unwrap();
+        }
+        assert!(kv.delete("ns", "k2").await.unwrap());
+        kv.set("ns", "k3", vec![1], Some(SHORT_TTL)).await.unwrap();
+        tokio::time::sleep(PAST_SHORT_TTL).await;
+        // A page holds `limit` live keys, however many gone ones lie between them.
+        assert_eq!(kv.list_keys("ns", "k", None, 2).await.unwrap(), ["k1", "k4"]);
+        assert_eq!(kv.list_keys("ns", "k", Some("k1"), 2).await.unwrap(), ["k4", "k5"]);
+        assert_eq!(kv.list_keys("ns", "", None, 100).await.unwrap(), ["k1", "k4", "k5"]);
+    }
+
+    async fn entries_expire(subject: Subject) {
+        let kv = &subject.kv;
         kv.set("ns", "fresh", b"x".to_vec(), Some(Duration::from_secs(60))).await.unwrap();
-        kv.set("ns", "gone", b"x".to_vec(), Some(Duration::from_millis(1))).await.unwrap();
+        kv.set("ns", "gone", b"x".to_vec(), Some(SHORT_TTL)).await.unwrap();
         kv.set("ns", "forever", b"y".to_vec(), None).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(PAST_SHORT_TTL).await;
         assert!(kv.get("ns", "fresh").await.unwrap().is_some(), "not yet expired");
         assert_eq!(kv.get("ns", "gone").await.unwrap(), None);
         assert_eq!(kv.list_keys("ns", "", None, 10).await.unwrap(), ["forever", "fresh"]);
         assert!(!kv.delete("ns", "gone").await.unwrap(), "an expired entry was not live");
-        kv.set("ns", "gone2", b"x".to_vec(), Some(Duration::from_millis(1))).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(kv.purge_expired().await.unwrap(), 1);
+        // A TTL past any clock is as good as none.
+        kv.set("ns", "far", b"z".to_vec(), Some(Duration::from_millis(u64::MAX))).await.unwrap();
+        assert!(kv.get("ns", "far").await.unwrap().is_some());
+        assert!(kv.delete("ns", "far").await.unwrap());
+        kv.set("ns", "gone2", b"x".to_vec(), Some(SHORT_TTL)).await.unwrap();
+        kv.set("other", "gone3", b"x".to_vec(), Some(SHORT_TTL)).await.unwrap();
+        tokio::time::sleep(PAST_SHORT_TTL).await;
+        assert_eq!(kv.purge_expired().await.unwrap(), 2, "one per namespace");
+        assert_eq!(kv.purge_expired().await.unwrap(), 0, "nothing left to purge");
         assert!(kv.get("ns", "forever").await.unwrap().is_some());
         assert!(kv.get("ns", "fresh").await.unwrap().is_some());
+        assert_eq!(kv.list_keys("ns", "", None, 10).await.unwrap(), ["forever", "fresh"]);
+
+        // The store runs the same purge, once its backend exists.
+        KvStore::with_backend(kv.clone()).purge_expired().await;
+    }
+
+    async fn a_later_set_replaces_the_expiry(subject: Subject) {
+        let kv = &subject.kv;
+        kv.set("ns", "kept", b"1".to_vec(), Some(SHORT_TTL)).await.unwrap();
+        kv.set("ns", "kept", b"2".to_vec(), None).await.unwrap();
+        kv.set("ns", "dropped", b"1".to_vec(), None).await.unwrap();
+        kv.set("ns", "dropped", b"2".to_vec(), Some(SHORT_TTL)).await.unwrap();
+        tokio::time::sleep(PAST_SHORT_TTL).await;
+        assert_eq!(kv.get("ns", "kept").await.unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(kv.get("ns", "dropped").await.unwrap(), None);
+        assert_eq!(kv.list_keys("ns", "", None, 10).await.unwrap(), ["kept"]);
+    }
+
+    async fn limits_are_checked_before_the_backend(subject: Subject) {
+        let kv = subject.access("ns");
+        let invalid = |result: Result<_, KvError>, what: &str| match result {
+            Err(KvError::Invalid(text)) => assert!(text.contains(what), "{text}"),
+            other => panic!("expected invalid ({what}), got {other:?}"),
+        };
+        let long_key = "k".repeat(MAX_KEY_BYTES + 1);
+        invalid(kv.set(&long_key, vec![1], None).await, "a key is 1 to 512 bytes");
+        invalid(kv.set("", vec![1], None).await, "a key is 1 to 512 bytes");
+        invalid(kv.get(&long_key).await.map(drop), "a key");
+        invalid(kv.delete(&long_key).await.map(drop), "a key");
+        invalid(kv.set("k", vec![0; MAX_VALUE_BYTES + 1], None).await, "at most 1 MiB");
+        invalid(kv.set("k", vec![1], Some(0)).await, "ttl-ms must be at least 1");
+        invalid(kv.list_keys(&long_key, None, 1).await.map(drop), "a prefix is at most");
+        // Nothing of that reached the backend.
+        assert_eq!(subject.kv.list_keys("ns", "", None, 10).await.unwrap(), Vec::<String>::new());
+
+        // The largest key and value pass and round-trip.
+        let key = "k".repeat(MAX_KEY_BYTES);
+        let value: Vec<u8> = (0..MAX_VALUE_BYTES).map(|i| i as u8).collect();
+        kv.set(&key, value.clone(), Some(60_000)).await.unwrap();
+        assert_eq!(kv.get(&key).await.unwrap(), Some(value));
+
+        // A listing returns at most MAX_LIST keys, whatever the guest asks.
+        let keys: Vec<String> = (0..=MAX_LIST).map(|i| format!("{i:05}")).collect();
+        let writes = keys.iter().map(|key| subject.kv.set("many", key, Vec::new(), None));
+        futures_util::future::try_join_all(writes).await.unwrap();
+        let keys = subject.access("many").list_keys("", None, u32::MAX).await.unwrap();
+        assert_eq!(keys.len(), MAX_LIST as usize);
+
+        // Without the grant, nothing reaches the store.
+        let denied = KvAccess { store: None, namespace: "ns".into() };
+        assert!(matches!(denied.get("k").await, Err(KvError::Denied)));
+    }
+
+    async fn concurrent_writes_all_land(subject: Subject) {
+        let writes: u64 = 100;
+        let tasks: Vec<_> = (0..writes)
+            .map(|i| {
+                let kv = subject.kv.clone();
+                tokio::spawn(async move {
+                    kv.set("ns", &format!("k{i:03}"), i.to_le_bytes().to_vec(), None).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        for i in 0..writes {
+            let value = subject.kv.get("ns", &format!("k{i:03}")).await.unwrap();
+            assert_eq!(value, Some(i.to_le_bytes().to_vec()), "k{i:03}");
+        }
+        assert_eq!(subject.kv.list_keys("ns", "", None, 1000).await.unwrap().len(), writes as usize);
     }
 
     #[tokio::test]

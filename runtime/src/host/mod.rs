@@ -28,6 +28,7 @@ pub mod auth;
 pub mod channels;
 pub mod config;
 pub mod kv;
+pub mod kv_redis;
 pub mod log;
 pub mod outbound;
 pub mod session;

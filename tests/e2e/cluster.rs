@@ -1,0 +1,254 @@
+//! Several real `sockhost` processes on one real Redis (`redis-server`, started by the
+//! test on a free loopback port): a room that spans the nodes, server push from any
+//! node, a conversation that follows its client to another node, Redis dying and coming
+//! back, and a node killed with SIGKILL.
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+use sockhost::testing::RedisServer;
+
+use crate::aikefu::{chat, read_reply};
+use crate::fake_llm::FakeLlm;
+use crate::process::{Process, spawn, work_dir};
+use crate::support::*;
+
+const KEY: &str = "cluster-test-key";
+
+/// A node's working directory: chatroom as shipped, aikefu with dev tokens and the fake
+/// model (so the test can see which turns a reply was given), kv and channels on Redis.
+fn node_dir(llm: &FakeLlm) -> tempfile::TempDir {
+    let aikefu_manifest = format!(
+        r#"
+kv = true
+messages_per_second = 0
+outbound_hosts = ["{origin}"]
+[channels]
+subscribe = ["user:*"]
+[config]
+dev_accept_any_token = true
+base_url = "{origin}"
+model = "test-model"
+history_turns = 4
+"#,
+        origin = llm.origin()
+    );
+    work_dir(&[
+        ("addons/chatroom.wasm", &bundled_addon("chatroom")),
+        ("addons/chatroom.toml", &std::fs::read(repo_root().join("addons/chatroom.toml")).unwrap()),
+        ("addons/aikefu.wasm", &bundled_addon("aikefu")),
+        ("addons/aikefu.toml", aikefu_manifest.as_bytes()),
+    ])
+}
+
+struct Node {
+    process: Process,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(redis: &RedisServer, llm: &FakeLlm) -> Node {
+        let dir = node_dir(llm);
+        let url = redis.url();
+        let process = spawn(
+            dir.path(),
+            &["--listen", "127.0.0.1", "--admin-listen", "127.0.0.1:0", "--redis-url", &url],
+            &[("SOCKHOST_PORT", "0"), ("SOCKHOST_API_KEY", KEY)],
+        );
+        Node { process, _dir: dir }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("ws://127.0.0.1:{}{path}", self.process.port)
+    }
+
+    fn admin(&self) -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", self.process.admin_port().expect("an admin listener")).parse().unwrap()
+    }
+
+    fn public(&self) -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", self.process.port).parse().unwrap()
+    }
+
+    async fn join(&self, room: &str, name: &str) -> Client {
+        let mut client = Client::connect(&self.url(&format!("/ws/chatroom?room={room}&name={name}"))).await;
+        // Its own join is the proof that it is subscribed.
+        assert_eq!(client.recv_json().await, json!({"type": "system", "message": format!("{name} joined")}));
+        client
+    }
+}
+
+/// Reads chat events until `count` have arrived, skipping joins and leaves.
+async fn chats(client: &mut Client, count: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let event = client.recv_json().await;
+        if event["type"] == "chat" {
+            got.push(event);
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_room_spans_three_nodes_and_every_member_gets_every_message_once_in_order() {
+    let redis = RedisServer::start();
+    let llm = FakeLlm::start().await;
+    let nodes = [Node::start(&redis, &llm), Node::start(&redis, &llm), Node::start(&redis, &llm)];
+    let mut members = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        members.push(node.join("span", &format!("m{i}")).await);
+    }
+    // Every member hears the later joins, whatever node they came through.
+    for (i, member) in members.iter_mut().enumerate() {
+        for later in i + 1..3 {
+            assert_eq!(member.recv_json().await["message"], format!("m{later} joined"));
+        }
+    }
+    // Each member sends 20 messages at once, all three concurrently.
+    const EACH: usize = 20;
+    for (i, member) in members.iter_mut().enumerate() {
+        for n in 0..EACH {
+            member.send_text(&format!("m{i}-{n}")).await;
+        }
+    }
+    let mut orders = Vec::new();
+    for member in &mut members {
+        let events = chats(member, 3 * EACH).await;
+        // Exactly once each, and each sender's messages in the order they were sent.
+        let mut next: HashMap<String, usize> = HashMap::new();
+        for event in &events {
+            let from = event["from"].as_str().unwrap().to_owned();
+            let n = next.entry(from.clone()).or_default();
+            assert_eq!(event["message"], format!("{from}-{n}"), "{events:?}");
+            *n += 1;
+        }
+        assert!(next.values().all(|n| *n == EACH), "{next:?}");
+        orders.push(events);
+    }
+    // Through Redis, every node sees the one order Redis gave the room.
+    assert_eq!(orders[0], orders[1]);
+    assert_eq!(orders[1], orders[2]);
+}
+
+#[tokio::test]
+async fn a_push_on_one_node_reaches_the_users_chat_on_another_and_a_conversation_follows_its_client() {
+    let redis = RedisServer::start();
+    let llm = FakeLlm::start().await;
+    let (b, c) = (Node::start(&redis, &llm), Node::start(&redis, &llm));
+    let mut chat_c = Client::connect(&c.url("/ws/aikefu")).await;
+    assert_eq!(chat_c.recv_json().await["type"], "system");
+    chat_c.send_text(&chat("remember the blue one", "42", "s1")).await;
+    read_reply(&mut chat_c, "s1").await;
+
+    let push = json!({"addon": "aikefu", "channel": "user:42", "data": "您的订单已发货"}).to_string();
+    assert_eq!(http_post(b.admin(), "/api/publish", Some("wrong"), &push).await.0, 401);
+    let (status, response) = http_post(b.admin(), "/api/publish", Some(KEY), &push).await;
+    // Node B has no subscriber of its own; node C's chat gets the push.
+    assert_eq!((status, json_body(&response)), (202, json!({"delivered": 0})), "{response}");
+    assert_eq!(chat_c.recv_json().await, json!({"type": "system", "message": "您的订单已发货"}));
+
+    // The client drops and reconnects to node B: its conversation is in Redis.
+    drop(chat_c);
+    let mut chat_b = Client::connect(&b.url("/ws/aikefu")).await;
+    assert_eq!(chat_b.recv_json().await["type"], "system");
+    chat_b.send_text(&chat("which one?", "42", "s1")).await;
+    read_reply(&mut chat_b, "s1").await;
+    let turns = llm.requests().last().unwrap().messages();
+    assert!(turns.iter().any(|(_, text)| text == "remember the blue one"), "{turns:?}");
+}
+
+#[tokio::test]
+async fn when_redis_dies_errors_are_clear_and_delivery_resumes_without_a_restart() {
+    let mut redis = RedisServer::start();
+    let llm = FakeLlm::start().await;
+    let (a, b) = (Node::start(&redis, &llm), Node::start(&redis, &llm));
+    let mut alice = a.join("outage", "alice").await;
+    let mut bob = b.join("outage", "bob").await;
+    assert_eq!(alice.recv_json().await["message"], "bob joined");
+    alice.send_text("before").await;
+    assert_eq!(chats(&mut bob, 1).await[0]["message"], "before");
+    assert_eq!(chats(&mut alice, 1).await[0]["message"], "before");
+
+    redis.kill();
+    // Publishing fails with a clear error frame; the connection stays.
+    alice.send_text("during").await;
+    let error = alice.recv_json().await;
+    assert_eq!(error["code"], "unavailable", "{error}");
+    assert!(error["message"].as_str().unwrap().contains("redis"), "{error}");
+    // The backend's push answers 503, and the node says what is wrong.
+    let push = json!({"addon": "chatroom", "channel": "room:outage", "data": "x"}).to_string();
+    let (status, response) = http_post(a.admin(), "/api/publish", Some(KEY), &push).await;
+    assert_eq!(status, 503, "{response}");
+    let (status, ready) = http_get(a.public(), "/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(ready.contains("DOWN"), "{ready}");
+    let (_, metrics) = http_get(a.admin(), "/metrics").await;
+    assert_eq!(metric_value(&metrics, "sockhost_cluster_up"), Some(0.0), "{metrics}");
+    // kv fails as `backend`, which aikefu answers `storage_error`.
+    let mut chat_a = Client::connect(&a.url("/ws/aikefu")).await;
+    chat_a.recv_json().await;
+    chat_a.send_text(&chat("hello", "7", "s")).await;
+    assert_eq!(chat_a.recv_json().await["code"], "storage_error");
+
+    redis.start_again();
+    // Each node reconnects and subscribes again by itself. Until its subscription is
+    // back, what is published is not delivered to it (at most once, as documented), so
+    // alice tries until one of her messages comes back to her.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut attempt = 0;
+    let first_heard = 'resumed: loop {
+        assert!(tokio::time::Instant::now() < deadline, "delivery did not resume");
+        attempt += 1;
+        alice.send_text(&format!("after-{attempt}")).await;
+        let wait = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+        while let Ok(event) = tokio::time::timeout_at(wait, alice.recv_json()).await {
+            match event["type"].as_str() {
+                Some("chat") => break 'resumed event["message"].as_str().unwrap().to_owned(),
+                Some("error") => assert_eq!(event["code"], "unavailable", "{event}"),
+                _ => {}
+            }
+        }
+    };
+    // bob, on the other node, gets it too: its node subscribed again by itself.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while chats(&mut bob, 1).await[0]["message"] != first_heard.as_str() {
+        assert!(tokio::time::Instant::now() < deadline, "bob never heard {first_heard}");
+    }
+    let (status, _) = http_post(a.admin(), "/api/publish", Some(KEY), &push).await;
+    assert_eq!(status, 202);
+    let (_, ready) = http_get(a.public(), "/readyz").await;
+    assert!(ready.contains("cluster: redis") && !ready.contains("DOWN"), "{ready}");
+    let (_, metrics) = http_get(b.admin(), "/metrics").await;
+    assert_eq!(metric_value(&metrics, "sockhost_cluster_up"), Some(1.0), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_node_killed_with_sigkill_loses_only_its_own_sockets() {
+    let redis = RedisServer::start();
+    let llm = FakeLlm::start().await;
+    let nodes = [Node::start(&redis, &llm), Node::start(&redis, &llm), Node::start(&redis, &llm)];
+    let mut a = nodes[0].join("kill", "a").await;
+    let mut b = nodes[1].join("kill", "b").await;
+    let mut c = nodes[2].join("kill", "c").await;
+    assert_eq!(a.recv_json().await["message"], "b joined");
+    assert_eq!(a.recv_json().await["message"], "c joined");
+    assert_eq!(b.recv_json().await["message"], "c joined");
+
+    let [first, second, mut third] = nodes;
+    third.process.child.kill().unwrap(); // SIGKILL
+    third.process.child.wait().unwrap();
+    // Its client sees the socket go; nobody else does.
+    let lost =
+        tokio::time::timeout(PATIENCE, futures_util::StreamExt::next(&mut c.ws)).await.expect("c notices");
+    assert!(!matches!(lost, Some(Ok(tokio_tungstenite::tungstenite::Message::Text(_)))), "{lost:?}");
+    a.send_text("still here").await;
+    assert_eq!(chats(&mut b, 1).await[0]["message"], "still here");
+    // c reconnects to a surviving node and carries on.
+    let mut c = second.join("kill", "c").await;
+    c.send_text("back").await;
+    let heard: Vec<Value> = chats(&mut a, 2).await;
+    assert_eq!(heard[1]["message"], "back", "{heard:?}");
+    assert_eq!(chats(&mut c, 1).await[0]["message"], "back");
+    drop(first);
+}
