@@ -35,6 +35,15 @@
 //! - `storm`: opens and closes connections (HTTP upgrade, WebSocket close handshake) as
 //!   fast as `--concurrency` loops can for D seconds; or, with `--count N`, opens N
 //!   connections, reports the rate, then closes them.
+//! - `fanout`: channels. N subscriber connections (`--url`, e.g. `…/ws/fanout?sub=bench`;
+//!   repeated, the subscribers are spread over the URLs round robin, e.g. three nodes) and
+//!   one publisher (`--pub-url`, by default the first URL with `sub=` turned into `pub=`).
+//!   Once every subscriber has received a probe, it publishes messages one at a time, each
+//!   carrying its sequence number and send time, and waits (at most `--timeout`) until
+//!   every subscriber has it: delivery latency is from handing the message to the
+//!   publisher's socket to the last subscriber's receipt (and to each receipt); what has
+//!   not arrived by the time-out is lost. CPU is per delivered message, summed over every
+//!   `--pid`.
 //!
 //! The built-in `/ws` endpoint of sockhost greets every connection with one frame before
 //! echoing: it is skipped (`--skip`, default 1 on a `/ws` path, else 0).
@@ -66,12 +75,14 @@ type Ws = WebSocketStream<TcpStream>;
 #[derive(Debug, Parser)]
 #[command(about = "WebSocket load generator: prints one JSON line of figures")]
 struct Args {
-    /// Server URL, e.g. ws://127.0.0.1:8080/ws/echo.
+    /// Server URL, e.g. ws://127.0.0.1:8080/ws/echo. Only `fanout` takes it more than once:
+    /// its subscribers are spread over the URLs round robin (several nodes).
+    #[arg(long, required = true)]
+    url: Vec<String>,
+    /// PID of the server process, for its CPU time and memory (no server figures without
+    /// it). Repeated, the figures are sums over the processes (several nodes).
     #[arg(long)]
-    url: String,
-    /// PID of the server process, for its CPU time and memory (no server figures without it).
-    #[arg(long)]
-    pid: Option<u32>,
+    pid: Vec<u32>,
     /// Frames the server sends on its own after the upgrade, skipped before measuring
     /// [default: 1 for a /ws path (sockhost's greeting), else 0].
     #[arg(long)]
@@ -149,6 +160,34 @@ enum Mode {
         /// Instead of cycling for --duration: open this many, report the rate, close them.
         #[arg(long)]
         count: Option<usize>,
+    },
+    /// Channels: one publisher, N subscribers; time from each publish to every receipt.
+    Fanout {
+        /// Subscriber connections, spread round robin over the --url servers.
+        #[arg(long, default_value_t = 1000)]
+        subs: usize,
+        /// The publisher's URL [default: the first --url with `sub=` turned into `pub=`].
+        #[arg(long)]
+        pub_url: Option<String>,
+        /// Messages measured, published one at a time.
+        #[arg(long, default_value_t = 100)]
+        messages: u64,
+        /// Messages published the same way before measuring (not recorded).
+        #[arg(long, default_value_t = 5)]
+        warmup: u64,
+        /// Seconds to wait for every subscriber to receive a message; deliveries still
+        /// missing then count as lost.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+        /// Milliseconds of pause after a message reached everyone before the next publish.
+        #[arg(long, default_value_t = 10.0)]
+        gap_ms: f64,
+        /// Seconds to wait, after opening, until every subscriber has received a probe.
+        #[arg(long, default_value_t = 30.0)]
+        ready_timeout: f64,
+        /// Connections being opened at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
     },
 }
 
@@ -324,10 +363,27 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take(pid: Option<u32>) -> anyhow::Result<Snapshot> {
-        let server = pid.map(sample).transpose()?;
+    /// Samples the server processes (their sum; `None` without any) and this process.
+    fn take(pids: &[u32]) -> anyhow::Result<Snapshot> {
+        let mut server: Option<ProcSample> = None;
+        for &pid in pids {
+            let s = sample(pid)?;
+            let sum = server.get_or_insert_with(ProcSample::default);
+            sum.cpu_us += s.cpu_us;
+            sum.rss_kb += s.rss_kb;
+            sum.rss_anon_kb += s.rss_anon_kb;
+            sum.rss_shared_kb += s.rss_shared_kb;
+        }
         Ok(Snapshot { at: Instant::now(), server, client_cpu_us: own_cpu_us() })
     }
+}
+
+/// PSS of the server processes, summed; `None` without any or when one is unreadable.
+fn pss_sum_kb(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&pid| pss_kb(pid)).sum()
 }
 
 /// Inserts the elapsed time and CPU per `unit` between two snapshots.
@@ -357,33 +413,66 @@ fn main() -> anyhow::Result<()> {
     for (k, v) in &args.tags {
         line.insert(k.clone(), Value::from(v.as_str()));
     }
-    line.insert("url".into(), Value::from(args.url.as_str()));
+    let url = match args.url.as_slice() {
+        [one] => Value::from(one.as_str()),
+        many => Value::from(many.to_vec()),
+    };
+    line.insert("url".into(), url);
     line.append(&mut out);
     println!("{}", Value::Object(line));
     Ok(())
 }
 
 async fn run(args: &Args) -> anyhow::Result<Map<String, Value>> {
-    let target = Arc::new(Target::new(&args.url, args.skip)?);
+    let pids = args.pid.as_slice();
+    if let Mode::Fanout { subs, ref pub_url, messages, warmup, timeout, gap_ms, ready_timeout, concurrency } =
+        args.mode
+    {
+        let targets = args
+            .url
+            .iter()
+            .map(|url| Target::new(url, args.skip).map(Arc::new))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let pub_url = match pub_url {
+            Some(url) => url.clone(),
+            None => publisher_url(&args.url[0])
+                .with_context(|| format!("no sub= in {} to turn into pub=: give --pub-url", args.url[0]))?,
+        };
+        let publisher = Target::new(&pub_url, args.skip)?;
+        let plan = FanoutPlan {
+            subs,
+            size: args.size,
+            messages,
+            warmup,
+            timeout: secs(timeout),
+            gap: secs(gap_ms / 1e3),
+            ready_timeout: secs(ready_timeout),
+            concurrency,
+        };
+        return fanout(&targets, &publisher, pids, plan).await;
+    }
+    let [url] = args.url.as_slice() else { bail!("--url is given once, except in fanout mode") };
+    let target = Arc::new(Target::new(url, args.skip)?);
     let text = args.message.clone().unwrap_or_else(|| payload(args.size));
     let message = Utf8Bytes::from(text);
     match args.mode {
         Mode::Closed { conns, duration, warmup, reply } => {
-            closed(&target, args.pid, message, conns, secs(warmup), secs(duration), reply).await
+            closed(&target, pids, message, conns, secs(warmup), secs(duration), reply).await
         }
         Mode::Paced { conns, rate, duration, warmup, reply } => {
-            paced(&target, args.pid, message, conns, rate, secs(warmup), secs(duration), reply).await
+            paced(&target, pids, message, conns, rate, secs(warmup), secs(duration), reply).await
         }
         Mode::Idle { conns, concurrency, settle, hold, no_touch, reply } => {
             let touch = (!no_touch).then_some((message, reply));
-            idle(&target, args.pid, conns, concurrency, secs(settle), secs(hold), touch).await
+            idle(&target, pids, conns, concurrency, secs(settle), secs(hold), touch).await
         }
         Mode::Storm { duration, warmup, concurrency, count: None } => {
-            storm(&target, args.pid, concurrency, secs(warmup), secs(duration)).await
+            storm(&target, pids, concurrency, secs(warmup), secs(duration)).await
         }
         Mode::Storm { concurrency, count: Some(count), .. } => {
-            storm_count(&target, args.pid, concurrency, count).await
+            storm_count(&target, pids, concurrency, count).await
         }
+        Mode::Fanout { .. } => unreachable!("handled above"),
     }
 }
 
@@ -429,17 +518,17 @@ impl Tally {
 /// Runs warm-up then the measured window while the connection tasks work; returns the
 /// snapshots around the window. Stops the tasks afterwards.
 async fn window(
-    pid: Option<u32>,
+    pids: &[u32],
     flags: &Flags,
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<(Snapshot, Snapshot)> {
     sleep(warmup).await;
-    let before = Snapshot::take(pid)?;
+    let before = Snapshot::take(pids)?;
     flags.measuring.store(true, Ordering::Relaxed);
     sleep(duration).await;
     flags.measuring.store(false, Ordering::Relaxed);
-    let after = Snapshot::take(pid)?;
+    let after = Snapshot::take(pids)?;
     flags.stop.store(true, Ordering::Relaxed);
     Ok((before, after))
 }
@@ -478,7 +567,7 @@ async fn gather(
 #[allow(clippy::too_many_arguments)]
 async fn closed(
     target: &Arc<Target>,
-    pid: Option<u32>,
+    pids: &[u32],
     message: Utf8Bytes,
     conns: usize,
     warmup: Duration,
@@ -491,7 +580,7 @@ async fn closed(
         .into_iter()
         .map(|ws| tokio::spawn(closed_conn(ws, message.clone(), reply, flags.clone())))
         .collect();
-    let (before, after) = window(pid, &flags, warmup, duration).await?;
+    let (before, after) = window(pids, &flags, warmup, duration).await?;
     let (tally, errors, first_error) = gather(tasks, Duration::from_secs(5)).await;
 
     let mut out = Map::new();
@@ -546,7 +635,7 @@ async fn closed_conn(
 #[allow(clippy::too_many_arguments)]
 async fn paced(
     target: &Arc<Target>,
-    pid: Option<u32>,
+    pids: &[u32],
     message: Utf8Bytes,
     conns: usize,
     rate: f64,
@@ -571,7 +660,7 @@ async fn paced(
             tokio::spawn(paced_conn(ws, message.clone(), reply, period, first, flags.clone()))
         })
         .collect();
-    let (before, after) = window(pid, &flags, warmup, duration).await?;
+    let (before, after) = window(pids, &flags, warmup, duration).await?;
     let (tally, errors, first_error) = gather(tasks, Duration::from_secs(5)).await;
 
     let mut out = Map::new();
@@ -654,7 +743,7 @@ async fn paced_conn(
 
 async fn idle(
     target: &Arc<Target>,
-    pid: Option<u32>,
+    pids: &[u32],
     conns: usize,
     concurrency: usize,
     settle: Duration,
@@ -684,15 +773,15 @@ async fn idle(
     }
     sleep(Duration::from_millis(500)).await;
 
-    let pss_before = pid.and_then(pss_kb);
-    let before = Snapshot::take(pid)?;
+    let pss_before = pss_sum_kb(pids);
+    let before = Snapshot::take(pids)?;
     let opened = open(conns).await;
-    let opened_at = Snapshot::take(pid)?;
+    let opened_at = Snapshot::take(pids)?;
     let (sockets, failures): (Vec<_>, Vec<_>) = opened.into_iter().partition(Result::is_ok);
     let sockets: Vec<Ws> = sockets.into_iter().map(Result::unwrap).collect();
     sleep(settle).await;
-    let after = Snapshot::take(pid)?;
-    let pss_after = pid.and_then(pss_kb);
+    let after = Snapshot::take(pids)?;
+    let pss_after = pss_sum_kb(pids);
 
     let n = sockets.len();
     let mut out = Map::new();
@@ -729,7 +818,7 @@ async fn idle(
 
 async fn storm(
     target: &Arc<Target>,
-    pid: Option<u32>,
+    pids: &[u32],
     concurrency: usize,
     warmup: Duration,
     duration: Duration,
@@ -765,7 +854,7 @@ async fn storm(
             })
         })
         .collect();
-    let (before, after) = window(pid, &flags, warmup, duration).await?;
+    let (before, after) = window(pids, &flags, warmup, duration).await?;
     let (tally, errors, first_error) = gather(tasks, Duration::from_secs(5)).await;
 
     let mut out = Map::new();
@@ -806,17 +895,17 @@ async fn cycle(target: &Target) -> anyhow::Result<()> {
 
 async fn storm_count(
     target: &Arc<Target>,
-    pid: Option<u32>,
+    pids: &[u32],
     concurrency: usize,
     count: usize,
 ) -> anyhow::Result<Map<String, Value>> {
-    let before = Snapshot::take(pid)?;
+    let before = Snapshot::take(pids)?;
     let opened = stream::iter(0..count)
         .map(|_| target.connect())
         .buffer_unordered(concurrency.max(1))
         .collect::<Vec<_>>()
         .await;
-    let after = Snapshot::take(pid)?;
+    let after = Snapshot::take(pids)?;
     let (sockets, failures): (Vec<_>, Vec<_>) = opened.into_iter().partition(Result::is_ok);
     let n = sockets.len();
     let mut out = Map::new();
@@ -833,4 +922,349 @@ async fn storm_count(
         .for_each_concurrent(concurrency.max(1), close)
         .await;
     Ok(out)
+}
+
+/// The publisher's URL from a subscriber's: its `sub=` query parameter becomes `pub=`.
+fn publisher_url(sub_url: &str) -> Option<String> {
+    let (base, query) = sub_url.split_once('?')?;
+    let mut changed = false;
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.strip_prefix("sub=") {
+            Some(channel) if !changed => {
+                changed = true;
+                format!("pub={channel}")
+            }
+            _ => param.to_owned(),
+        })
+        .collect();
+    changed.then(|| format!("{base}?{}", params.join("&")))
+}
+
+/// What a `fanout` run does.
+struct FanoutPlan {
+    subs: usize,
+    /// Length of each published text (at least its header).
+    size: usize,
+    messages: u64,
+    warmup: u64,
+    timeout: Duration,
+    gap: Duration,
+    ready_timeout: Duration,
+    concurrency: usize,
+}
+
+/// A published text: `m<seq>:<ns>:` (a measured or warm-up message) or `r<seq>:<ns>:` (a
+/// readiness probe), `<ns>` being the send time in nanoseconds since the run's epoch,
+/// padded to `size` bytes.
+fn fanout_text(kind: char, seq: u64, sent_ns: u64, size: usize) -> Utf8Bytes {
+    let mut text = format!("{kind}{seq}:{sent_ns}:");
+    if text.len() < size {
+        text.push_str(&payload(size - text.len()));
+    }
+    Utf8Bytes::from(text)
+}
+
+/// The kind, sequence number and send time of a published text.
+fn parse_fanout(text: &str) -> Option<(u8, u64, u64)> {
+    let kind = *text.as_bytes().first()?;
+    let mut fields = text[1..].splitn(3, ':');
+    let seq = fields.next()?.parse().ok()?;
+    let sent_ns = fields.next()?.parse().ok()?;
+    Some((kind, seq, sent_ns))
+}
+
+/// What the subscribers' merged stream yields: the subscriber's index and its next frame,
+/// or `None` once its connection has ended.
+type SubEvent = (usize, Option<Result<Message, WsError>>);
+
+/// Counts kept while receiving.
+#[derive(Default)]
+struct FanoutCounts {
+    /// Subscribers whose connection ended or failed.
+    closed: usize,
+    /// Measured messages received after their wait had ended (already counted lost).
+    late: u64,
+    /// The same message received twice by one subscriber.
+    duplicates: u64,
+    /// Frames that are not one of ours.
+    unexpected: u64,
+    first_error: Option<String>,
+}
+
+impl FanoutCounts {
+    /// Takes a frame that is not the one being waited for.
+    fn other(&mut self, event: SubEvent, current: u64) {
+        match event {
+            (_, Some(Ok(Message::Text(text)))) => match parse_fanout(&text) {
+                Some((b'm', seq, _)) if seq < current => self.late += 1,
+                Some((b'r', _, _)) => {}
+                _ => self.unexpected += 1,
+            },
+            (_, Some(Ok(Message::Binary(_)))) => self.unexpected += 1,
+            (_, Some(Ok(_))) => {}
+            (i, Some(Err(err))) => {
+                self.first_error.get_or_insert_with(|| format!("subscriber {i}: {err}"));
+            }
+            (i, None) => {
+                self.closed += 1;
+                self.first_error.get_or_insert_with(|| format!("subscriber {i}: connection closed"));
+            }
+        }
+    }
+}
+
+async fn fanout(
+    targets: &[Arc<Target>],
+    publisher: &Target,
+    pids: &[u32],
+    plan: FanoutPlan,
+) -> anyhow::Result<Map<String, Value>> {
+    if targets.is_empty() || plan.subs == 0 {
+        bail!("fanout needs at least one --url and one subscriber");
+    }
+    // Subscribers, round robin over the servers; those that fail to open are errors.
+    let opening = Instant::now();
+    let opened = stream::iter(0..plan.subs)
+        .map(|i| {
+            let target = targets[i % targets.len()].clone();
+            async move { (i % targets.len(), target.connect().await) }
+        })
+        .buffer_unordered(plan.concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await;
+    let mut open_errors = 0;
+    let mut first_error = None;
+    let mut sockets = Vec::with_capacity(plan.subs);
+    for (server, result) in opened {
+        match result {
+            Ok(ws) => sockets.push((server, ws)),
+            Err(err) => {
+                open_errors += 1;
+                first_error.get_or_insert_with(|| format!("opening a subscriber: {err:#}"));
+            }
+        }
+    }
+    let n = sockets.len();
+    if n == 0 {
+        bail!("no subscriber connection opened: {}", first_error.unwrap_or_default());
+    }
+    let (mut pub_sink, pub_stream) = publisher.connect().await.context("opening the publisher")?.split();
+    let open_s = opening.elapsed().as_secs_f64();
+    // Whatever the server sends the publisher (its own messages, if it subscribed too) is
+    // read and dropped, so that it never blocks the server.
+    let pub_drain = tokio::spawn(pub_stream.for_each(|_| async {}));
+
+    // Receipts at a subscriber of another server than the publisher's (across nodes).
+    let remote: Vec<bool> = sockets
+        .iter()
+        .map(|(server, _)| {
+            let t = &targets[*server];
+            (t.host.as_str(), t.port) != (publisher.host.as_str(), publisher.port)
+        })
+        .collect();
+    let any_remote = remote.iter().any(|&r| r);
+    let any_local = remote.iter().any(|&r| !r);
+    let mut subscribers = stream::select_all(sockets.into_iter().enumerate().map(|(i, (_, ws))| {
+        ws.map(move |frame| (i, Some(frame))).chain(stream::once(std::future::ready((i, None))))
+    }));
+
+    let epoch = Instant::now();
+    let now_ns = || epoch.elapsed().as_nanos() as u64;
+    let mut counts = FanoutCounts::default();
+
+    // Ready: every subscriber has received a probe, i.e. its subscription is in place. A
+    // new probe goes out whenever nothing arrived for 200 ms.
+    let ready_deadline = Instant::now() + plan.ready_timeout;
+    let mut seen = vec![false; n];
+    let mut ready = 0;
+    let mut probe = 0u64;
+    while ready < n - counts.closed {
+        if Instant::now() >= ready_deadline {
+            bail!(
+                "after {:.1} s only {ready} of {n} subscribers had received a probe (not subscribed?); \
+                 {} closed{}",
+                plan.ready_timeout.as_secs_f64(),
+                counts.closed,
+                counts.first_error.map(|e| format!(", first: {e}")).unwrap_or_default()
+            );
+        }
+        pub_sink.send(Message::Text(fanout_text('r', probe, now_ns(), plan.size))).await?;
+        probe += 1;
+        while ready < n - counts.closed {
+            let quiet = (Instant::now() + Duration::from_millis(200)).min(ready_deadline);
+            let Ok(Some(event)) = tokio::time::timeout_at(quiet.into(), subscribers.next()).await else {
+                break;
+            };
+            match event {
+                (i, Some(Ok(Message::Text(text)))) if text.starts_with('r') => {
+                    if !seen[i] {
+                        seen[i] = true;
+                        ready += 1;
+                    }
+                }
+                other => counts.other(other, 0),
+            }
+        }
+    }
+    let ready_s = epoch.elapsed().as_secs_f64();
+
+    // Warm-up, then measured messages, one at a time.
+    let mut last = histogram();
+    let mut receipt = histogram();
+    let mut remote_receipt = histogram();
+    let mut local_receipt = histogram();
+    // Per subscriber: 1 + the last sequence number it received.
+    let mut got_seq = vec![0u64; n];
+    let (mut delivered, mut incomplete) = (0u64, 0u64);
+    let mut before = None;
+    let total = plan.warmup + plan.messages;
+    for seq in 0..total {
+        let measured = seq >= plan.warmup;
+        if seq > 0 {
+            sleep(plan.gap).await;
+        }
+        if seq == plan.warmup {
+            counts.late = 0;
+            counts.duplicates = 0;
+            before = Some(Snapshot::take(pids)?);
+        }
+        let sent_ns = now_ns();
+        pub_sink.send(Message::Text(fanout_text('m', seq, sent_ns, plan.size))).await?;
+        let deadline = Instant::now() + plan.timeout;
+        let mut got = 0usize;
+        let mut last_ns = 0;
+        while got < n - counts.closed {
+            let Ok(Some(event)) = tokio::time::timeout_at(deadline.into(), subscribers.next()).await else {
+                break;
+            };
+            let (i, Some(Ok(Message::Text(text)))) = &event else {
+                counts.other(event, seq);
+                continue;
+            };
+            match parse_fanout(text) {
+                Some((b'm', s, at_ns)) if s == seq => {
+                    let i = *i;
+                    if got_seq[i] == seq + 1 {
+                        counts.duplicates += 1;
+                        continue;
+                    }
+                    got_seq[i] = seq + 1;
+                    got += 1;
+                    last_ns = now_ns();
+                    if measured {
+                        let latency = Duration::from_nanos(last_ns.saturating_sub(at_ns));
+                        record(&mut receipt, latency);
+                        record(if remote[i] { &mut remote_receipt } else { &mut local_receipt }, latency);
+                    }
+                }
+                _ => counts.other(event, seq),
+            }
+        }
+        if measured {
+            delivered += got as u64;
+            if got == n {
+                record(&mut last, Duration::from_nanos(last_ns.saturating_sub(sent_ns)));
+            } else {
+                incomplete += 1;
+            }
+        } else if got < n - counts.closed {
+            eprintln!("loadgen fanout: warm-up message {seq} reached {got} of {n} subscribers");
+        }
+    }
+    let after = Snapshot::take(pids)?;
+    let before = before.unwrap_or(after);
+
+    let mut out = Map::new();
+    out.insert("mode".into(), "fanout".into());
+    out.insert("subscribers".into(), n.into());
+    out.insert("servers".into(), targets.len().into());
+    out.insert("messages".into(), plan.messages.into());
+    out.insert("message_bytes".into(), fanout_text('m', total, now_ns(), plan.size).len().into());
+    out.insert("delivered".into(), delivered.into());
+    out.insert("lost".into(), (plan.messages * n as u64).saturating_sub(delivered).into());
+    out.insert("incomplete_messages".into(), incomplete.into());
+    out.insert("late".into(), counts.late.into());
+    out.insert("duplicates".into(), counts.duplicates.into());
+    out.insert("unexpected".into(), counts.unexpected.into());
+    out.insert("closed_subscribers".into(), counts.closed.into());
+    out.insert("open_s".into(), json!(round(open_s, 3)));
+    out.insert("ready_s".into(), json!(round(ready_s, 3)));
+    out.insert("probes".into(), probe.into());
+    cpu_figures(&mut out, &before, &after, delivered, "delivery");
+    if let (Some(b), Some(a)) = (before.server, after.server)
+        && plan.messages > 0
+    {
+        let us = a.cpu_us.saturating_sub(b.cpu_us) as f64;
+        out.insert("server_cpu_us_per_publish".into(), json!(round(us / plan.messages as f64, 1)));
+    }
+    percentiles(&mut out, "last_", &last);
+    percentiles(&mut out, "receipt_", &receipt);
+    if any_remote {
+        percentiles(&mut out, "remote_receipt_", &remote_receipt);
+        if any_local {
+            percentiles(&mut out, "local_receipt_", &local_receipt);
+        }
+    }
+    let errors = open_errors + counts.closed;
+    errors_out(&mut out, errors, first_error.or(counts.first_error));
+
+    // Reset every connection at once (a polite close of 10,000 takes longer than the
+    // measurement), then let the servers finish tearing them down, so that the next run on
+    // this core does not pay for it.
+    drop(subscribers);
+    drop(pub_sink);
+    pub_drain.abort();
+    out.insert("settle_s".into(), json!(round(settle(pids, Duration::from_secs(10)).await?, 2)));
+    Ok(out)
+}
+
+/// Waits (at most `max`) until the server processes are idle: at most one clock tick
+/// (usually 10 ms) of CPU over 200 ms. Returns the seconds waited.
+async fn settle(pids: &[u32], max: Duration) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let tick_us = 1_000_000 / sockhost_bench::clock_ticks_per_second();
+    let mut prev = Snapshot::take(pids)?;
+    while start.elapsed() < max {
+        sleep(Duration::from_millis(200)).await;
+        let now = Snapshot::take(pids)?;
+        let (Some(a), Some(b)) = (now.server, prev.server) else { break };
+        if a.cpu_us.saturating_sub(b.cpu_us) <= tick_us {
+            break;
+        }
+        prev = now;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publisher_url_turns_sub_into_pub() {
+        assert_eq!(
+            publisher_url("ws://127.0.0.1:1/ws/fanout?sub=bench").as_deref(),
+            Some("ws://127.0.0.1:1/ws/fanout?pub=bench")
+        );
+        assert_eq!(
+            publisher_url("ws://h:1/x?a=1&sub=c&sub=d").as_deref(),
+            Some("ws://h:1/x?a=1&pub=c&sub=d")
+        );
+        assert_eq!(publisher_url("ws://h:1/x?pub=c"), None);
+        assert_eq!(publisher_url("ws://h:1/x"), None);
+    }
+
+    #[test]
+    fn fanout_texts_round_trip() {
+        let text = fanout_text('m', 17, 123_456_789, 32);
+        assert_eq!(text.len(), 32);
+        assert!(text.starts_with("m17:123456789:"));
+        assert_eq!(parse_fanout(&text), Some((b'm', 17, 123_456_789)));
+        // Longer than --size: the header is never cut.
+        let text = fanout_text('r', 3, u64::MAX, 8);
+        assert_eq!(parse_fanout(&text), Some((b'r', 3, u64::MAX)));
+        assert_eq!(parse_fanout("hello"), None);
+        assert_eq!(parse_fanout(""), None);
+    }
 }

@@ -1,7 +1,8 @@
 //! `report`: turns the JSON lines `loadgen` printed during a `bench/run` into
 //! `BENCHMARKS.md`: per scenario, each server's median figure over the repetitions and its
-//! ratio to the native tokio-tungstenite server measured in the same run, the targets of
-//! issue 5 with pass / miss, and notes on the machine.
+//! ratio to the native tokio-tungstenite server measured in the same run (for channels:
+//! to uWebSockets.js), the targets of issues 5 and 12 with pass / miss, and notes on the
+//! machine.
 //!
 //! Ratios, not absolute rates, are what carries from one run (or machine) to the next:
 //! the benchmark machines share one physical core between two vCPUs and their absolute
@@ -65,6 +66,16 @@ const NOISY_P99_MS: f64 = 1.0;
 /// The seed server (PHP Ratchet) on this kind of machine: µs per echo, and native's then.
 const RATCHET_US: f64 = 11.4;
 const RATCHET_NATIVE_US: f64 = 4.9;
+
+/// Issue 12's targets for channels: server CPU per delivered message at most this many
+/// times uWebSockets.js's in the same run; p99 from publish to the last of 10,000
+/// subscribers on one node; p99 of delivery to another node through Redis on loopback.
+const FANOUT_CPU_VS_UWS: f64 = 1.5;
+const FANOUT_10K_P99_MS: f64 = 50.0;
+const CROSS_NODE_P99_MS: f64 = 2.0;
+
+/// The fan-out scenarios, in table order.
+const FANOUT_SCENARIOS: &[&str] = &["fanout-1k", "fanout-10k"];
 
 /// All runs: scenario → server → runs.
 struct Results(BTreeMap<String, BTreeMap<String, Vec<Map<String, Value>>>>);
@@ -169,6 +180,8 @@ fn main() -> anyhow::Result<()> {
     paced(&mut md, &results);
     idle(&mut md, &results);
     storm(&mut md, &results);
+    fanout(&mut md, &results);
+    cross_node(&mut md, &results);
     aikefu(&mut md, &results);
     method(&mut md, &args);
     fs::write(&args.out, md).with_context(|| format!("writing {}", args.out.display()))?;
@@ -549,6 +562,194 @@ fn storm(md: &mut String, r: &Results) {
             fmt(r.median("storm", key, "conns_per_s"), 0),
             fmt(r.median("storm", key, "cycle_p99_ms"), 2),
             fmt(Some(r.total("storm", key, "errors")), 0),
+        ]);
+    }
+    md.push_str(&t.text);
+    md.push('\n');
+}
+
+fn fanout(md: &mut String, r: &Results) {
+    let _ = writeln!(md, "## Channels: fan-out\n");
+    if FANOUT_SCENARIOS.iter().all(|s| r.servers(s).is_empty()) {
+        let _ = writeln!(md, "Not run (see \"Not run\" above).\n");
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "One node, one publisher, N subscribers on one channel. sockhost runs the `fanout` test \
+         addon at `/ws/fanout` (`?sub=` subscribes the connection's instance; each subscriber's \
+         instance gets `on-channel-message` and sends the text to its client; text from a `?pub=` \
+         connection is published); uWebSockets.js subscribes each socket to a topic and calls \
+         `app.publish`; Node `ws` keeps a `Set` of sockets per topic and calls `send` on each. \
+         Messages of 32 bytes are published one at a time; each is waited for at every \
+         subscriber (at most 5–10 s; what is still missing then is lost) before the next, \
+         after a 10 ms pause. **Last receipt** is from handing the message to the publisher's \
+         socket until the last subscriber has read it; **each receipt** is the same for every \
+         subscriber. The load generator reads all N frames on the same core, so these include \
+         its reading time (about 6–7 µs per frame): uWebSockets.js's figure in the same run shows \
+         the floor of this set-up. CPU is the server's utime+stime over the measured messages \
+         divided by the deliveries; the ratio is to uWebSockets.js in the same run. With few \
+         messages per run (10,000 subscribers) p99 is close to the slowest message.\n"
+    );
+    let mut t = Table::new(&[
+        "server",
+        "subscribers",
+        "messages",
+        "last receipt p50 ms",
+        "last receipt p99 ms",
+        "each receipt p50 ms",
+        "each receipt p99 ms",
+        "server CPU µs/delivery",
+        "× uWebSockets.js",
+        "runs",
+        "lost",
+    ]);
+    for scenario in FANOUT_SCENARIOS {
+        let uws = r.median(scenario, "uws", "server_cpu_us_per_delivery");
+        for (key, name) in r.servers(scenario) {
+            let us = r.median(scenario, key, "server_cpu_us_per_delivery");
+            t.row(&[
+                fanout_name(key, name),
+                fmt(r.median(scenario, key, "subscribers"), 0),
+                fmt(r.median(scenario, key, "messages"), 0),
+                fmt(r.median(scenario, key, "last_p50_ms"), 2),
+                fmt(r.median(scenario, key, "last_p99_ms"), 2),
+                fmt(r.median(scenario, key, "receipt_p50_ms"), 2),
+                fmt(r.median(scenario, key, "receipt_p99_ms"), 2),
+                fmt(us, 2),
+                fmt_ratio(ratio(us, uws)),
+                runs_cell(&r.values(scenario, key, "server_cpu_us_per_delivery"), 2),
+                fmt(Some(r.total(scenario, key, "lost") + r.total(scenario, key, "errors")), 0),
+            ]);
+        }
+    }
+    md.push_str(&t.text);
+    md.push('\n');
+
+    let mut t = Table::new(&["target (issue 12)", "measured", "result"]);
+    for scenario in FANOUT_SCENARIOS {
+        let wasm = r.median(scenario, "sockhost-wasm", "server_cpu_us_per_delivery");
+        let uws = r.median(scenario, "uws", "server_cpu_us_per_delivery");
+        let x = ratio(wasm, uws);
+        t.row(&[
+            format!(
+                "CPU per delivered message ≤ {FANOUT_CPU_VS_UWS}× uWebSockets.js, {} subscribers",
+                fmt(
+                    r.median(scenario, "sockhost-wasm", "subscribers").or(r.median(
+                        scenario,
+                        "uws",
+                        "subscribers"
+                    )),
+                    0
+                )
+            ),
+            format!("{} µs vs {} µs: {}", fmt(wasm, 2), fmt(uws, 2), fmt_ratio(x)),
+            verdict(x.map(|x| x <= FANOUT_CPU_VS_UWS)).into(),
+        ]);
+    }
+    let large = FANOUT_SCENARIOS[1];
+    let p99 = r.median(large, "sockhost-wasm", "last_p99_ms");
+    let subs = r.median(large, "sockhost-wasm", "subscribers");
+    let short = subs.is_some_and(|n| n < 10_000.0);
+    t.row(&[
+        format!(
+            "10,000-subscriber fan-out on one node: p99 (publish to last receipt) < {FANOUT_10K_P99_MS} ms"
+        ),
+        format!(
+            "{} ms at {} subscribers (p50 {} ms); uWebSockets.js {} ms, Node `ws` {} ms in the same run{}",
+            fmt(p99, 1),
+            fmt(subs, 0),
+            fmt(r.median(large, "sockhost-wasm", "last_p50_ms"), 1),
+            fmt(r.median(large, "uws", "last_p99_ms"), 1),
+            fmt(r.median(large, "node-ws", "last_p99_ms"), 1),
+            if short { "; fewer than 10,000 subscribers in this run, so no verdict" } else { "" }
+        ),
+        if short { "not measured".into() } else { verdict(p99.map(|p| p < FANOUT_10K_P99_MS)).into() },
+    ]);
+    md.push_str(&t.text);
+    md.push('\n');
+}
+
+/// A server's name in the channel tables (sockhost runs the `fanout` test addon there).
+fn fanout_name(key: &str, name: &str) -> String {
+    if key == "sockhost-wasm" { "**sockhost** (`fanout` test addon)".to_owned() } else { name.to_owned() }
+}
+
+fn cross_node(md: &mut String, r: &Results) {
+    let _ = writeln!(md, "## Channels: across nodes\n");
+    // One row per subscriber count (the runs of one repetition differ only in it).
+    let mut by_subs: BTreeMap<u64, Vec<&Map<String, Value>>> = BTreeMap::new();
+    for run in r.runs("cross-node", "sockhost-wasm") {
+        if let Some(subs) = run.get("subscribers").and_then(Value::as_u64) {
+            by_subs.entry(subs).or_default().push(run);
+        }
+    }
+    if by_subs.is_empty() {
+        let _ = writeln!(md, "Not run (see \"Not run\" above).\n");
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "Three sockhost nodes with `--redis-url` pointing at one `redis-server` (started for the \
+         run on a loopback port, no persistence), all pinned to the same CPU as the load \
+         generator. The `fanout` test addon's subscribers are spread round robin over the three \
+         nodes, the publisher is on node 1, and messages are published one at a time as above; \
+         one subscriber per node measures the hop through Redis, ten per node add a fan-out on \
+         every node. **Other nodes** is each receipt at a subscriber of node 2 or 3: publish to \
+         Redis, Redis to the node, the node to its subscribers' instances and clients (node 1's \
+         own subscribers are also served through Redis). CPU is the three nodes' together \
+         (Redis not included) per delivered message and per publish; with few subscribers it is \
+         mostly the work every node does once per message (and a few clock ticks of CPU in \
+         all, so coarse).\n"
+    );
+    let mut t = Table::new(&[
+        "subscribers",
+        "messages",
+        "other nodes p50 ms",
+        "other nodes p99 ms",
+        "node 1 p50 ms",
+        "node 1 p99 ms",
+        "last receipt p50 ms",
+        "last receipt p99 ms",
+        "server CPU µs/delivery",
+        "server CPU µs/publish",
+        "runs (other nodes p99)",
+        "lost",
+    ]);
+    let values = |runs: &[&Map<String, Value>], key: &str| -> Vec<f64> {
+        runs.iter().filter_map(|run| run.get(key).and_then(Value::as_f64)).collect()
+    };
+    let med = |runs: &[&Map<String, Value>], key: &str| median(values(runs, key));
+    for (subs, runs) in &by_subs {
+        let lost: f64 = values(runs, "lost").iter().chain(&values(runs, "errors")).sum();
+        t.row(&[
+            format!("{subs} ({} per node)", fmt(Some(*subs as f64 / 3.0), 0)),
+            fmt(med(runs, "messages"), 0),
+            fmt(med(runs, "remote_receipt_p50_ms"), 3),
+            fmt(med(runs, "remote_receipt_p99_ms"), 3),
+            fmt(med(runs, "local_receipt_p50_ms"), 3),
+            fmt(med(runs, "local_receipt_p99_ms"), 3),
+            fmt(med(runs, "last_p50_ms"), 3),
+            fmt(med(runs, "last_p99_ms"), 3),
+            fmt(med(runs, "server_cpu_us_per_delivery"), 2),
+            fmt(med(runs, "server_cpu_us_per_publish"), 0),
+            runs_cell(&values(runs, "remote_receipt_p99_ms"), 3),
+            fmt(Some(lost), 0),
+        ]);
+    }
+    md.push_str(&t.text);
+    md.push('\n');
+    let mut t = Table::new(&["target (issue 12)", "measured", "result"]);
+    for (subs, runs) in &by_subs {
+        let p99 = med(runs, "remote_receipt_p99_ms");
+        t.row(&[
+            format!("cross-node delivery p99 < {CROSS_NODE_P99_MS} ms on loopback, {subs} subscribers"),
+            format!(
+                "{} ms (p50 {} ms) at the other nodes' subscribers",
+                fmt(p99, 3),
+                fmt(med(runs, "remote_receipt_p50_ms"), 3)
+            ),
+            verdict(p99.map(|p| p < CROSS_NODE_P99_MS)).into(),
         ]);
     }
     md.push_str(&t.text);
