@@ -183,6 +183,7 @@ struct FileLimits {
     handshake_timeout_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     read_buffer_bytes: Option<usize>,
+    orphan_callback_grace_ms: Option<u64>,
 }
 
 /// The validated configuration the server runs with.
@@ -283,6 +284,12 @@ pub struct ServerLimits {
     /// see `bench/README.md`). Raise it for addons that take large binary messages.
     /// File key `limits.read_buffer_bytes`; default 1,024; 256 to 1 MiB.
     pub read_buffer_bytes: usize,
+    /// How long a callback may go on once its client has gone (closed, or TCP gone)
+    /// before the host abandons it and drops the instance, skipping `on-close`. A reply
+    /// nobody will read should not hold memory and a slot; long enough for an addon to
+    /// notice failed sends and finish its bookkeeping.
+    /// File key `limits.orphan_callback_grace_ms`; default 5,000; 0 to 3,600,000.
+    pub orphan_callback_grace: Duration,
 }
 
 /// Bounds of `limits.read_buffer_bytes`.
@@ -295,6 +302,7 @@ impl Default for ServerLimits {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
             read_buffer_bytes: 1024,
+            orphan_callback_grace: Duration::from_secs(5),
         }
     }
 }
@@ -381,6 +389,12 @@ impl Config {
             limits.read_buffer_bytes = bytes;
         }
 
+        if let Some(ms) = file.limits.orphan_callback_grace_ms {
+            if ms > 3_600_000 {
+                bail!("invalid value for limits.orphan_callback_grace_ms: {ms}; use 0 to 3600000");
+            }
+            limits.orphan_callback_grace = Duration::from_millis(ms);
+        }
         let compile_cache = !cli.no_compile_cache && file.server.compile_cache.unwrap_or(true);
         let cache_dir = cli.cache_dir.or(file.server.cache_dir).or(defaults.cache_dir);
         let cache_dir = if compile_cache { cache_dir } else { None };

@@ -178,6 +178,8 @@ pub(crate) struct AddonConnection {
     ping_sent: Option<Instant>,
     /// When the client's answer to the host's close frame is due; set once.
     close_deadline: Option<Instant>,
+    /// How long a callback may run on once its client is gone (`limits.orphan_callback_grace_ms`).
+    orphan_grace: Duration,
     /// Fires at or before the next keep-alive deadline. Activity only moves deadlines
     /// later, so the timer is not re-armed per message: when it fires early,
     /// [`Self::keep_alive`] re-arms it for the real deadline.
@@ -193,6 +195,7 @@ impl AddonConnection {
         policy: Arc<AddonPolicy>,
         stats: Arc<AddonStats>,
         shutdown: ShutdownListener,
+        orphan_grace: Duration,
     ) -> Self {
         let (sink, stream) = ws.split();
         store.data_mut().session.attach(sink, stats.clone());
@@ -215,6 +218,7 @@ impl AddonConnection {
             last_message: now,
             ping_sent: None,
             close_deadline: None,
+            orphan_grace,
             keep_alive_timer: Box::pin(tokio::time::sleep_until(first_deadline)),
         }
     }
@@ -224,9 +228,11 @@ impl AddonConnection {
         let info = self.store.data().session.info().clone();
         sandbox::start_callback(&mut self.store);
         let handler = &self.instance.handler;
-        let opened =
-            read_while(handler.call_on_open(&mut self.store, &info), &mut self.reader, &mut self.pending)
-                .await;
+        let call = handler.call_on_open(&mut self.store, &info);
+        let Ok(opened) = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
+        else {
+            return self.orphaned("on-open").await;
+        };
         self.pick_up_inbox();
         match opened {
             Ok(Ok(())) => {}
@@ -243,8 +249,10 @@ impl AddonConnection {
             let event = match self.wake().await {
                 Wake::Event(event) => event,
                 Wake::Delivery(delivery) => {
-                    if let Err(err) = self.deliver(&delivery).await {
-                        return self.failed("on-channel-message", err).await;
+                    match self.deliver(&delivery).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(err)) => return self.failed("on-channel-message", err).await,
+                        Err(Orphaned) => return self.orphaned("on-channel-message").await,
                     }
                     continue;
                 }
@@ -294,7 +302,11 @@ impl AddonConnection {
                     sandbox::start_callback(&mut self.store);
                     let handler = &self.instance.handler;
                     let call = handler.call_on_message(&mut self.store, &message);
-                    let outcome = read_while(call, &mut self.reader, &mut self.pending).await;
+                    let outcome =
+                        read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
+                    let Ok(outcome) = outcome else {
+                        return self.orphaned("on-message").await;
+                    };
                     self.pick_up_inbox();
                     let started = self.last_message.max(self.last_callback_end);
                     self.last_callback_end = Instant::now();
@@ -383,18 +395,33 @@ impl AddonConnection {
     }
 
     /// Runs `on-channel-message` for one delivery, reading the socket meanwhile.
-    async fn deliver(&mut self, delivery: &Delivery) -> wasmtime::Result<()> {
+    async fn deliver(&mut self, delivery: &Delivery) -> Result<wasmtime::Result<()>, Orphaned> {
         let Some(channel_handler) = &self.instance.channel_handler else {
             // Unreachable in practice: such an instance's subscribe answers `denied`.
-            return Ok(());
+            return Ok(Ok(()));
         };
         self.stats.channel_delivery();
         sandbox::start_callback(&mut self.store);
         let call =
             channel_handler.call_on_channel_message(&mut self.store, &delivery.channel, &delivery.payload);
-        let outcome = read_while(call, &mut self.reader, &mut self.pending).await;
+        let outcome = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
         self.last_callback_end = Instant::now();
         outcome
+    }
+
+    /// A callback outlived its client by more than the grace period: abandon it. The
+    /// instance was left mid-call, so it is never entered again (`on-close` is skipped);
+    /// dropping the store gives its memory and slot back.
+    async fn orphaned(mut self, stage: &'static str) {
+        self.stats.failure(FailureKind::OrphanedCallback);
+        tracing::warn!(
+            stage,
+            kind = FailureKind::OrphanedCallback.code(),
+            grace_ms = self.orphan_grace.as_millis() as u64,
+            "the client is gone and the callback was still running after the grace period \
+             (limits.orphan_callback_grace_ms); abandoned it and dropped the instance; on-close skipped"
+        );
+        self.store.data_mut().session.shutdown().await;
     }
 
     /// The next keep-alive deadline: idle timeout, ping due, or pong overdue.
@@ -496,18 +523,44 @@ async fn next_delivery(inbox: &mut Option<Inbox>) -> Option<Arc<Delivery>> {
 
 /// Polls `call` to completion while reading client events into `pending`, so a long
 /// callback does not stop the connection from answering pings or seeing a close.
+///
+/// Once the client is gone (its close, a broken frame, or TCP gone), the callback gets
+/// `grace` more to finish; past it the call is abandoned ([`Orphaned`]): nobody is
+/// listening, and a callback that ignores failed sends (or waits on a slow upstream)
+/// must not hold its instance, slot and memory for as long as it likes.
 async fn read_while<T>(
     call: impl Future<Output = T>,
     reader: &mut Reader,
     pending: &mut VecDeque<Inbound>,
-) -> T {
+    grace: Duration,
+) -> Result<T, Orphaned> {
     tokio::pin!(call);
+    let mut orphaned_at = reader.finished.then(|| Instant::now() + grace);
     loop {
         let can_read = !reader.finished && pending.len() < MAX_PENDING;
+        let deadline = orphaned_at;
         tokio::select! {
             biased;
-            out = &mut call => return out,
-            event = reader.next(), if can_read => pending.push_back(event),
+            out = &mut call => return Ok(out),
+            event = reader.next(), if can_read => {
+                pending.push_back(event);
+                if reader.finished && orphaned_at.is_none() {
+                    orphaned_at = Some(Instant::now() + grace);
+                }
+            }
+            _ = sleep_until_some(deadline) => return Err(Orphaned),
         }
+    }
+}
+
+/// The callback was abandoned: its client had gone for longer than the grace period.
+#[derive(Debug)]
+struct Orphaned;
+
+/// Sleeps until `deadline`; never without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }

@@ -40,6 +40,9 @@ pub enum FailureKind {
     /// More channel messages waited for the connection than its inbox holds
     /// (`channels.inbox`): error frame, then close 1008.
     SlowSubscriber,
+    /// A callback still ran `limits.orphan_callback_grace_ms` after its client had gone: it
+    /// was abandoned and the instance dropped, without `on-close`.
+    OrphanedCallback,
     /// `Origin` not in the addon's `allowed_origins`. HTTP 403 before the upgrade.
     Origin,
     /// The addon's or the server's connection limit was reached. HTTP 503.
@@ -52,7 +55,7 @@ pub enum FailureKind {
 
 impl FailureKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FailureKind; 16] = [
+    pub const ALL: [FailureKind; 17] = [
         FailureKind::AddonError,
         FailureKind::AddonTrap,
         FailureKind::AddonTimeout,
@@ -65,6 +68,7 @@ impl FailureKind {
         FailureKind::Unresponsive,
         FailureKind::SlowClient,
         FailureKind::SlowSubscriber,
+        FailureKind::OrphanedCallback,
         FailureKind::Origin,
         FailureKind::Capacity,
         FailureKind::HandshakeTimeout,
@@ -86,6 +90,7 @@ impl FailureKind {
             FailureKind::Unresponsive => "unresponsive",
             FailureKind::SlowClient => "slow_client",
             FailureKind::SlowSubscriber => "slow_subscriber",
+            FailureKind::OrphanedCallback => "orphaned_callback",
             FailureKind::Origin => "origin",
             FailureKind::Capacity => "capacity",
             FailureKind::HandshakeTimeout => "handshake_timeout",

@@ -396,6 +396,7 @@ impl ServerHandle {
         let mut next = Config::clone(&current);
         next.limits.handshake_timeout = new.limits.handshake_timeout;
         next.limits.drain_timeout = new.limits.drain_timeout;
+        next.limits.orphan_callback_grace = new.limits.orphan_callback_grace;
         if let (Some(tls), Some(files)) = (&self.0.tls, &new.tls) {
             tls.set_files(files.clone());
             next.tls = new.tls.clone();
@@ -738,6 +739,7 @@ async fn serve_addon(
         policy.clone(),
         addon.stats().clone(),
         shared.shutdown.listen(),
+        shared.config().limits.orphan_callback_grace,
     )
     .serve()
     .instrument(span)

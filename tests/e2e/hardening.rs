@@ -111,3 +111,30 @@ async fn an_upstream_that_never_finishes_the_tls_handshake_times_out() {
     .await;
     silent.abort();
 }
+
+/// A callback still running when its client leaves gets `limits.orphan_callback_grace_ms`,
+/// then it is abandoned: the instance is dropped (its slot comes back) and `on-close` is
+/// skipped, with a log line saying so.
+#[tokio::test]
+async fn a_callback_that_outlives_its_client_is_abandoned_after_the_grace() {
+    let testkit = test_addon("testkit");
+    let server = TestServer::start_with(&[("testkit.wasm", &testkit)], |config| {
+        config.limits.orphan_callback_grace = Duration::from_millis(300);
+    })
+    .await;
+    let live = r#"sockhost_addon_live_instances{addon="testkit"}"#;
+    let mut client = server.connect("/ws/testkit?tag=orphan").await;
+    assert_eq!(client.recv_text().await, "open");
+    // A minute of waiting (not charged as CPU), far beyond the test's patience.
+    client.send_text("sleep 60000").await;
+    assert_eq!(server.metric(live).await, Some(1.0));
+    drop(client);
+    eventually("the orphaned instance is dropped", || async { server.metric(live).await == Some(0.0) }).await;
+    let line = wait_for_log(&["abandoned it and dropped the instance", "orphaned_callback"]).await;
+    assert!(line.contains("stage=\"on-message\""), "{line}");
+    assert!(log_lines(&["testkit on-close", "tag=orphan"]).is_empty(), "on-close must not run");
+    assert_eq!(
+        server.metric(r#"sockhost_addon_failures_total{addon="testkit",kind="orphaned_callback"}"#).await,
+        Some(1.0)
+    );
+}

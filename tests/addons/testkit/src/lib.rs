@@ -1,7 +1,8 @@
 //! The addon the end-to-end tests drive: each text command exercises one part of the host.
 //! Commands: count, stream, error, trap, info, close, print, log, flood, `get <url>`,
 //! `hold <n> <url>`, `kv-set <key> <value>`, `kv-get <key>`, `sub <channel>`,
-//! `unsub <channel>`, `pub <channel> <text>`, `pub-bin <channel> <bytes>` (that many zero
+//! `unsub <channel>`, `pub <channel> <text>`, `sleep <ms>` (then `slept`, ignoring a
+//! failed send), `pub-bin <channel> <bytes>` (that many zero
 //! bytes); `?refuse=1` in the query refuses the connection, `?slow=<ms>` makes every
 //! channel delivery take that long, `?tag=<text>` tags the on-close log line. Deliveries reach the client as
 //! `chan <channel> <text>` (or `chan <channel> <n> bytes`).
@@ -88,6 +89,10 @@ impl Addon for Testkit {
                     Ok(None) => send_text("kv none")?,
                     Err(err) => send_text(&format!("kv error: {err}"))?,
                 },
+                Some(("sleep", ms)) => {
+                    std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+                    let _ = send_text("slept");
+                }
                 Some(("sub", channel)) => match channels::subscribe(channel) {
                     Ok(()) => send_text(&format!("subscribed {channel}"))?,
                     Err(err) => send_text(&format!("channel error: {err:?}"))?,
