@@ -131,6 +131,8 @@ struct FileConfig {
     log: FileLog,
     tls: Option<FileTls>,
     #[serde(default)]
+    builtin: crate::builtin::FileBuiltin,
+    #[serde(default)]
     cluster: FileCluster,
     #[serde(default)]
     admin: FileAdmin,
@@ -184,6 +186,7 @@ struct FileLimits {
     drain_timeout_ms: Option<u64>,
     read_buffer_bytes: Option<usize>,
     orphan_callback_grace_ms: Option<u64>,
+    max_connections_per_ip: Option<u32>,
 }
 
 /// The validated configuration the server runs with.
@@ -225,6 +228,8 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// The admin listener; `None` (the default) runs none.
     pub admin: Option<AdminConfig>,
+    /// The built-in `/ws` endpoint's limits, or that it is off. Section `[builtin]`.
+    pub builtin: crate::builtin::BuiltinConfig,
 }
 
 /// The admin listener: `POST /api/publish` for the shop's backend, and `/metrics`, on an
@@ -290,6 +295,11 @@ pub struct ServerLimits {
     /// notice failed sends and finish its bookkeeping.
     /// File key `limits.orphan_callback_grace_ms`; default 5,000; 0 to 3,600,000.
     pub orphan_callback_grace: Duration,
+    /// WebSocket connections (to addons and `/ws`) from one IP address at once; one more
+    /// is answered 503. High enough for carrier-grade NAT, where many phones share an
+    /// address, low enough that one host cannot take the whole server.
+    /// File key `limits.max_connections_per_ip`; default 1,000.
+    pub max_connections_per_ip: u32,
 }
 
 /// Bounds of `limits.read_buffer_bytes`.
@@ -303,6 +313,7 @@ impl Default for ServerLimits {
             drain_timeout: Duration::from_secs(10),
             read_buffer_bytes: 1024,
             orphan_callback_grace: Duration::from_secs(5),
+            max_connections_per_ip: 1000,
         }
     }
 }
@@ -322,6 +333,7 @@ impl Default for Config {
             tls: None,
             redis_url: None,
             admin: None,
+            builtin: crate::builtin::BuiltinConfig::default(),
         }
     }
 }
@@ -389,6 +401,13 @@ impl Config {
             limits.read_buffer_bytes = bytes;
         }
 
+        if let Some(max) = file.limits.max_connections_per_ip {
+            if max == 0 {
+                bail!("invalid value for limits.max_connections_per_ip: must be at least 1");
+            }
+            limits.max_connections_per_ip = max;
+        }
+        let builtin = crate::builtin::BuiltinConfig::from_file(file.builtin).map_err(anyhow::Error::msg)?;
         if let Some(ms) = file.limits.orphan_callback_grace_ms {
             if ms > 3_600_000 {
                 bail!("invalid value for limits.orphan_callback_grace_ms: {ms}; use 0 to 3600000");
@@ -444,6 +463,7 @@ impl Config {
             tls,
             redis_url,
             admin,
+            builtin,
         })
     }
 }

@@ -29,6 +29,7 @@
 pub mod addons;
 mod admin;
 mod bindings;
+pub mod builtin;
 pub mod cache;
 pub mod channels;
 pub mod check;
@@ -75,10 +76,46 @@ pub async fn main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     }
     let config = Config::from_cli(cli.clone())?;
     init_logging(config.log_format);
+    raise_open_file_limit();
     let server = Server::start(config).await?;
     reload_config_on_sighup(server.handle(), cli);
     server.run_until(shutdown_signal()).await;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Raises the soft limit on open files to the hard limit, and logs both. Every connection
+/// is a descriptor, and the soft default (often 1,024) would refuse connections long
+/// before any of the server's own limits; the hard limit is what the operator allowed.
+fn raise_open_file_limit() {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            tracing::warn!("cannot read the open-file limit: {}", std::io::Error::last_os_error());
+            return;
+        }
+        let soft = limit.rlim_cur;
+        if soft < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            // SAFETY: as above.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+                tracing::warn!(
+                    soft,
+                    hard = limit.rlim_max,
+                    "cannot raise the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+        }
+        tracing::info!(
+            was = soft,
+            now = limit.rlim_cur,
+            hard = limit.rlim_max,
+            "open-file limit (RLIMIT_NOFILE)"
+        );
+    }
 }
 
 /// On SIGHUP, reads the settings again (flags and environment as given at start, the

@@ -2,8 +2,8 @@
 //! task per connection.
 //!
 //! Routes:
-//! - `/ws`: the built-in test endpoint ([`serve_builtin`]): a `system` greeting naming the
-//!   mounted addons, then an echo of every message;
+//! - `/ws`: the built-in test endpoint ([`crate::builtin`]): a `system` greeting naming the
+//!   mounted addons, then an echo of every message, within `[builtin]`'s limits;
 //! - `/ws/<name>`: the addon mounted as `<name>`, one instance per connection;
 //! - `/healthz`: `200` while the process serves (liveness);
 //! - `/readyz`: `200` when ready for traffic (addons are loaded before the listener
@@ -33,13 +33,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::either::Either;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -47,13 +44,14 @@ use tracing::Instrument;
 use crate::addons::{self, AddonSet, InstantiateError, LoadedAddon, Loader};
 use crate::admin::Admin;
 use crate::bindings::ConnectionInfo;
+use crate::builtin::BuiltinSlots;
 use crate::cache::CompileCache;
 use crate::channels::Channels;
 use crate::cluster::RedisLink;
 use crate::config::Config;
 use crate::connection::AddonConnection;
 use crate::engine::EpochCounter;
-use crate::error::{Envelope, FailureCounts, FailureKind};
+use crate::error::{FailureCounts, FailureKind};
 use crate::handshake::{self, HeadError, Rejection, RequestHead};
 use crate::host::kv::KvStore;
 use crate::host::kv_redis::RedisKvBackend;
@@ -85,6 +83,10 @@ struct Shared {
     next_connection_id: AtomicU64,
     /// Addon connections open now, against `limits.max_connections`.
     open_connections: AtomicU32,
+    /// WebSocket connections by client address, against `limits.max_connections_per_ip`.
+    per_ip: IpSlots,
+    /// `/ws` connections, against `[builtin] max_connections`.
+    builtin_slots: BuiltinSlots,
     failures: Arc<FailureCounts>,
     metrics: Arc<Metrics>,
     epoch: EpochCounter,
@@ -233,6 +235,8 @@ impl Server {
             ws_config,
             next_connection_id: AtomicU64::new(1),
             open_connections: AtomicU32::new(0),
+            per_ip: IpSlots::default(),
+            builtin_slots: BuiltinSlots::default(),
             failures,
             metrics,
             epoch,
@@ -290,13 +294,14 @@ impl Server {
             tokio::spawn(tls.clone().watch(shared.shutdown.token().clone()));
         }
         tokio::pin!(shutdown);
+        let mut accept_errors = AcceptErrors::default();
         let mut purge = tokio::time::interval(KV_PURGE_INTERVAL);
         purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = purge.tick() => shared.services.kv.purge_expired().await,
-                accepted = listener.accept() => spawn_connection(&shared, accepted).await,
+                accepted = listener.accept() => spawn_connection(&shared, accepted, &mut accept_errors).await,
             }
         }
         shared.draining.store(true, Ordering::Release);
@@ -337,7 +342,7 @@ impl Server {
                     break;
                 }
                 // Probes keep getting answers (503 on /readyz) until the process exits.
-                accepted = accept(listener.as_ref()) => spawn_connection(&shared, accepted).await,
+                accepted = accept(listener.as_ref()) => spawn_connection(&shared, accepted, &mut accept_errors).await,
             }
         }
     }
@@ -354,16 +359,56 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
 /// How often expired kv entries are reclaimed (reads already ignore them).
 const KV_PURGE_INTERVAL: Duration = Duration::from_secs(300);
 /// Starts the task for an accepted connection.
-async fn spawn_connection(shared: &Arc<Shared>, accepted: std::io::Result<(TcpStream, SocketAddr)>) {
+async fn spawn_connection(
+    shared: &Arc<Shared>,
+    accepted: std::io::Result<(TcpStream, SocketAddr)>,
+    errors: &mut AcceptErrors,
+) {
     match accepted {
         Ok((stream, peer)) => {
+            errors.succeeded();
             shared.tasks.spawn(handle_tcp(shared.clone(), stream, peer));
         }
-        Err(err) => {
-            // Usually out of file descriptors: back off instead of spinning.
-            tracing::error!("accept failed: {err}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        Err(err) => errors.failed(err).await,
+    }
+}
+
+/// Failed accepts (usually: out of file descriptors). Each backs off longer, up to a
+/// second, instead of spinning; the log gets one line per interval with a count, not one
+/// per failure (which at the limit was ten lines a second, forever).
+#[derive(Default)]
+struct AcceptErrors {
+    /// Failures since the last success.
+    streak: u32,
+    /// Failures not yet logged, and when the last line was written.
+    unlogged: u64,
+    logged_at: Option<tokio::time::Instant>,
+}
+
+/// At most one log line per this long about failed accepts.
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl AcceptErrors {
+    fn succeeded(&mut self) {
+        self.streak = 0;
+    }
+
+    async fn failed(&mut self, err: std::io::Error) {
+        self.streak = self.streak.saturating_add(1);
+        self.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        if self.logged_at.is_none_or(|at| now >= at + ACCEPT_ERROR_LOG_INTERVAL) {
+            tracing::error!(
+                failures = self.unlogged,
+                "accept failed: {err} (failures since the last such line; at most one line per {} s)",
+                ACCEPT_ERROR_LOG_INTERVAL.as_secs()
+            );
+            self.unlogged = 0;
+            self.logged_at = Some(now);
         }
+        // 10 ms, doubling, up to 1 s.
+        let backoff = Duration::from_millis(10u64 << self.streak.min(7)).min(Duration::from_secs(1));
+        tokio::time::sleep(backoff).await;
     }
 }
 
@@ -570,7 +615,11 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             let rejection = Rejection::new(503, "the server is shutting down; connect again shortly");
             reject(&mut stream, rejection).await
         }
-        Route::Builtin => serve_builtin(&shared, stream, &head, leftover).await,
+        Route::Builtin if !shared.config().builtin.enabled => {
+            reject(&mut stream, Rejection::new(404, "the test endpoint /ws is turned off ([builtin] enabled = false)"))
+                .await
+        }
+        Route::Builtin => serve_builtin(&shared, stream, peer, &head, leftover).await,
         Route::Addon(name) => {
             // The version mounted now serves this connection to its end, whatever reloads follow.
             let addon = shared.addons.get().get(name).cloned();
@@ -677,6 +726,11 @@ async fn serve_addon(
             Rejection::new(403, format!("origin {origin} may not connect to addon '{}'", addon.name()));
         return reject(&mut stream, rejection).await;
     }
+    let per_ip = shared.config().limits.max_connections_per_ip;
+    let Some(_ip_slot) = shared.per_ip.reserve(peer.ip(), per_ip) else {
+        addon.stats().failure(FailureKind::Capacity);
+        return refuse_busy_ip(stream, peer, per_ip).instrument(span).await;
+    };
     let max = shared.config().limits.max_connections;
     let Some(_server_slot) = ServerSlot::reserve(&shared.open_connections, max) else {
         addon.stats().failure(FailureKind::Capacity);
@@ -747,10 +801,11 @@ async fn serve_addon(
     Ok(())
 }
 
-/// The built-in `/ws` endpoint: greets with the mounted addons, then echoes.
+/// The built-in `/ws` endpoint ([`crate::builtin`]), within its limits and the server's.
 async fn serve_builtin(
     shared: &Shared,
     mut stream: ClientStream,
+    peer: SocketAddr,
     head: &RequestHead,
     leftover: Vec<u8>,
 ) -> std::io::Result<()> {
@@ -758,38 +813,88 @@ async fn serve_builtin(
         Ok(key) => key.to_owned(),
         Err(rejection) => return reject(&mut stream, rejection).await,
     };
-    let mut ws = upgrade(stream, &key, leftover, shared.ws_config).await?;
+    let config = shared.config();
+    let Some(_ip_slot) = shared.per_ip.reserve(peer.ip(), config.limits.max_connections_per_ip) else {
+        shared.failures.record(FailureKind::Capacity);
+        return refuse_busy_ip(stream, peer, config.limits.max_connections_per_ip).await;
+    };
+    let max = config.limits.max_connections;
+    let Some(_server_slot) = ServerSlot::reserve(&shared.open_connections, max) else {
+        shared.failures.record(FailureKind::Capacity);
+        tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "server connection limit reached; /ws answered 503");
+        let rejection =
+            Rejection::new(503, format!("the server is at its limit of {max} connections; retry later"));
+        return reject(&mut stream, rejection).await;
+    };
+    let max = config.builtin.max_connections;
+    let Some(_builtin_slot) = shared.builtin_slots.reserve(max) else {
+        shared.failures.record(FailureKind::Capacity);
+        tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "/ws connection limit reached; answering 503");
+        let rejection = Rejection::new(
+            503,
+            format!("/ws is at its limit of {max} connections ([builtin] max_connections)"),
+        );
+        return reject(&mut stream, rejection).await;
+    };
+    let bytes = config.builtin.max_message_bytes;
+    let ws_config = shared.ws_config.max_message_size(Some(bytes)).max_frame_size(Some(bytes));
+    let ws = upgrade(stream, &key, leftover, ws_config).await?;
     let greeting = format!(
         "sockhost test endpoint: messages you send are echoed back. Mounted addons: {} (connect to /ws/<addon>).",
         mounted_list(shared)
     );
-    let greeting = Envelope::System { message: &greeting }.to_json();
-    if ws.send(WsMessage::text(greeting)).await.is_err() {
-        return Ok(());
-    }
-    let mut shutdown = shared.shutdown.listen();
-    loop {
-        let message = tokio::select! {
-            _ = &mut shutdown => {
-                let frame = CloseFrame { code: CloseCode::Away, reason: "server shutting down".into() };
-                let _ = ws.close(Some(frame)).await;
-                // Let the client answer the close before the socket goes.
-                let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = ws.next().await {} }).await;
-                return Ok(());
+    crate::builtin::serve(ws, &config.builtin, &greeting, shared.shutdown.listen()).await;
+    Ok(())
+}
+
+/// Answers 503 to a client address over `limits.max_connections_per_ip`.
+async fn refuse_busy_ip(mut stream: ClientStream, peer: SocketAddr, max: u32) -> std::io::Result<()> {
+    tracing::warn!(ip = %peer.ip(), max, kind = FailureKind::Capacity.code(), "per-address connection limit reached; answering 503");
+    let rejection = Rejection::new(
+        503,
+        format!(
+            "this address already has {max} connections open (limits.max_connections_per_ip); retry later"
+        ),
+    );
+    reject(&mut stream, rejection).await
+}
+
+/// WebSocket connections open per client IP address. The map holds only addresses with
+/// a connection open, so it is as large as the set of connected clients.
+#[derive(Default)]
+struct IpSlots(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
+
+/// One connection's place in its address's count, given back on drop.
+struct IpSlot<'a> {
+    slots: &'a IpSlots,
+    ip: std::net::IpAddr,
+}
+
+impl IpSlots {
+    fn reserve(&self, ip: std::net::IpAddr, max: u32) -> Option<IpSlot<'_>> {
+        let mut open = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= max {
+            if *count == 0 {
+                open.remove(&ip);
             }
-            message = ws.next() => message,
-        };
-        let reply = match message {
-            Some(Ok(message @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => message,
-            Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
-            Some(Ok(_)) => continue,
-        };
-        if ws.send(reply).await.is_err() {
-            break;
+            return None;
+        }
+        *count += 1;
+        Some(IpSlot { slots: self, ip })
+    }
+}
+
+impl Drop for IpSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self.slots.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
         }
     }
-    let _ = ws.close(None).await;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -138,3 +138,75 @@ async fn a_callback_that_outlives_its_client_is_abandoned_after_the_grace() {
         Some(1.0)
     );
 }
+
+/// `/ws` has limits like an addon's and counts against the server's; one address cannot
+/// take every connection; `/healthz` still answers at every limit; and the process
+/// raises its open-file limit to what the operator allowed.
+#[tokio::test]
+async fn the_test_endpoint_and_every_address_have_limits_and_health_still_answers() {
+    let config = "[limits]\nmax_connections_per_ip = 4\n[builtin]\nmax_connections = 3\nidle_timeout_s = 2\n";
+    let work =
+        work_dir(&[("addons/echo.wasm", &bundled_addon("echo")), ("sockhost.toml", config.as_bytes())]);
+    let process = crate::process::spawn_adjusted(
+        work.path(),
+        &["--listen", "127.0.0.1"],
+        &[("SOCKHOST_PORT", "0")],
+        |command| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                command.pre_exec(|| {
+                    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+                    limit.rlim_cur = 256.min(limit.rlim_max);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    Ok(())
+                });
+            }
+        },
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", process.port).parse().unwrap();
+    let line = process.log_text().lines().find(|l| l.contains("open-file limit")).map(str::to_owned);
+    let line = line.expect("the start-up log names the open-file limit");
+    assert!(line.contains("was=256"), "{line}");
+    assert!(!line.contains("now=256") || line.contains("hard=256"), "raised to the hard limit: {line}");
+
+    let ws = |path: &str| format!("ws://{addr}{path}");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut client = Client::connect(&ws("/ws")).await;
+        assert_eq!(client.recv_json().await["type"], "system");
+        held.push(client);
+    }
+    let (status, response) = http_request(addr, &upgrade_request("/ws")).await;
+    assert_eq!(status, 503, "{response}");
+    assert!(response.contains("[builtin] max_connections"), "{response}");
+    // The fourth connection from this address is allowed (to an addon); the fifth is not.
+    held.push(Client::connect(&ws("/ws/echo")).await);
+    let (status, response) = http_request(addr, &upgrade_request("/ws/echo")).await;
+    assert_eq!(status, 503, "{response}");
+    assert!(response.contains("limits.max_connections_per_ip"), "{response}");
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    // Idle /ws connections are closed like an addon's.
+    let (code, reason) = held[0].recv_close().await;
+    assert_eq!(code, 1000, "{reason}");
+    assert!(reason.contains("idle timeout"), "{reason}");
+}
+
+#[tokio::test]
+async fn the_test_endpoint_can_be_turned_off() {
+    let echo = bundled_addon("echo");
+    let server =
+        TestServer::start_with(&[("echo.wasm", &echo)], |config| config.builtin.enabled = false).await;
+    let (status, response) = http_request(server.addr, &upgrade_request("/ws")).await;
+    assert_eq!(status, 404, "{response}");
+    assert!(response.contains("[builtin] enabled = false"), "{response}");
+}
+
+/// A valid WebSocket upgrade request for `path`, as raw HTTP.
+fn upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}

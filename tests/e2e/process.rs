@@ -95,12 +95,23 @@ pub fn work_dir(files: &[(&str, &[u8])]) -> tempfile::TempDir {
 
 /// Starts the binary in `cwd` with `args` and `env`, and reads its log until it listens.
 pub fn spawn(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Process {
+    spawn_adjusted(cwd, args, env, |_| {})
+}
+
+/// [`spawn`], with a last change to the command (for example, its resource limits).
+pub fn spawn_adjusted(
+    cwd: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    adjust: impl FnOnce(&mut Command),
+) -> Process {
     let mut command = sockhost_command();
     command.current_dir(cwd).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env("NO_COLOR", "1");
     command.env("RUST_LOG", "info");
     for (key, value) in env {
         command.env(key, value);
     }
+    adjust(&mut command);
     let mut child = command.spawn().expect("spawn sockhost");
     let stderr = child.stderr.take().unwrap();
     let (lines_tx, lines_rx) = std::sync::mpsc::channel();
