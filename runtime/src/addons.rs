@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
@@ -26,6 +26,7 @@ use wasmtime::{Engine, Store};
 use crate::bindings::{ChannelHandler, ChannelHandlerIndices, Handler, HandlerIndices};
 use crate::cache::CompileCache;
 use crate::error::FailureKind;
+use crate::file_stamp::FileStamp;
 use crate::host::HostState;
 use crate::metrics::{AddonStats, Metrics};
 use crate::policy::{AddonPolicy, ManifestError};
@@ -257,26 +258,6 @@ pub struct Rejected {
 pub struct ScanOutcome {
     pub addons: AddonSet,
     pub rejected: Vec<Rejected>,
-}
-
-/// The size, modification time and (on Unix) inode of one file: enough to see that it
-/// changed, or was replaced by a rename, without reading it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct FileStamp {
-    len: u64,
-    modified: Option<SystemTime>,
-    inode: u64,
-}
-
-impl FileStamp {
-    pub(crate) fn of(path: &Path) -> std::io::Result<FileStamp> {
-        let meta = std::fs::metadata(path)?;
-        #[cfg(unix)]
-        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
-        #[cfg(not(unix))]
-        let inode = 0;
-        Ok(FileStamp { len: meta.len(), modified: meta.modified().ok(), inode })
-    }
 }
 
 /// The state of an addon's files: its `.wasm` and its optional manifest.

@@ -20,10 +20,10 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::client_stream::ClientStream;
 use crate::error::{Envelope, close_code};
 use crate::sandbox::TokenBucket;
 use crate::shutdown::ShutdownListener;
-use crate::tls::ClientStream;
 
 /// `[builtin]` in `sockhost.toml`.
 #[derive(Debug, Default, Deserialize)]

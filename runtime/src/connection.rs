@@ -44,13 +44,13 @@ use wasmtime::Store;
 use crate::addons::AddonInstance;
 use crate::bindings::Message;
 use crate::channels::{Delivery, Inbox};
+use crate::client_stream::ClientStream;
 use crate::error::{Envelope, FailureKind, close_code};
 use crate::host::HostState;
 use crate::metrics::AddonStats;
 use crate::policy::AddonPolicy;
 use crate::sandbox::{self, TokenBucket};
 use crate::shutdown::ShutdownListener;
-use crate::tls::ClientStream;
 
 /// Client messages read ahead while a callback runs, before reading pauses.
 pub const MAX_PENDING: usize = 16;

@@ -47,6 +47,7 @@ use crate::bindings::ConnectionInfo;
 use crate::builtin::BuiltinSlots;
 use crate::cache::CompileCache;
 use crate::channels::Channels;
+use crate::client_stream::ClientStream;
 use crate::cluster::RedisLink;
 use crate::config::Config;
 use crate::connection::AddonConnection;
@@ -59,7 +60,7 @@ use crate::host::{self, HostServices, HostState};
 use crate::metrics::{LiveInstance, Metrics};
 use crate::reload::{Mounted, Watcher};
 use crate::shutdown::Shutdown;
-use crate::tls::{ClientStream, Tls};
+use crate::tls::Tls;
 
 /// Largest message a client may send to the built-in `/ws` endpoint; addons set their own.
 const BUILTIN_MAX_MESSAGE: usize = 64 << 10;

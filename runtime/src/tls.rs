@@ -20,20 +20,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::ring;
-use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
-use crate::addons::FileStamp;
 use crate::config::TlsFiles;
+use crate::file_stamp::FileStamp;
 
-/// A client's connection: plain TCP, or TLS over TCP.
-// The TLS side is boxed: a rustls connection is about 1.2 KB inline against 40 bytes for a
-// TCP stream, and every plain connection would otherwise carry that much unused space.
-pub type ClientStream = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
+pub use crate::client_stream::ClientStream;
 
 /// How often the certificate files are checked for changes.
 pub const POLL: Duration = Duration::from_secs(1);

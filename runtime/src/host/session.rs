@@ -26,9 +26,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use super::HostState;
 use crate::bindings::sockhost::addon::session::{Host, SendError};
 use crate::bindings::{CloseFrame, ConnectionInfo};
+use crate::client_stream::ClientStream;
 use crate::error::{close_code, truncate_close_reason};
 use crate::metrics::AddonStats;
-use crate::tls::ClientStream;
 
 /// The write half of a client's WebSocket.
 pub type WsSink = SplitSink<WebSocketStream<ClientStream>, WsMessage>;
