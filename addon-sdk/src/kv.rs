@@ -40,6 +40,9 @@ pub enum KvError {
     Backend(String),
     /// A stored value is not the JSON [`get_json`] expected.
     Decode(String),
+    /// [`update_json`] found the value changed by someone else on every one of its
+    /// attempts ([`MAX_UPDATE_ATTEMPTS`]).
+    Contended,
 }
 
 impl fmt::Display for KvError {
@@ -51,6 +54,9 @@ impl fmt::Display for KvError {
             KvError::Invalid(why) => write!(f, "invalid kv call: {why}"),
             KvError::Backend(why) => write!(f, "kv store failed: {why}"),
             KvError::Decode(why) => write!(f, "stored value is not the expected JSON: {why}"),
+            KvError::Contended => {
+                write!(f, "the value kept changing under {MAX_UPDATE_ATTEMPTS} attempts to update it")
+            }
         }
     }
 }
@@ -81,6 +87,58 @@ pub fn set(key: &str, value: &[u8]) -> Result<(), KvError> {
 pub fn set_with_ttl(key: &str, value: &[u8], ttl: Duration) -> Result<(), KvError> {
     let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
     Ok(host::set(key, value, Some(ms))?)
+}
+
+/// Stores `value` under `key` only if its current value is `expected` (`None`: only if
+/// absent), atomically, even across nodes; whether it stored. With `ttl`, the value
+/// expires that long from now. [`update_json`] wraps the usual read-change-swap loop.
+pub fn compare_and_swap(
+    key: &str,
+    expected: Option<&[u8]>,
+    value: &[u8],
+    ttl: Option<Duration>,
+) -> Result<bool, KvError> {
+    let ttl_ms = ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+    Ok(host::compare_and_swap(key, expected, value, ttl_ms)?)
+}
+
+/// How many times [`update_json`] reads and tries again before giving up.
+pub const MAX_UPDATE_ATTEMPTS: usize = 16;
+
+/// Changes the JSON value of `key` with `change` (given the current value, or `None`)
+/// without losing a change another connection makes meanwhile: it reads, changes and
+/// swaps in, and starts again from the new value when someone else wrote first. Returns
+/// what it stored.
+///
+/// ```no_run
+/// use sockhost_addon_sdk::kv;
+///
+/// // Two connections adding at once both count.
+/// let visits: u64 = kv::update_json("visits", None, |n: Option<u64>| n.unwrap_or(0) + 1)?;
+/// # Ok::<(), kv::KvError>(())
+/// ```
+///
+/// # Panics
+///
+/// If `T`'s `Serialize` implementation fails, which is a bug in the addon.
+pub fn update_json<T, F>(key: &str, ttl: Option<Duration>, mut change: F) -> Result<T, KvError>
+where
+    T: Serialize + DeserializeOwned,
+    F: FnMut(Option<T>) -> T,
+{
+    for _ in 0..MAX_UPDATE_ATTEMPTS {
+        let current = get(key)?;
+        let decoded = match &current {
+            None => None,
+            Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|e| KvError::Decode(e.to_string()))?),
+        };
+        let next = change(decoded);
+        let bytes = serde_json::to_vec(&next).expect("value serializes to JSON");
+        if compare_and_swap(key, current.as_deref(), &bytes, ttl)? {
+            return Ok(next);
+        }
+    }
+    Err(KvError::Contended)
 }
 
 /// Removes `key`; whether it was there.

@@ -163,6 +163,33 @@ async fn a_reconnecting_client_continues_its_session_and_other_users_cannot() {
     assert_eq!(roles, ["system", "user"], "{isolated:?}");
 }
 
+/// Two connections on one session (two phones, or a retry on another node) answer at
+/// the same time: both exchanges are remembered. The slower reply used to overwrite the
+/// history with what it had read before the faster one saved.
+#[tokio::test]
+async fn concurrent_replies_on_one_session_both_land_in_its_memory() {
+    let llm = FakeLlm::start().await;
+    let server = server_with_llm(&llm, "").await;
+    let mut slow = open(&server).await;
+    slow.send_text(&chat("slow question", "alice", "shared")).await;
+    // The slow reply has read the (empty) history and is waiting on the model.
+    assert_eq!(slow.recv_json().await["message"], REPLY[0]);
+    let mut fast = open(&server).await;
+    fast.send_text(&chat("fast question", "alice", "shared")).await;
+    read_reply(&mut fast, "shared").await;
+    llm.release(1);
+    read_reply(&mut slow, "shared").await;
+
+    // Asked on the slow connection: its callbacks run one at a time, so this one starts
+    // only after the slow reply was stored.
+    slow.send_text(&chat("what did I ask?", "alice", "shared")).await;
+    read_reply(&mut slow, "shared").await;
+    let asked: Vec<String> =
+        llm.requests().last().unwrap().messages().into_iter().map(|(_, text)| text).collect();
+    assert!(asked.iter().any(|t| t == "fast question"), "{asked:?}");
+    assert!(asked.iter().any(|t| t == "slow question"), "{asked:?}");
+}
+
 #[tokio::test]
 async fn one_slow_upstream_reply_never_delays_another_users_reply() {
     let llm = FakeLlm::start().await;

@@ -3,7 +3,8 @@
 //! The key holds the verified user, so a client that knows another user's session id
 //! still cannot read or continue that conversation: its own user names a different key.
 //! A reply is stored only once it is complete; a failed or cut reply leaves the history
-//! as it was, so the next turn never builds on half an answer.
+//! as it was, so the next turn never builds on half an answer. Turns are added with a
+//! compare-and-swap ([`record`]), so concurrent replies on one session all land.
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -52,9 +53,22 @@ pub fn append(mut turns: Vec<Turn>, question: &str, answer: &str, max_turns: usi
     turns
 }
 
-/// Stores the conversation; it expires after `ttl` without a new turn.
-pub fn save(key: &str, turns: &[Turn], ttl: Duration) -> Result<(), KvError> {
-    kv::set_with_ttl(key, &serde_json::to_vec(turns).expect("turns serialize"), ttl)
+/// Adds a completed exchange to the stored conversation, keeping the last `max_turns`
+/// exchanges; it expires after `ttl` without a new turn. The exchange is added to what
+/// is stored *now*, with a compare-and-swap: two connections on one session (two
+/// phones, or a retry on another node) each keep their turns instead of the later
+/// write dropping the other's.
+pub fn record(
+    key: &str,
+    question: &str,
+    answer: &str,
+    max_turns: usize,
+    ttl: Duration,
+) -> Result<(), KvError> {
+    kv::update_json(key, Some(ttl), |stored: Option<Vec<Turn>>| {
+        append(stored.unwrap_or_default(), question, answer, max_turns)
+    })
+    .map(drop)
 }
 
 #[cfg(test)]

@@ -231,9 +231,8 @@ impl ChatRequest {
             }
         };
         reply.finish()?;
-        let turns = history::append(turns, &self.question, &answer, settings.history_turns);
         let ttl = Duration::from_secs(settings.history_ttl_hours * 3600);
-        if let Err(err) = history::save(&key, &turns, ttl) {
+        if let Err(err) = history::record(&key, &self.question, &answer, settings.history_turns, ttl) {
             log::error(&format!("saving conversation history failed: {err}"));
             send_error(codes::STORAGE_ERROR, "the reply was not remembered; the next message starts afresh")?;
         }

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::HostState;
@@ -65,6 +65,16 @@ pub trait KvBackend: Send + Sync + 'static {
         value: Vec<u8>,
         ttl: Option<Duration>,
     ) -> KvFuture<'a, ()>;
+    /// Stores `value` only if the live value is `expected` (`None`: absent or expired),
+    /// atomically; whether it stored.
+    fn compare_and_swap<'a>(
+        &'a self,
+        namespace: &'a str,
+        key: &'a str,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> KvFuture<'a, bool>;
     /// Removes `key`; whether a live value was there.
     fn delete<'a>(&'a self, namespace: &'a str, key: &'a str) -> KvFuture<'a, bool>;
     /// Live keys starting with `prefix`, in byte order, after `start_after`, at most `limit`.
@@ -237,6 +247,8 @@ struct WriteOp {
 enum Write {
     /// Answers 0.
     Set { key: Vec<u8>, stored: Vec<u8> },
+    /// Answers 1 if the live value was `expected` and `stored` replaced it, else 0.
+    CompareAndSwap { key: Vec<u8>, expected: Option<Vec<u8>>, stored: Vec<u8> },
     /// Answers 1 if a live value was removed, else 0.
     Delete { key: Vec<u8> },
     /// Answers how many expired entries were removed.
@@ -247,10 +259,22 @@ impl Write {
     fn bytes(&self) -> usize {
         match self {
             Write::Set { key, stored } => key.len() + stored.len(),
+            Write::CompareAndSwap { key, expected, stored } => {
+                key.len() + stored.len() + expected.as_ref().map_or(0, Vec::len)
+            }
             Write::Delete { key } => key.len(),
             Write::Purge => 0,
         }
     }
+}
+
+/// The bytes redb keeps for a value: its expiry (ms since the epoch; 0 = never), then it.
+fn stored_value(value: Vec<u8>, ttl: Option<Duration>) -> Vec<u8> {
+    let expiry = ttl.map_or(0, |ttl| now_ms().saturating_add(ttl.as_millis() as u64).max(1));
+    let mut stored = Vec::with_capacity(8 + value.len());
+    stored.extend_from_slice(&expiry.to_le_bytes());
+    stored.extend_from_slice(&value);
+    stored
 }
 
 fn now_ms() -> u64 {
@@ -412,6 +436,19 @@ impl Writer {
                         table.insert(key.as_slice(), stored.as_slice())?;
                         0
                     }
+                    Write::CompareAndSwap { key, expected, stored } => {
+                        // Inside the transaction, after the writes before it in this
+                        // group: nothing can come between the comparison and the write.
+                        let current = table
+                            .get(key.as_slice())?
+                            .and_then(|old| live(old.value(), now).map(<[u8]>::to_vec));
+                        if current == *expected {
+                            table.insert(key.as_slice(), stored.as_slice())?;
+                            1
+                        } else {
+                            0
+                        }
+                    }
                     Write::Delete { key } => {
                         let removed = table.remove(key.as_slice())?;
                         u64::from(removed.is_some_and(|old| live(old.value(), now).is_some()))
@@ -458,12 +495,22 @@ impl KvBackend for RedbBackend {
         value: Vec<u8>,
         ttl: Option<Duration>,
     ) -> KvFuture<'a, ()> {
-        let expiry = ttl.map_or(0, |ttl| now_ms().saturating_add(ttl.as_millis() as u64).max(1));
-        let mut stored = Vec::with_capacity(8 + value.len());
-        stored.extend_from_slice(&expiry.to_le_bytes());
-        stored.extend_from_slice(&value);
-        let written = self.write(Write::Set { key: full_key(namespace, key), stored });
+        let written =
+            self.write(Write::Set { key: full_key(namespace, key), stored: stored_value(value, ttl) });
         Box::pin(async move { written.await.map(drop) })
+    }
+
+    fn compare_and_swap<'a>(
+        &'a self,
+        namespace: &'a str,
+        key: &'a str,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> KvFuture<'a, bool> {
+        let stored = stored_value(value, ttl);
+        let written = self.write(Write::CompareAndSwap { key: full_key(namespace, key), expected, stored });
+        Box::pin(async move { written.await.map(|swapped| swapped == 1) })
     }
 
     fn delete<'a>(&'a self, namespace: &'a str, key: &'a str) -> KvFuture<'a, bool> {
@@ -539,18 +586,22 @@ impl KvAccess {
     }
 
     pub(crate) async fn set(&self, key: &str, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvError> {
-        check_key(key)?;
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(KvError::Invalid(format!(
-                "a value is at most 1 MiB; this one is {} bytes",
-                value.len()
-            )));
-        }
-        if ttl_ms == Some(0) {
-            return Err(KvError::Invalid("ttl-ms must be at least 1; leave it out for no expiry".into()));
-        }
+        check_write(key, &value, ttl_ms)?;
         let backend = self.backend().await?;
         self.answer(backend.set(&self.namespace, key, value, ttl_ms.map(Duration::from_millis)).await)
+    }
+
+    pub(crate) async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        check_write(key, &value, ttl_ms)?;
+        let backend = self.backend().await?;
+        let ttl = ttl_ms.map(Duration::from_millis);
+        self.answer(backend.compare_and_swap(&self.namespace, key, expected, value, ttl).await)
     }
 
     pub(crate) async fn delete(&self, key: &str) -> Result<bool, KvError> {
@@ -573,6 +624,18 @@ impl KvAccess {
     }
 }
 
+/// The limits of a write: the key's, the value's size, a TTL of at least 1 ms.
+fn check_write(key: &str, value: &[u8], ttl_ms: Option<u64>) -> Result<(), KvError> {
+    check_key(key)?;
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(KvError::Invalid(format!("a value is at most 1 MiB; this one is {} bytes", value.len())));
+    }
+    if ttl_ms == Some(0) {
+        return Err(KvError::Invalid("ttl-ms must be at least 1; leave it out for no expiry".into()));
+    }
+    Ok(())
+}
+
 fn check_key(key: &str) -> Result<(), KvError> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
         return Err(KvError::Invalid(format!(
@@ -590,6 +653,16 @@ impl Host for HostState {
 
     async fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvError> {
         self.kv.set(&key, value, ttl_ms).await
+    }
+
+    async fn compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        self.kv.compare_and_swap(&key, expected, value, ttl_ms).await
     }
 
     async fn delete(&mut self, key: String) -> Result<bool, KvError> {
@@ -674,7 +747,58 @@ mod tests {
         a_later_set_replaces_the_expiry,
         limits_are_checked_before_the_backend,
         concurrent_writes_all_land,
+        compare_and_swap_stores_only_over_the_expected_value,
+        concurrent_compare_and_swaps_lose_no_update,
     );
+
+    async fn compare_and_swap_stores_only_over_the_expected_value(subject: Subject) {
+        let kv = &subject.kv;
+        // Absent: only `None` matches.
+        assert!(!kv.compare_and_swap("a", "k", Some(b"x".to_vec()), b"1".to_vec(), None).await.unwrap());
+        assert!(kv.compare_and_swap("a", "k", None, b"1".to_vec(), None).await.unwrap());
+        assert!(!kv.compare_and_swap("a", "k", None, b"2".to_vec(), None).await.unwrap());
+        assert!(!kv.compare_and_swap("a", "k", Some(b"0".to_vec()), b"2".to_vec(), None).await.unwrap());
+        assert!(kv.compare_and_swap("a", "k", Some(b"1".to_vec()), b"2".to_vec(), None).await.unwrap());
+        assert_eq!(kv.get("a", "k").await.unwrap().as_deref(), Some(&b"2"[..]));
+        // Another namespace's key of the same name is another key.
+        assert!(kv.compare_and_swap("b", "k", None, b"b".to_vec(), None).await.unwrap());
+        // An expired value counts as absent, and a swap sets the new TTL and lists the key.
+        assert!(kv.compare_and_swap("a", "t", None, b"old".to_vec(), Some(SHORT_TTL)).await.unwrap());
+        tokio::time::sleep(PAST_SHORT_TTL).await;
+        assert!(!kv.compare_and_swap("a", "t", Some(b"old".to_vec()), b"x".to_vec(), None).await.unwrap());
+        assert!(kv.compare_and_swap("a", "t", None, b"new".to_vec(), None).await.unwrap());
+        assert_eq!(kv.list_keys("a", "", None, 10).await.unwrap(), ["k", "t"]);
+        // The empty value is a value, not absence.
+        assert!(kv.compare_and_swap("a", "e", None, Vec::new(), None).await.unwrap());
+        assert!(!kv.compare_and_swap("a", "e", None, b"x".to_vec(), None).await.unwrap());
+        assert!(kv.compare_and_swap("a", "e", Some(Vec::new()), b"x".to_vec(), None).await.unwrap());
+    }
+
+    /// Forty read-increment-swap loops at once on one counter: each increment lands once.
+    async fn concurrent_compare_and_swaps_lose_no_update(subject: Subject) {
+        let kv = subject.kv.clone();
+        let tasks: Vec<_> = (0..40)
+            .map(|_| {
+                let kv = kv.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let current = kv.get("n", "counter").await.unwrap();
+                        let n: u64 = current
+                            .as_deref()
+                            .map_or(0, |b| std::str::from_utf8(b).unwrap().parse().unwrap());
+                        let next = (n + 1).to_string().into_bytes();
+                        if kv.compare_and_swap("n", "counter", current, next, None).await.unwrap() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(kv.get("n", "counter").await.unwrap().as_deref(), Some(&b"40"[..]));
+    }
 
     /// A short TTL, and a wait well past it: the tests assert what expired, never how fast.
     const SHORT_TTL: Duration = Duration::from_millis(50);

@@ -73,6 +73,25 @@ const MAX_TTL_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
 /// few addon names.
 const NAMESPACES: &str = "sockhost:kv-namespaces";
 
+/// Compare-and-swap in one step, so nothing can come between reading and writing:
+/// KEYS = value, index, namespaces; ARGV = has-expected (0/1), expected, new value,
+/// TTL in ms (0 = none), key, namespace. Answers 1 when it stored, else 0. An expired
+/// value is already absent to GET, as the redb backend treats it.
+const COMPARE_AND_SWAP: &str = r#"
+local current = redis.call('GET', KEYS[1])
+local matches
+if ARGV[1] == '1' then matches = (current == ARGV[2]) else matches = (current == false) end
+if not matches then return 0 end
+if ARGV[4] == '0' then
+  redis.call('SET', KEYS[1], ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+end
+redis.call('ZADD', KEYS[2], 0, ARGV[5])
+redis.call('SADD', KEYS[3], ARGV[6])
+return 1
+"#;
+
 /// Per member of `ARGV` (whose value key is `KEYS[i + 1]`): `1` when the value is live,
 /// `0` when it is gone and this call removed the member from the index `KEYS[1]`, `-1`
 /// when it is gone and the member was already removed (another node got there first).
@@ -225,6 +244,33 @@ impl KvBackend for RedisKvBackend {
             pipe.cmd("ZADD").arg(index_key(namespace)).arg(0).arg(key).ignore();
             pipe.cmd("SADD").arg(NAMESPACES).arg(namespace).ignore();
             self.query_pipeline::<()>(&pipe).await
+        })
+    }
+
+    fn compare_and_swap<'a>(
+        &'a self,
+        namespace: &'a str,
+        key: &'a str,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> KvFuture<'a, bool> {
+        Box::pin(async move {
+            let mut script = redis::cmd("EVAL");
+            script
+                .arg(COMPARE_AND_SWAP)
+                .arg(3)
+                .arg(value_key(namespace, key))
+                .arg(index_key(namespace))
+                .arg(NAMESPACES)
+                .arg(u8::from(expected.is_some()))
+                .arg(expected.unwrap_or_default())
+                .arg(value)
+                .arg(ttl.map_or(0, |ttl| ttl.as_millis().clamp(1, MAX_TTL_MS) as u64))
+                .arg(key)
+                .arg(namespace);
+            let swapped: i64 = self.query(&script).await?;
+            Ok(swapped == 1)
         })
     }
 
