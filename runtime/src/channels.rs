@@ -305,23 +305,18 @@ async fn subscriber_task(bus: std::sync::Weak<Channels>, mut commands: mpsc::Unb
         drop(channels);
         let connected =
             tokio::time::timeout(crate::cluster::COMMAND_TIMEOUT, link.client().get_async_pubsub()).await;
-        let pubsub = match connected {
-            Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(err)) => {
-                tracing::debug!(error = %err, "redis pub/sub connection failed");
-                link.set_up(false);
-                if !wait_for_retry(&mut commands, delay).await {
+        let failed = match connected {
+            Ok(Ok(pubsub)) => Ok(pubsub),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err("no answer in time".to_owned()),
+        };
+        let pubsub = match failed {
+            Ok(pubsub) => pubsub,
+            Err(cause) => {
+                tracing::debug!(cause, "redis pub/sub connection failed");
+                if !back_off(&link, &mut commands, &mut delay).await {
                     return;
                 }
-                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
-                continue;
-            }
-            Err(_) => {
-                link.set_up(false);
-                if !wait_for_retry(&mut commands, delay).await {
-                    return;
-                }
-                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
                 continue;
             }
         };
@@ -334,11 +329,9 @@ async fn subscriber_task(bus: std::sync::Weak<Channels>, mut commands: mpsc::Unb
         if !names.is_empty() {
             if let Err(err) = sink.subscribe(&names).await {
                 tracing::debug!(error = %err, "redis resubscribe failed");
-                link.set_up(false);
-                if !wait_for_retry(&mut commands, delay).await {
+                if !back_off(&link, &mut commands, &mut delay).await {
                     return;
                 }
-                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
                 continue;
             }
             tracing::info!(channels = names.len(), "redis subscriptions restored");
@@ -382,6 +375,19 @@ async fn subscriber_task(bus: std::sync::Weak<Channels>, mut commands: mpsc::Unb
         tracing::warn!(redis = %link.url(), "redis pub/sub connection lost ({lost}); reconnecting");
         link.set_up(false);
     }
+}
+
+/// After a failed attempt: marks the link down, waits `delay` (see [`wait_for_retry`])
+/// and doubles it for next time, up to [`MAX_RECONNECT_DELAY`]. False when the bus is gone.
+async fn back_off(
+    link: &RedisLink,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    delay: &mut Duration,
+) -> bool {
+    link.set_up(false);
+    let go_on = wait_for_retry(commands, *delay).await;
+    *delay = (*delay * 2).min(MAX_RECONNECT_DELAY);
+    go_on
 }
 
 /// Waits `delay` before the next connection attempt, answering subscribe requests at
