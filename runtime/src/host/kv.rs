@@ -251,8 +251,10 @@ enum Write {
     CompareAndSwap { key: Vec<u8>, expected: Option<Vec<u8>>, stored: Vec<u8> },
     /// Answers 1 if a live value was removed, else 0.
     Delete { key: Vec<u8> },
-    /// Answers how many expired entries were removed.
-    Purge,
+    /// Looks at up to [`PURGE_BATCH`] entries after `after` and removes the expired ones.
+    /// Answers how many it removed, with [`PURGE_MORE`] set while entries are left to look at.
+    /// The last key it looked at goes into `reached`, where the next batch starts.
+    Purge { after: Option<Vec<u8>>, reached: Arc<Mutex<Option<Vec<u8>>>> },
 }
 
 impl Write {
@@ -263,7 +265,7 @@ impl Write {
                 key.len() + stored.len() + expected.as_ref().map_or(0, Vec::len)
             }
             Write::Delete { key } => key.len(),
-            Write::Purge => 0,
+            Write::Purge { .. } => 0,
         }
     }
 }
@@ -381,6 +383,12 @@ struct Writer {
     commits: Arc<AtomicU64>,
 }
 
+/// Entries one purge batch looks at: a transaction small enough that writes queued
+/// behind it wait milliseconds, not a scan of the whole table.
+pub const PURGE_BATCH: usize = 1000;
+/// Set in a purge batch's answer while entries are left to look at.
+const PURGE_MORE: u64 = 1 << 63;
+
 impl Writer {
     fn run(self, queue: mpsc::Receiver<WriteOp>) {
         while let Ok(first) = queue.recv() {
@@ -453,14 +461,29 @@ impl Writer {
                         let removed = table.remove(key.as_slice())?;
                         u64::from(removed.is_some_and(|old| live(old.value(), now).is_some()))
                     }
-                    Write::Purge => {
-                        let mut purged = 0;
-                        table.retain(|_, value| {
-                            let keep = live(value, now).is_some();
-                            purged += u64::from(!keep);
-                            keep
-                        })?;
-                        purged
+                    Write::Purge { after, reached } => {
+                        // One batch per transaction: the writes queued meanwhile go in the
+                        // next group, instead of waiting for a scan of the whole table.
+                        let start = match after {
+                            Some(after) => Bound::Excluded(after.as_slice()),
+                            None => Bound::Unbounded,
+                        };
+                        let mut expired: Vec<Vec<u8>> = Vec::new();
+                        let mut seen = 0;
+                        let mut last: Option<Vec<u8>> = None;
+                        for entry in table.range::<&[u8]>((start, Bound::Unbounded))?.take(PURGE_BATCH) {
+                            let (key, value) = entry?;
+                            seen += 1;
+                            if live(value.value(), now).is_none() {
+                                expired.push(key.value().to_vec());
+                            }
+                            last = Some(key.value().to_vec());
+                        }
+                        for key in &expired {
+                            table.remove(key.as_slice())?;
+                        }
+                        *reached.lock().unwrap_or_else(|p| p.into_inner()) = last;
+                        expired.len() as u64 | if seen == PURGE_BATCH { PURGE_MORE } else { 0 }
                     }
                 });
             }
@@ -552,7 +575,19 @@ impl KvBackend for RedbBackend {
     }
 
     fn purge_expired(&self) -> KvFuture<'_, u64> {
-        self.write(Write::Purge)
+        Box::pin(async move {
+            let mut purged = 0;
+            let mut after = None;
+            let reached = Arc::new(Mutex::new(None));
+            loop {
+                let answer = self.write(Write::Purge { after, reached: reached.clone() }).await?;
+                purged += answer & !PURGE_MORE;
+                if answer & PURGE_MORE == 0 {
+                    return Ok(purged);
+                }
+                after = reached.lock().unwrap_or_else(|p| p.into_inner()).take();
+            }
+        })
     }
 }
 
@@ -982,6 +1017,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         open(dir.path()).set("ns", "k", b"kept".to_vec(), None).await.unwrap();
         assert_eq!(open(dir.path()).get("ns", "k").await.unwrap().as_deref(), Some(&b"kept"[..]));
+    }
+
+    /// Purging a big table goes in batches of [`PURGE_BATCH`] entries, one commit each, so
+    /// writes queued meanwhile wait for one batch, not for the whole scan.
+    #[tokio::test]
+    async fn purging_goes_in_small_batches_and_keeps_what_is_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = open(dir.path());
+        let ttl = Some(Duration::from_millis(50));
+        let keys: Vec<(String, Option<Duration>)> = (0..2500)
+            .map(|i| (format!("old/{i:05}"), ttl))
+            .chain((0..600).map(|i| (format!("new/{i:05}"), None)))
+            .collect();
+        // Queued together, so they share a few commits.
+        let writes: Vec<_> = keys.iter().map(|(key, ttl)| kv.set("ns", key, b"x".to_vec(), *ttl)).collect();
+        for write in writes {
+            write.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let before = kv.commits();
+        assert_eq!(kv.purge_expired().await.unwrap(), 2500);
+        let batches = kv.commits() - before;
+        assert!(batches >= 3100_u64.div_ceil(PURGE_BATCH as u64), "{batches} commits");
+        assert_eq!(kv.list_keys("ns", "new/", None, 1000).await.unwrap().len(), 600);
+        assert_eq!(kv.purge_expired().await.unwrap(), 0);
     }
 
     /// Writes that arrive while a commit is being made durable share the next commit, and
