@@ -218,6 +218,25 @@ async fn published_messages_are_bounded_by_the_manifest() {
 }
 
 #[tokio::test]
+async fn a_connection_holds_at_most_max_subscriptions() {
+    let testkit_wasm = test_addon("testkit");
+    let manifest = format!("{GRANTS}max_subscriptions = 2\n");
+    let server = server_with(&[("testkit.wasm", &testkit_wasm), ("testkit.toml", manifest.as_bytes())]).await;
+    let mut client = testkit(&server, "").await;
+    assert_eq!(ask(&mut client, "sub room:1").await, "subscribed room:1");
+    assert_eq!(ask(&mut client, "sub room:2").await, "subscribed room:2");
+    assert_eq!(ask(&mut client, "sub room:2").await, "subscribed room:2", "again is not more");
+    let refused = ask(&mut client, "sub room:3").await;
+    assert!(
+        refused.starts_with("channel error: Invalid(") && refused.contains("channels.max_subscriptions"),
+        "{refused}"
+    );
+    // Leaving one makes room.
+    assert_eq!(ask(&mut client, "unsub room:1").await, "unsubscribed room:1");
+    assert_eq!(ask(&mut client, "sub room:3").await, "subscribed room:3");
+}
+
+#[tokio::test]
 async fn channels_belong_to_their_addon() {
     let testkit_wasm = test_addon("testkit");
     let server = server_with(&[
