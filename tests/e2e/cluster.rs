@@ -235,6 +235,12 @@ async fn a_node_killed_with_sigkill_loses_only_its_own_sockets() {
     assert_eq!(a.recv_json().await["message"], "c joined");
     assert_eq!(b.recv_json().await["message"], "c joined");
 
+    // A conversation on the node about to die.
+    let mut chat = Client::connect(&nodes[2].url("/ws/aikefu")).await;
+    assert_eq!(chat.recv_json().await["type"], "system");
+    chat.send_text(&crate::aikefu::chat("remember order 77", "9", "k")).await;
+    read_reply(&mut chat, "k").await;
+
     let [first, second, mut third] = nodes;
     third.process.child.kill().unwrap(); // SIGKILL
     third.process.child.wait().unwrap();
@@ -250,5 +256,11 @@ async fn a_node_killed_with_sigkill_loses_only_its_own_sockets() {
     let heard: Vec<Value> = chats(&mut a, 2).await;
     assert_eq!(heard[1]["message"], "back", "{heard:?}");
     assert_eq!(chats(&mut c, 1).await[0]["message"], "back");
-    drop(first);
+    // The conversation goes on from another node: its turns are in Redis.
+    let mut chat = Client::connect(&first.url("/ws/aikefu")).await;
+    assert_eq!(chat.recv_json().await["type"], "system");
+    chat.send_text(&crate::aikefu::chat("which order?", "9", "k")).await;
+    read_reply(&mut chat, "k").await;
+    let turns = llm.requests().last().unwrap().messages();
+    assert!(turns.iter().any(|(_, text)| text == "remember order 77"), "{turns:?}");
 }
