@@ -23,6 +23,7 @@
 //! | key | grants |
 //! |---|---|
 //! | `kv = true` | the `kv` interface: this addon's namespace of the server's store |
+//! | `kv_max_keys` / `kv_max_bytes` | how much that namespace may hold: 100,000 keys / 256 MiB (keys' and values' bytes) |
 //! | `outbound_hosts = ["https://api.example.com"]` | outbound HTTP to exactly these origins (`*.` for subdomains) |
 //! | `outbound_connect_timeout_ms` / `_first_byte_` / `_between_bytes_` | caps on outbound waits: 5000 / 60000 / 60000 |
 //! | `outbound_max_requests` | outbound requests one instance may have open at once: 4 |
@@ -56,6 +57,8 @@ struct ManifestFile {
     send_timeout_s: Option<u64>,
     allowed_origins: Option<Vec<String>>,
     kv: Option<bool>,
+    kv_max_keys: Option<u64>,
+    kv_max_bytes: Option<ByteSize>,
     outbound_hosts: Option<Vec<String>>,
     outbound_connect_timeout_ms: Option<u64>,
     outbound_first_byte_timeout_ms: Option<u64>,
@@ -134,6 +137,8 @@ pub struct AddonPolicy {
     pub allowed_origins: Vec<String>,
     /// Whether the addon may use the kv store.
     pub kv: bool,
+    /// How much the addon's kv namespace may hold (`kv_max_keys`, `kv_max_bytes`).
+    pub kv_quota: crate::host::kv::Quota,
     /// Where the addon may send HTTP requests, and how long it may wait.
     pub outbound: Arc<OutboundPolicy>,
     /// The `[config]` table, resolved.
@@ -157,6 +162,7 @@ impl Default for AddonPolicy {
             send_timeout: Duration::from_secs(10),
             allowed_origins: Vec::new(),
             kv: false,
+            kv_quota: crate::host::kv::Quota::default(),
             outbound: Arc::default(),
             config: Arc::default(),
             auth: None,
@@ -277,6 +283,18 @@ impl AddonPolicy {
             policy.allowed_origins = origins;
         }
         policy.kv = file.kv.unwrap_or(false);
+        if let Some(keys) = file.kv_max_keys {
+            if !(1..=100_000_000).contains(&keys) {
+                return Err(bad("kv_max_keys", format!("{keys} is outside 1..=100000000")));
+            }
+            policy.kv_quota.max_keys = keys;
+        }
+        if let Some(ByteSize(bytes)) = file.kv_max_bytes {
+            if !((1 << 10)..=(1 << 40)).contains(&bytes) {
+                return Err(bad("kv_max_bytes", format!("{bytes} bytes is outside 1KiB..=1TiB")));
+            }
+            policy.kv_quota.max_bytes = bytes;
+        }
         policy.outbound = Arc::new(
             OutboundPolicy::from_manifest(
                 file.outbound_hosts,
@@ -360,6 +378,8 @@ impl AddonPolicy {
             ("ping_interval_s", self.ping_interval.as_secs().to_string()),
             ("send_timeout_s", self.send_timeout.as_secs().to_string()),
             ("allowed_origins", origins),
+            ("kv_max_keys", self.kv_quota.max_keys.to_string()),
+            ("kv_max_bytes", format_size(self.kv_quota.max_bytes)),
             ("channels.max_message_bytes", format_size(self.channels.limits.max_message_bytes as u64)),
             ("channels.max_subscriptions", self.channels.limits.max_subscriptions.to_string()),
             ("channels.inbox", self.channels.limits.inbox.to_string()),

@@ -240,6 +240,10 @@ async fn a_node_killed_with_sigkill_loses_only_its_own_sockets() {
     assert_eq!(chat.recv_json().await["type"], "system");
     chat.send_text(&crate::aikefu::chat("remember order 77", "9", "k")).await;
     read_reply(&mut chat, "k").await;
+    // A turn is stored after its reply's last chunk; the next message's reply starts only
+    // once the callback that stores it has returned.
+    chat.send_text(&crate::aikefu::chat("thanks", "9", "k")).await;
+    read_reply(&mut chat, "k").await;
 
     let [first, second, mut third] = nodes;
     third.process.child.kill().unwrap(); // SIGKILL

@@ -519,3 +519,24 @@ async fn garbage_bytes_instead_of_frames_are_refused_and_the_server_goes_on() {
     client.send_text("count").await;
     assert_eq!(client.recv_text().await, "1");
 }
+
+/// `kv_max_keys` / `kv_max_bytes`: a write past the addon's kv quota gets `invalid` naming
+/// the key, and nothing is written.
+#[tokio::test]
+async fn a_write_past_the_kv_quota_is_refused_naming_the_limit() {
+    let server = testkit_server("kv = true\nkv_max_keys = 2\nkv_max_bytes = \"1KiB\"").await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    for key in ["a", "b"] {
+        client.send_text(&format!("kv-set {key} v")).await;
+        assert_eq!(client.recv_text().await, "kv ok");
+    }
+    client.send_text("kv-set c v").await;
+    let refused = client.recv_text().await;
+    assert!(refused.contains("kv quota full") && refused.contains("kv_max_keys"), "{refused}");
+    client.send_text("kv-get c").await;
+    assert_eq!(client.recv_text().await, "kv none");
+    client.send_text(&format!("kv-set a {}", "x".repeat(1100))).await;
+    let refused = client.recv_text().await;
+    assert!(refused.contains("kv quota full") && refused.contains("kv_max_bytes"), "{refused}");
+}

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::HostState;
@@ -48,6 +48,46 @@ pub const MAX_LIST: u32 = 1000;
 #[error("{0}")]
 pub struct BackendError(pub String);
 
+/// How much one namespace may hold: manifest keys `kv_max_keys` and `kv_max_bytes`. An
+/// entry's bytes are its key's plus its value's. Entries count until they are deleted or
+/// purged, expired or not (the purge runs every few minutes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub max_keys: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota { max_keys: 100_000, max_bytes: 256 << 20 }
+    }
+}
+
+/// A write was refused because it would take its namespace past a [`Quota`] limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaFull {
+    Keys,
+    Bytes,
+}
+
+impl QuotaFull {
+    /// The message the guest gets, as `invalid`.
+    pub fn message(self, quota: Quota) -> String {
+        match self {
+            QuotaFull::Keys => format!(
+                "kv quota full: this addon already stores its limit of {} keys (kv_max_keys); \
+                 delete keys or let them expire",
+                quota.max_keys
+            ),
+            QuotaFull::Bytes => format!(
+                "kv quota full: this write would take the addon past its limit of {} bytes (kv_max_bytes); \
+                 delete keys or let them expire",
+                quota.max_bytes
+            ),
+        }
+    }
+}
+
 /// A boxed future, so backends are object-safe and can be async (a network store) or
 /// blocking work moved off the runtime (an embedded file).
 pub type KvFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
@@ -57,14 +97,16 @@ pub type KvFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> 
 pub trait KvBackend: Send + Sync + 'static {
     /// The live value of `key`.
     fn get<'a>(&'a self, namespace: &'a str, key: &'a str) -> KvFuture<'a, Option<Vec<u8>>>;
-    /// Stores `value`; with `ttl`, it expires that long from now.
+    /// Stores `value`; with `ttl`, it expires that long from now. Refused, with nothing
+    /// written, when it would take the namespace past `quota`.
     fn set<'a>(
         &'a self,
         namespace: &'a str,
         key: &'a str,
         value: Vec<u8>,
         ttl: Option<Duration>,
-    ) -> KvFuture<'a, ()>;
+        quota: Quota,
+    ) -> KvFuture<'a, Result<(), QuotaFull>>;
     /// Stores `value` only if the live value is `expected` (`None`: absent or expired),
     /// atomically; whether it stored.
     fn compare_and_swap<'a>(
@@ -74,7 +116,8 @@ pub trait KvBackend: Send + Sync + 'static {
         expected: Option<Vec<u8>>,
         value: Vec<u8>,
         ttl: Option<Duration>,
-    ) -> KvFuture<'a, bool>;
+        quota: Quota,
+    ) -> KvFuture<'a, Result<bool, QuotaFull>>;
     /// Removes `key`; whether a live value was there.
     fn delete<'a>(&'a self, namespace: &'a str, key: &'a str) -> KvFuture<'a, bool>;
     /// Live keys starting with `prefix`, in byte order, after `start_after`, at most `limit`.
@@ -204,6 +247,112 @@ impl KvStore {
 
 /// One table; keys are `namespace \0 key`, values `expiry-ms (u64 LE, 0 = never) ++ bytes`.
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+/// What each namespace holds, kept in the same transactions as `TABLE`:
+/// namespace → keys (u64 LE) ++ bytes (u64 LE). Files from before quotas get it built
+/// once, when they are opened.
+const USAGE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv-usage");
+
+/// A write's answer when it would pass the namespace's key or byte quota.
+const QUOTA_KEYS: u64 = u64::MAX - 1;
+const QUOTA_BYTES: u64 = u64::MAX - 2;
+
+impl QuotaFull {
+    fn code(self) -> u64 {
+        match self {
+            QuotaFull::Keys => QUOTA_KEYS,
+            QuotaFull::Bytes => QUOTA_BYTES,
+        }
+    }
+
+    fn from_code(code: u64) -> Option<QuotaFull> {
+        match code {
+            QUOTA_KEYS => Some(QuotaFull::Keys),
+            QUOTA_BYTES => Some(QuotaFull::Bytes),
+            _ => None,
+        }
+    }
+}
+
+/// The namespace part of a full key (`namespace \0 key`).
+fn namespace_of(full_key: &[u8]) -> &[u8] {
+    full_key.split(|b| *b == 0).next().unwrap_or_default()
+}
+
+/// What an entry counts against its quota: its key's and its value's bytes.
+fn entry_bytes(full_key: &[u8], stored: &[u8]) -> u64 {
+    let key = full_key.len().saturating_sub(namespace_of(full_key).len() + 1);
+    (key + stored.len().saturating_sub(8)) as u64
+}
+
+/// Every namespace's usage, read at the start of a write transaction (one row per addon)
+/// and written back before it commits.
+struct Usage {
+    totals: std::collections::HashMap<Vec<u8>, (u64, u64)>,
+    changed: bool,
+}
+
+impl Usage {
+    fn read(table: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<Usage, redb::Error> {
+        let mut totals = std::collections::HashMap::new();
+        for entry in table.iter()? {
+            let (namespace, value) = entry?;
+            let value = value.value();
+            let number = |range: std::ops::Range<usize>| {
+                value.get(range).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
+            };
+            totals.insert(namespace.value().to_vec(), (number(0..8), number(8..16)));
+        }
+        Ok(Usage { totals, changed: false })
+    }
+
+    /// The usage of `full_key`'s namespace.
+    fn of(&self, full_key: &[u8]) -> (u64, u64) {
+        self.totals.get(namespace_of(full_key)).copied().unwrap_or_default()
+    }
+
+    fn add(&mut self, full_key: &[u8], keys: i64, bytes: i64) {
+        let total = self.totals.entry(namespace_of(full_key).to_vec()).or_default();
+        total.0 = total.0.saturating_add_signed(keys);
+        total.1 = total.1.saturating_add_signed(bytes);
+        self.changed = true;
+    }
+
+    fn save(&self, table: &mut redb::Table<&[u8], &[u8]>) -> Result<(), redb::Error> {
+        if self.changed {
+            for (namespace, (keys, bytes)) in &self.totals {
+                let mut row = [0u8; 16];
+                row[..8].copy_from_slice(&keys.to_le_bytes());
+                row[8..].copy_from_slice(&bytes.to_le_bytes());
+                table.insert(namespace.as_slice(), row.as_slice())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Inserts `stored` at `key` unless that takes the namespace past `quota`.
+fn put(
+    table: &mut redb::Table<&[u8], &[u8]>,
+    usage: &mut Usage,
+    key: &[u8],
+    stored: &[u8],
+    quota: Quota,
+) -> Result<Option<QuotaFull>, redb::Error> {
+    let old = table.get(key)?.map(|old| entry_bytes(key, old.value()));
+    let new = entry_bytes(key, stored);
+    let (keys, bytes) = usage.of(key);
+    let old_bytes = old.unwrap_or(0);
+    if old.is_none() && keys >= quota.max_keys {
+        return Ok(Some(QuotaFull::Keys));
+    }
+    // Shrinking or keeping a value's size is always allowed, even over the quota.
+    if new > old_bytes && bytes.saturating_sub(old_bytes) + new > quota.max_bytes {
+        return Ok(Some(QuotaFull::Bytes));
+    }
+    table.insert(key, stored)?;
+    usage.add(key, i64::from(old.is_none()), new as i64 - old_bytes as i64);
+    Ok(None)
+}
 
 /// The embedded backend: a redb file.
 ///
@@ -245,10 +394,10 @@ struct WriteOp {
 }
 
 enum Write {
-    /// Answers 0.
-    Set { key: Vec<u8>, stored: Vec<u8> },
+    /// Answers 0, or a `QUOTA_*` code when it would pass `quota` (nothing written).
+    Set { key: Vec<u8>, stored: Vec<u8>, quota: Quota },
     /// Answers 1 if the live value was `expected` and `stored` replaced it, else 0.
-    CompareAndSwap { key: Vec<u8>, expected: Option<Vec<u8>>, stored: Vec<u8> },
+    CompareAndSwap { key: Vec<u8>, expected: Option<Vec<u8>>, stored: Vec<u8>, quota: Quota },
     /// Answers 1 if a live value was removed, else 0.
     Delete { key: Vec<u8> },
     /// Looks at up to [`PURGE_BATCH`] entries after `after` and removes the expired ones.
@@ -260,8 +409,8 @@ enum Write {
 impl Write {
     fn bytes(&self) -> usize {
         match self {
-            Write::Set { key, stored } => key.len() + stored.len(),
-            Write::CompareAndSwap { key, expected, stored } => {
+            Write::Set { key, stored, .. } => key.len() + stored.len(),
+            Write::CompareAndSwap { key, expected, stored, .. } => {
                 key.len() + stored.len() + expected.as_ref().map_or(0, Vec::len)
             }
             Write::Delete { key } => key.len(),
@@ -332,9 +481,21 @@ impl RedbBackend {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OpenError::InUse),
             Err(err) => return Err(backend_error(err).into()),
         };
-        // Create the table up front, so readers never meet a missing table.
+        // Create the tables up front, so readers never meet a missing table; a file from
+        // before quotas gets its usage counted once.
         let txn = db.begin_write().map_err(backend_error)?;
-        txn.open_table(TABLE).map_err(backend_error)?;
+        {
+            let table = txn.open_table(TABLE).map_err(backend_error)?;
+            let mut usage_table = txn.open_table(USAGE).map_err(backend_error)?;
+            if usage_table.is_empty().map_err(backend_error)? && !table.is_empty().map_err(backend_error)? {
+                let mut usage = Usage { totals: Default::default(), changed: false };
+                for entry in table.iter().map_err(backend_error)? {
+                    let (key, value) = entry.map_err(backend_error)?;
+                    usage.add(key.value(), 1, entry_bytes(key.value(), value.value()) as i64);
+                }
+                usage.save(&mut usage_table).map_err(backend_error)?;
+            }
+        }
         txn.commit().map_err(backend_error)?;
         let db = Arc::new(db);
         let commits = Arc::new(AtomicU64::new(0));
@@ -438,27 +599,30 @@ impl Writer {
         let mut answers = Vec::with_capacity(writes.len());
         {
             let mut table = txn.open_table(TABLE)?;
+            let mut usage_table = txn.open_table(USAGE)?;
+            let mut usage = Usage::read(&usage_table)?;
             for write in writes {
                 answers.push(match write {
-                    Write::Set { key, stored } => {
-                        table.insert(key.as_slice(), stored.as_slice())?;
-                        0
+                    Write::Set { key, stored, quota } => {
+                        put(&mut table, &mut usage, key, stored, *quota)?.map_or(0, QuotaFull::code)
                     }
-                    Write::CompareAndSwap { key, expected, stored } => {
+                    Write::CompareAndSwap { key, expected, stored, quota } => {
                         // Inside the transaction, after the writes before it in this
                         // group: nothing can come between the comparison and the write.
                         let current = table
                             .get(key.as_slice())?
                             .and_then(|old| live(old.value(), now).map(<[u8]>::to_vec));
-                        if current == *expected {
-                            table.insert(key.as_slice(), stored.as_slice())?;
-                            1
-                        } else {
+                        if current != *expected {
                             0
+                        } else {
+                            put(&mut table, &mut usage, key, stored, *quota)?.map_or(1, QuotaFull::code)
                         }
                     }
                     Write::Delete { key } => {
                         let removed = table.remove(key.as_slice())?;
+                        if let Some(old) = &removed {
+                            usage.add(key, -1, -(entry_bytes(key, old.value()) as i64));
+                        }
                         u64::from(removed.is_some_and(|old| live(old.value(), now).is_some()))
                     }
                     Write::Purge { after, reached } => {
@@ -480,13 +644,16 @@ impl Writer {
                             last = Some(key.value().to_vec());
                         }
                         for key in &expired {
-                            table.remove(key.as_slice())?;
+                            if let Some(old) = table.remove(key.as_slice())? {
+                                usage.add(key, -1, -(entry_bytes(key, old.value()) as i64));
+                            }
                         }
                         *reached.lock().unwrap_or_else(|p| p.into_inner()) = last;
                         expired.len() as u64 | if seen == PURGE_BATCH { PURGE_MORE } else { 0 }
                     }
                 });
             }
+            usage.save(&mut usage_table)?;
         }
         txn.commit()?;
         self.commits.fetch_add(1, Ordering::Relaxed);
@@ -517,10 +684,11 @@ impl KvBackend for RedbBackend {
         key: &'a str,
         value: Vec<u8>,
         ttl: Option<Duration>,
-    ) -> KvFuture<'a, ()> {
-        let written =
-            self.write(Write::Set { key: full_key(namespace, key), stored: stored_value(value, ttl) });
-        Box::pin(async move { written.await.map(drop) })
+        quota: Quota,
+    ) -> KvFuture<'a, Result<(), QuotaFull>> {
+        let stored = stored_value(value, ttl);
+        let written = self.write(Write::Set { key: full_key(namespace, key), stored, quota });
+        Box::pin(async move { written.await.map(|code| QuotaFull::from_code(code).map_or(Ok(()), Err)) })
     }
 
     fn compare_and_swap<'a>(
@@ -530,10 +698,14 @@ impl KvBackend for RedbBackend {
         expected: Option<Vec<u8>>,
         value: Vec<u8>,
         ttl: Option<Duration>,
-    ) -> KvFuture<'a, bool> {
+        quota: Quota,
+    ) -> KvFuture<'a, Result<bool, QuotaFull>> {
         let stored = stored_value(value, ttl);
-        let written = self.write(Write::CompareAndSwap { key: full_key(namespace, key), expected, stored });
-        Box::pin(async move { written.await.map(|swapped| swapped == 1) })
+        let write = Write::CompareAndSwap { key: full_key(namespace, key), expected, stored, quota };
+        let written = self.write(write);
+        Box::pin(
+            async move { written.await.map(|code| QuotaFull::from_code(code).map_or(Ok(code == 1), Err)) },
+        )
     }
 
     fn delete<'a>(&'a self, namespace: &'a str, key: &'a str) -> KvFuture<'a, bool> {
@@ -596,6 +768,8 @@ impl KvBackend for RedbBackend {
 pub(crate) struct KvAccess {
     pub(crate) store: Option<Arc<KvStore>>,
     pub(crate) namespace: Arc<str>,
+    /// The addon's `kv_max_keys` and `kv_max_bytes`.
+    pub(crate) quota: Quota,
 }
 
 impl KvAccess {
@@ -623,7 +797,9 @@ impl KvAccess {
     pub(crate) async fn set(&self, key: &str, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvError> {
         check_write(key, &value, ttl_ms)?;
         let backend = self.backend().await?;
-        self.answer(backend.set(&self.namespace, key, value, ttl_ms.map(Duration::from_millis)).await)
+        let ttl = ttl_ms.map(Duration::from_millis);
+        let written = self.answer(backend.set(&self.namespace, key, value, ttl, self.quota).await)?;
+        written.map_err(|full| KvError::Invalid(full.message(self.quota)))
     }
 
     pub(crate) async fn compare_and_swap(
@@ -636,7 +812,9 @@ impl KvAccess {
         check_write(key, &value, ttl_ms)?;
         let backend = self.backend().await?;
         let ttl = ttl_ms.map(Duration::from_millis);
-        self.answer(backend.compare_and_swap(&self.namespace, key, expected, value, ttl).await)
+        let swapped = self
+            .answer(backend.compare_and_swap(&self.namespace, key, expected, value, ttl, self.quota).await)?;
+        swapped.map_err(|full| KvError::Invalid(full.message(self.quota)))
     }
 
     pub(crate) async fn delete(&self, key: &str) -> Result<bool, KvError> {
@@ -714,6 +892,39 @@ impl Host for HostState {
     }
 }
 
+/// For tests: writes under the default quota, with a quota refusal as a test failure.
+#[cfg(test)]
+pub(crate) trait Unlimited: KvBackend {
+    fn put<'a>(
+        &'a self,
+        ns: &'a str,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> KvFuture<'a, ()> {
+        let written = self.set(ns, key, value, ttl, Quota::default());
+        Box::pin(async move {
+            written.await?.expect("within the default quota");
+            Ok(())
+        })
+    }
+
+    fn cas<'a>(
+        &'a self,
+        ns: &'a str,
+        key: &'a str,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> KvFuture<'a, bool> {
+        let swapped = self.compare_and_swap(ns, key, expected, value, ttl, Quota::default());
+        Box::pin(async move { Ok(swapped.await?.expect("within the default quota")) })
+    }
+}
+
+#[cfg(test)]
+impl<T: KvBackend + ?Sized> Unlimited for T {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -739,6 +950,7 @@ mod tests {
             KvAccess {
                 store: Some(Arc::new(KvStore::with_backend(self.kv.clone()))),
                 namespace: namespace.into(),
+                quota: Quota::default(),
             }
         }
     }
@@ -784,29 +996,64 @@ mod tests {
         concurrent_writes_all_land,
         compare_and_swap_stores_only_over_the_expected_value,
         concurrent_compare_and_swaps_lose_no_update,
+        writes_past_the_quota_are_refused_and_deletes_and_purges_make_room,
     );
 
     async fn compare_and_swap_stores_only_over_the_expected_value(subject: Subject) {
         let kv = &subject.kv;
         // Absent: only `None` matches.
-        assert!(!kv.compare_and_swap("a", "k", Some(b"x".to_vec()), b"1".to_vec(), None).await.unwrap());
-        assert!(kv.compare_and_swap("a", "k", None, b"1".to_vec(), None).await.unwrap());
-        assert!(!kv.compare_and_swap("a", "k", None, b"2".to_vec(), None).await.unwrap());
-        assert!(!kv.compare_and_swap("a", "k", Some(b"0".to_vec()), b"2".to_vec(), None).await.unwrap());
-        assert!(kv.compare_and_swap("a", "k", Some(b"1".to_vec()), b"2".to_vec(), None).await.unwrap());
+        assert!(!kv.cas("a", "k", Some(b"x".to_vec()), b"1".to_vec(), None).await.unwrap());
+        assert!(kv.cas("a", "k", None, b"1".to_vec(), None).await.unwrap());
+        assert!(!kv.cas("a", "k", None, b"2".to_vec(), None).await.unwrap());
+        assert!(!kv.cas("a", "k", Some(b"0".to_vec()), b"2".to_vec(), None).await.unwrap());
+        assert!(kv.cas("a", "k", Some(b"1".to_vec()), b"2".to_vec(), None).await.unwrap());
         assert_eq!(kv.get("a", "k").await.unwrap().as_deref(), Some(&b"2"[..]));
         // Another namespace's key of the same name is another key.
-        assert!(kv.compare_and_swap("b", "k", None, b"b".to_vec(), None).await.unwrap());
+        assert!(kv.cas("b", "k", None, b"b".to_vec(), None).await.unwrap());
         // An expired value counts as absent, and a swap sets the new TTL and lists the key.
-        assert!(kv.compare_and_swap("a", "t", None, b"old".to_vec(), Some(SHORT_TTL)).await.unwrap());
+        assert!(kv.cas("a", "t", None, b"old".to_vec(), Some(SHORT_TTL)).await.unwrap());
         tokio::time::sleep(PAST_SHORT_TTL).await;
-        assert!(!kv.compare_and_swap("a", "t", Some(b"old".to_vec()), b"x".to_vec(), None).await.unwrap());
-        assert!(kv.compare_and_swap("a", "t", None, b"new".to_vec(), None).await.unwrap());
+        assert!(!kv.cas("a", "t", Some(b"old".to_vec()), b"x".to_vec(), None).await.unwrap());
+        assert!(kv.cas("a", "t", None, b"new".to_vec(), None).await.unwrap());
         assert_eq!(kv.list_keys("a", "", None, 10).await.unwrap(), ["k", "t"]);
         // The empty value is a value, not absence.
-        assert!(kv.compare_and_swap("a", "e", None, Vec::new(), None).await.unwrap());
-        assert!(!kv.compare_and_swap("a", "e", None, b"x".to_vec(), None).await.unwrap());
-        assert!(kv.compare_and_swap("a", "e", Some(Vec::new()), b"x".to_vec(), None).await.unwrap());
+        assert!(kv.cas("a", "e", None, Vec::new(), None).await.unwrap());
+        assert!(!kv.cas("a", "e", None, b"x".to_vec(), None).await.unwrap());
+        assert!(kv.cas("a", "e", Some(Vec::new()), b"x".to_vec(), None).await.unwrap());
+    }
+
+    async fn writes_past_the_quota_are_refused_and_deletes_and_purges_make_room(subject: Subject) {
+        let kv = &subject.kv;
+        let quota = Quota { max_keys: 2, max_bytes: 20 };
+        let set = |key: &'static str, value: &[u8], ttl: Option<Duration>| {
+            kv.set("q", key, value.to_vec(), ttl, quota)
+        };
+        assert_eq!(set("a", b"12345", None).await.unwrap(), Ok(())); // 6 bytes: key + value
+        assert_eq!(set("b", b"12345", None).await.unwrap(), Ok(())); // 12
+        assert_eq!(set("c", b"1", None).await.unwrap(), Err(QuotaFull::Keys));
+        assert_eq!(
+            kv.compare_and_swap("q", "c", None, b"1".to_vec(), None, quota).await.unwrap(),
+            Err(QuotaFull::Keys)
+        );
+        // Replacing is not a new key; growing is bounded by bytes, shrinking always passes.
+        assert_eq!(set("a", b"1234567890123", None).await.unwrap(), Ok(())); // 14: 20 in all
+        assert_eq!(set("b", b"123456", None).await.unwrap(), Err(QuotaFull::Bytes));
+        assert_eq!(
+            kv.get("q", "b").await.unwrap().as_deref(),
+            Some(&b"12345"[..]),
+            "a refused write wrote nothing"
+        );
+        assert_eq!(set("a", b"1", None).await.unwrap(), Ok(()));
+        // Another namespace has its own.
+        assert_eq!(kv.set("other", "c", b"1".to_vec(), None, quota).await.unwrap(), Ok(()));
+        // A delete gives its key and bytes back.
+        assert!(kv.delete("q", "b").await.unwrap());
+        assert_eq!(set("t", b"1", Some(SHORT_TTL)).await.unwrap(), Ok(()));
+        // An expired entry counts until it is purged.
+        tokio::time::sleep(PAST_SHORT_TTL).await;
+        assert_eq!(set("u", b"1", None).await.unwrap(), Err(QuotaFull::Keys));
+        kv.purge_expired().await.unwrap();
+        assert_eq!(set("u", b"1", None).await.unwrap(), Ok(()));
     }
 
     /// Forty read-increment-swap loops at once on one counter: each increment lands once.
@@ -822,7 +1069,7 @@ mod tests {
                             .as_deref()
                             .map_or(0, |b| std::str::from_utf8(b).unwrap().parse().unwrap());
                         let next = (n + 1).to_string().into_bytes();
-                        if kv.compare_and_swap("n", "counter", current, next, None).await.unwrap() {
+                        if kv.cas("n", "counter", current, next, None).await.unwrap() {
                             return;
                         }
                     }
@@ -841,8 +1088,8 @@ mod tests {
 
     async fn values_round_trip_per_namespace(subject: Subject) {
         let kv = &subject.kv;
-        kv.set("a", "k", b"one".to_vec(), None).await.unwrap();
-        kv.set("b", "k", b"two".to_vec(), None).await.unwrap();
+        kv.put("a", "k", b"one".to_vec(), None).await.unwrap();
+        kv.put("b", "k", b"two".to_vec(), None).await.unwrap();
         assert_eq!(kv.get("a", "k").await.unwrap().as_deref(), Some(&b"one"[..]));
         assert_eq!(kv.get("b", "k").await.unwrap().as_deref(), Some(&b"two"[..]));
         assert_eq!(kv.get("c", "k").await.unwrap(), None);
@@ -853,16 +1100,16 @@ mod tests {
 
         // Values are bytes, any bytes, empty included; a set replaces.
         let binary: Vec<u8> = (0..=255).collect();
-        kv.set("a", "bin", binary.clone(), None).await.unwrap();
+        kv.put("a", "bin", binary.clone(), None).await.unwrap();
         assert_eq!(kv.get("a", "bin").await.unwrap(), Some(binary));
-        kv.set("a", "bin", Vec::new(), None).await.unwrap();
+        kv.put("a", "bin", Vec::new(), None).await.unwrap();
         assert_eq!(kv.get("a", "bin").await.unwrap(), Some(Vec::new()));
         assert!(!kv.delete("c", "never-set").await.unwrap());
     }
 
     async fn a_namespace_cannot_reach_into_another_by_key_tricks(subject: Subject) {
         let kv = &subject.kv;
-        kv.set("ab", "x", b"secret".to_vec(), None).await.unwrap();
+        kv.put("ab", "x", b"secret".to_vec(), None).await.unwrap();
         // redb: "a" + "\0" + "b\0x" is not "ab" + "\0" + "x". Redis: "a" + ":" + "b:x" is
         // not "ab" + ":" + "x" (and no namespace contains ':').
         assert_eq!(kv.get("a", "b\0x").await.unwrap(), None);
@@ -876,9 +1123,9 @@ mod tests {
     async fn listing_pages_by_prefix_in_order(subject: Subject) {
         let kv = &subject.kv;
         for key in ["h/2", "h/1", "h/3", "i/1", "g/9", "h", "h/10"] {
-            kv.set("ns", key, vec![1], None).await.unwrap();
+            kv.put("ns", key, vec![1], None).await.unwrap();
         }
-        kv.set("other", "h/0", vec![1], None).await.unwrap();
+        kv.put("other", "h/0", vec![1], None).await.unwrap();
         assert_eq!(kv.list_keys("ns", "h/", None, 100).await.unwrap(), ["h/1", "h/10", "h/2", "h/3"]);
         assert_eq!(kv.list_keys("ns", "h/", None, 2).await.unwrap(), ["h/1", "h/10"]);
         assert_eq!(kv.list_keys("ns", "h/", Some("h/10"), 2).await.unwrap(), ["h/2", "h/3"]);
@@ -907,10 +1154,10 @@ mod tests {
     async fn listing_skips_what_is_gone(subject: Subject) {
         let kv = &subject.kv;
         for key in ["k1", "k2", "k3", "k4", "k5"] {
-            kv.set("ns", key, vec![1], None).await.unwrap();
+            kv.put("ns", key, vec![1], None).await.unwrap();
         }
         assert!(kv.delete("ns", "k2").await.unwrap());
-        kv.set("ns", "k3", vec![1], Some(SHORT_TTL)).await.unwrap();
+        kv.put("ns", "k3", vec![1], Some(SHORT_TTL)).await.unwrap();
         tokio::time::sleep(PAST_SHORT_TTL).await;
         // A page holds `limit` live keys, however many gone ones lie between them.
         assert_eq!(kv.list_keys("ns", "k", None, 2).await.unwrap(), ["k1", "k4"]);
@@ -920,20 +1167,20 @@ mod tests {
 
     async fn entries_expire(subject: Subject) {
         let kv = &subject.kv;
-        kv.set("ns", "fresh", b"x".to_vec(), Some(Duration::from_secs(60))).await.unwrap();
-        kv.set("ns", "gone", b"x".to_vec(), Some(SHORT_TTL)).await.unwrap();
-        kv.set("ns", "forever", b"y".to_vec(), None).await.unwrap();
+        kv.put("ns", "fresh", b"x".to_vec(), Some(Duration::from_secs(60))).await.unwrap();
+        kv.put("ns", "gone", b"x".to_vec(), Some(SHORT_TTL)).await.unwrap();
+        kv.put("ns", "forever", b"y".to_vec(), None).await.unwrap();
         tokio::time::sleep(PAST_SHORT_TTL).await;
         assert!(kv.get("ns", "fresh").await.unwrap().is_some(), "not yet expired");
         assert_eq!(kv.get("ns", "gone").await.unwrap(), None);
         assert_eq!(kv.list_keys("ns", "", None, 10).await.unwrap(), ["forever", "fresh"]);
         assert!(!kv.delete("ns", "gone").await.unwrap(), "an expired entry was not live");
         // A TTL past any clock is as good as none.
-        kv.set("ns", "far", b"z".to_vec(), Some(Duration::from_millis(u64::MAX))).await.unwrap();
+        kv.put("ns", "far", b"z".to_vec(), Some(Duration::from_millis(u64::MAX))).await.unwrap();
         assert!(kv.get("ns", "far").await.unwrap().is_some());
         assert!(kv.delete("ns", "far").await.unwrap());
-        kv.set("ns", "gone2", b"x".to_vec(), Some(SHORT_TTL)).await.unwrap();
-        kv.set("other", "gone3", b"x".to_vec(), Some(SHORT_TTL)).await.unwrap();
+        kv.put("ns", "gone2", b"x".to_vec(), Some(SHORT_TTL)).await.unwrap();
+        kv.put("other", "gone3", b"x".to_vec(), Some(SHORT_TTL)).await.unwrap();
         tokio::time::sleep(PAST_SHORT_TTL).await;
         assert_eq!(kv.purge_expired().await.unwrap(), 2, "one per namespace");
         assert_eq!(kv.purge_expired().await.unwrap(), 0, "nothing left to purge");
@@ -947,10 +1194,10 @@ mod tests {
 
     async fn a_later_set_replaces_the_expiry(subject: Subject) {
         let kv = &subject.kv;
-        kv.set("ns", "kept", b"1".to_vec(), Some(SHORT_TTL)).await.unwrap();
-        kv.set("ns", "kept", b"2".to_vec(), None).await.unwrap();
-        kv.set("ns", "dropped", b"1".to_vec(), None).await.unwrap();
-        kv.set("ns", "dropped", b"2".to_vec(), Some(SHORT_TTL)).await.unwrap();
+        kv.put("ns", "kept", b"1".to_vec(), Some(SHORT_TTL)).await.unwrap();
+        kv.put("ns", "kept", b"2".to_vec(), None).await.unwrap();
+        kv.put("ns", "dropped", b"1".to_vec(), None).await.unwrap();
+        kv.put("ns", "dropped", b"2".to_vec(), Some(SHORT_TTL)).await.unwrap();
         tokio::time::sleep(PAST_SHORT_TTL).await;
         assert_eq!(kv.get("ns", "kept").await.unwrap().as_deref(), Some(&b"2"[..]));
         assert_eq!(kv.get("ns", "dropped").await.unwrap(), None);
@@ -982,13 +1229,13 @@ mod tests {
 
         // A listing returns at most MAX_LIST keys, whatever the guest asks.
         let keys: Vec<String> = (0..=MAX_LIST).map(|i| format!("{i:05}")).collect();
-        let writes = keys.iter().map(|key| subject.kv.set("many", key, Vec::new(), None));
+        let writes = keys.iter().map(|key| subject.kv.put("many", key, Vec::new(), None));
         futures_util::future::try_join_all(writes).await.unwrap();
         let keys = subject.access("many").list_keys("", None, u32::MAX).await.unwrap();
         assert_eq!(keys.len(), MAX_LIST as usize);
 
         // Without the grant, nothing reaches the store.
-        let denied = KvAccess { store: None, namespace: "ns".into() };
+        let denied = KvAccess { store: None, namespace: "ns".into(), quota: Quota::default() };
         assert!(matches!(denied.get("k").await, Err(KvError::Denied)));
     }
 
@@ -998,7 +1245,7 @@ mod tests {
             .map(|i| {
                 let kv = subject.kv.clone();
                 tokio::spawn(async move {
-                    kv.set("ns", &format!("k{i:03}"), i.to_le_bytes().to_vec(), None).await
+                    kv.put("ns", &format!("k{i:03}"), i.to_le_bytes().to_vec(), None).await
                 })
             })
             .collect();
@@ -1015,7 +1262,7 @@ mod tests {
     #[tokio::test]
     async fn data_survives_reopening_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        open(dir.path()).set("ns", "k", b"kept".to_vec(), None).await.unwrap();
+        open(dir.path()).put("ns", "k", b"kept".to_vec(), None).await.unwrap();
         assert_eq!(open(dir.path()).get("ns", "k").await.unwrap().as_deref(), Some(&b"kept"[..]));
     }
 
@@ -1031,7 +1278,7 @@ mod tests {
             .chain((0..600).map(|i| (format!("new/{i:05}"), None)))
             .collect();
         // Queued together, so they share a few commits.
-        let writes: Vec<_> = keys.iter().map(|(key, ttl)| kv.set("ns", key, b"x".to_vec(), *ttl)).collect();
+        let writes: Vec<_> = keys.iter().map(|(key, ttl)| kv.put("ns", key, b"x".to_vec(), *ttl)).collect();
         for write in writes {
             write.await.unwrap();
         }
@@ -1056,7 +1303,7 @@ mod tests {
             .map(|i| {
                 let kv = kv.clone();
                 tokio::spawn(async move {
-                    kv.set("ns", &format!("k{i:03}"), i.to_le_bytes().to_vec(), None).await
+                    kv.put("ns", &format!("k{i:03}"), i.to_le_bytes().to_vec(), None).await
                 })
             })
             .collect();
@@ -1082,7 +1329,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // The process being replaced, holding the file.
         let old = open(dir.path());
-        old.set("ns", "k", b"from the old process".to_vec(), None).await.unwrap();
+        old.put("ns", "k", b"from the old process".to_vec(), None).await.unwrap();
 
         // Held for longer than a call waits: a named error, and each call tries again.
         let mut store = KvStore::new(dir.path());

@@ -13,6 +13,8 @@
 //! | `sockhost:kv:<namespace>:<key>` | string | the value; a TTL is Redis's own (`SET … PX`) |
 //! | `sockhost:kv-index:<namespace>` | sorted set | every key of the namespace, score 0 |
 //! | `sockhost:kv-namespaces` | set | the namespaces that have an index, for the purge |
+//! | `sockhost:kv-sizes:<namespace>` | hash | each key's size (key + value bytes), for the quota |
+//! | `sockhost:kv-usage:<namespace>` | hash | `keys` and `bytes` the namespace holds, against its quota |
 //!
 //! A namespace is an addon's name, which never contains `:`, so `a:b` + `c` cannot be
 //! mistaken for `a` + `b:c`, and no value key can be an index key (`kv:` vs `kv-`).
@@ -32,7 +34,8 @@
 //!
 //! ## What is atomic
 //!
-//! - `set` is `SET` + `ZADD` + `SADD` in one `MULTI`/`EXEC`; `delete` is `DEL` + `ZREM`.
+//! - `set` and `compare-and-swap` are one Lua script ([`WRITE`]): the comparison, the quota
+//!   check, `SET`, `ZADD`, `SADD` and the usage counters; `delete` is another ([`DELETE`]).
 //!   Another node never sees a value without its index member, nor the reverse, except
 //!   for members whose value expired, which readers treat as absent.
 //! - Removing a stale member is a Lua script that checks the value and removes the
@@ -56,7 +59,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::kv::{BackendError, KvBackend, KvFuture};
+use super::kv::{BackendError, KvBackend, KvFuture, Quota, QuotaFull};
 use crate::cluster::{RedisLink, RedisUnavailable};
 
 /// How many index members one purge step checks: small, so the script that checks and
@@ -73,35 +76,76 @@ const MAX_TTL_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
 /// few addon names.
 const NAMESPACES: &str = "sockhost:kv-namespaces";
 
-/// Compare-and-swap in one step, so nothing can come between reading and writing:
-/// KEYS = value, index, namespaces; ARGV = has-expected (0/1), expected, new value,
-/// TTL in ms (0 = none), key, namespace. Answers 1 when it stored, else 0. An expired
-/// value is already absent to GET, as the redb backend treats it.
-const COMPARE_AND_SWAP: &str = r#"
-local current = redis.call('GET', KEYS[1])
-local matches
-if ARGV[1] == '1' then matches = (current == ARGV[2]) else matches = (current == false) end
-if not matches then return 0 end
-if ARGV[4] == '0' then
-  redis.call('SET', KEYS[1], ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+/// Set or compare-and-swap, with the namespace's quota, in one step: nothing can come
+/// between the comparison, the quota check and the write.
+/// KEYS = value, index, namespaces, sizes, usage. ARGV = mode (`set` or `cas`),
+/// has-expected (0/1), expected, new value, TTL in ms (0 = none), key, namespace,
+/// max keys, max bytes. Answers 1 when it stored, 0 when `cas` found another value, -1
+/// or -2 when the write would pass the key or byte quota (nothing written). An expired
+/// value is already absent to GET, as the redb backend treats it; its size stays counted
+/// until the purge removes its index member, as in redb.
+const WRITE: &str = r#"
+if ARGV[1] == 'cas' then
+  local current = redis.call('GET', KEYS[1])
+  local matches
+  if ARGV[2] == '1' then matches = (current == ARGV[3]) else matches = (current == false) end
+  if not matches then return 0 end
 end
-redis.call('ZADD', KEYS[2], 0, ARGV[5])
-redis.call('SADD', KEYS[3], ARGV[6])
+local size = string.len(ARGV[6]) + string.len(ARGV[4])
+local old = redis.call('HGET', KEYS[4], ARGV[6])
+local keys = tonumber(redis.call('HGET', KEYS[5], 'keys') or '0')
+local bytes = tonumber(redis.call('HGET', KEYS[5], 'bytes') or '0')
+local added = 1
+local old_size = 0
+if old then added = 0; old_size = tonumber(old) end
+if added == 1 and keys >= tonumber(ARGV[8]) then return -1 end
+if size > old_size and bytes - old_size + size > tonumber(ARGV[9]) then return -2 end
+if ARGV[5] == '0' then
+  redis.call('SET', KEYS[1], ARGV[4])
+else
+  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
+end
+redis.call('ZADD', KEYS[2], 0, ARGV[6])
+redis.call('SADD', KEYS[3], ARGV[7])
+redis.call('HSET', KEYS[4], ARGV[6], size)
+redis.call('HINCRBY', KEYS[5], 'keys', added)
+redis.call('HINCRBY', KEYS[5], 'bytes', size - old_size)
 return 1
 "#;
 
-/// Per member of `ARGV` (whose value key is `KEYS[i + 1]`): `1` when the value is live,
-/// `0` when it is gone and this call removed the member from the index `KEYS[1]`, `-1`
-/// when it is gone and the member was already removed (another node got there first).
+/// Delete, giving the entry's size back to the namespace's usage.
+/// KEYS = value, index, sizes, usage. ARGV = key. Answers 1 when a live value was removed.
+const DELETE: &str = r#"
+local removed = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local size = redis.call('HGET', KEYS[3], ARGV[1])
+if size then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('HINCRBY', KEYS[4], 'keys', -1)
+  redis.call('HINCRBY', KEYS[4], 'bytes', -tonumber(size))
+end
+return removed
+"#;
+
+/// Per member of `ARGV` (whose value key is `KEYS[i + 3]`): `1` when the value is live,
+/// `0` when it is gone and this call removed the member from the index `KEYS[1]` (and
+/// gave its size back: sizes `KEYS[2]`, usage `KEYS[3]`), `-1` when it is gone and the
+/// member was already removed (another node got there first).
 const CHECK_AND_PRUNE: &str = r"
 local answers = {}
 for i, member in ipairs(ARGV) do
-  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
+  if redis.call('EXISTS', KEYS[i + 3]) == 1 then
     answers[i] = 1
   else
     answers[i] = redis.call('ZREM', KEYS[1], member) - 1
+    if answers[i] == 0 then
+      local size = redis.call('HGET', KEYS[2], member)
+      if size then
+        redis.call('HDEL', KEYS[2], member)
+        redis.call('HINCRBY', KEYS[3], 'keys', -1)
+        redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(size))
+      end
+    end
   end
 end
 return answers
@@ -118,27 +162,43 @@ impl RedisKvBackend {
         RedisKvBackend { link }
     }
 
+    /// Runs the [`WRITE`] script: a set (`expected` is `None`) or a compare-and-swap.
+    async fn write(
+        &self,
+        namespace: &str,
+        key: &str,
+        expected: Option<Option<Vec<u8>>>,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+        quota: Quota,
+    ) -> Result<Result<bool, QuotaFull>, BackendError> {
+        let mode = if expected.is_some() { "cas" } else { "set" };
+        let expected = expected.flatten();
+        let mut script = redis::cmd("EVAL");
+        script.arg(WRITE).arg(5).arg(value_key(namespace, key)).arg(index_key(namespace)).arg(NAMESPACES);
+        script.arg(sizes_key(namespace)).arg(usage_key(namespace));
+        script.arg(mode).arg(u8::from(expected.is_some())).arg(expected.unwrap_or_default()).arg(value);
+        script.arg(ttl.map_or(0, |ttl| ttl.as_millis().clamp(1, MAX_TTL_MS) as u64));
+        script.arg(key).arg(namespace).arg(quota.max_keys).arg(quota.max_bytes);
+        Ok(match self.query::<i64>(&script).await? {
+            -1 => Err(QuotaFull::Keys),
+            -2 => Err(QuotaFull::Bytes),
+            answer => Ok(answer == 1),
+        })
+    }
+
     /// Runs `command` on the shared connection, bounded by the link's timeout.
     async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, BackendError> {
         let mut connection = self.link.connection();
         self.link.run(command.query_async(&mut connection)).await.map_err(backend_error)
     }
 
-    /// Runs `pipeline` (a transaction, when atomic) on the shared connection, bounded by
-    /// the link's timeout.
-    async fn query_pipeline<T: redis::FromRedisValue>(
-        &self,
-        pipeline: &redis::Pipeline,
-    ) -> Result<T, BackendError> {
-        let mut connection = self.link.connection();
-        self.link.run(pipeline.query_async(&mut connection)).await.map_err(backend_error)
-    }
-
     /// Checks `members` of `namespace`'s index against their values and removes the stale
     /// ones; per member, the script's answer (see [`CHECK_AND_PRUNE`]).
     async fn check_and_prune(&self, namespace: &str, members: &[String]) -> Result<Vec<i64>, BackendError> {
         let mut script = redis::cmd("EVAL");
-        script.arg(CHECK_AND_PRUNE).arg(members.len() + 1).arg(index_key(namespace));
+        script.arg(CHECK_AND_PRUNE).arg(members.len() + 3).arg(index_key(namespace));
+        script.arg(sizes_key(namespace)).arg(usage_key(namespace));
         for member in members {
             script.arg(value_key(namespace, member));
         }
@@ -190,6 +250,17 @@ fn index_key(namespace: &str) -> String {
     format!("sockhost:kv-index:{namespace}")
 }
 
+/// key → its entry's size (key + value bytes), for the quota: kept until the key is
+/// deleted or purged, since Redis drops an expired value without a word.
+fn sizes_key(namespace: &str) -> String {
+    format!("sockhost:kv-sizes:{namespace}")
+}
+
+/// `keys` and `bytes`: what the namespace holds, against its quota.
+fn usage_key(namespace: &str) -> String {
+    format!("sockhost:kv-usage:{namespace}")
+}
+
 fn backend_error(err: RedisUnavailable) -> BackendError {
     BackendError(format!("kv store: {err}"))
 }
@@ -231,20 +302,10 @@ impl KvBackend for RedisKvBackend {
         key: &'a str,
         value: Vec<u8>,
         ttl: Option<Duration>,
-    ) -> KvFuture<'a, ()> {
-        Box::pin(async move {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            // SET without KEEPTTL clears an earlier TTL, as a redb set replaces the expiry.
-            let set = pipe.cmd("SET").arg(value_key(namespace, key)).arg(value);
-            if let Some(ttl) = ttl {
-                set.arg("PX").arg(ttl.as_millis().clamp(1, MAX_TTL_MS) as u64);
-            }
-            set.ignore();
-            pipe.cmd("ZADD").arg(index_key(namespace)).arg(0).arg(key).ignore();
-            pipe.cmd("SADD").arg(NAMESPACES).arg(namespace).ignore();
-            self.query_pipeline::<()>(&pipe).await
-        })
+        quota: Quota,
+    ) -> KvFuture<'a, Result<(), QuotaFull>> {
+        // SET without KEEPTTL clears an earlier TTL, as a redb set replaces the expiry.
+        Box::pin(async move { Ok(self.write(namespace, key, None, value, ttl, quota).await?.map(drop)) })
     }
 
     fn compare_and_swap<'a>(
@@ -254,34 +315,18 @@ impl KvBackend for RedisKvBackend {
         expected: Option<Vec<u8>>,
         value: Vec<u8>,
         ttl: Option<Duration>,
-    ) -> KvFuture<'a, bool> {
-        Box::pin(async move {
-            let mut script = redis::cmd("EVAL");
-            script
-                .arg(COMPARE_AND_SWAP)
-                .arg(3)
-                .arg(value_key(namespace, key))
-                .arg(index_key(namespace))
-                .arg(NAMESPACES)
-                .arg(u8::from(expected.is_some()))
-                .arg(expected.unwrap_or_default())
-                .arg(value)
-                .arg(ttl.map_or(0, |ttl| ttl.as_millis().clamp(1, MAX_TTL_MS) as u64))
-                .arg(key)
-                .arg(namespace);
-            let swapped: i64 = self.query(&script).await?;
-            Ok(swapped == 1)
-        })
+        quota: Quota,
+    ) -> KvFuture<'a, Result<bool, QuotaFull>> {
+        Box::pin(async move { self.write(namespace, key, Some(expected), value, ttl, quota).await })
     }
 
     fn delete<'a>(&'a self, namespace: &'a str, key: &'a str) -> KvFuture<'a, bool> {
         Box::pin(async move {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
             // DEL counts only a live value: Redis expires a stale one first.
-            pipe.cmd("DEL").arg(value_key(namespace, key));
-            pipe.cmd("ZREM").arg(index_key(namespace)).arg(key).ignore();
-            let (removed,): (u64,) = self.query_pipeline(&pipe).await?;
+            let mut script = redis::cmd("EVAL");
+            script.arg(DELETE).arg(4).arg(value_key(namespace, key)).arg(index_key(namespace));
+            script.arg(sizes_key(namespace)).arg(usage_key(namespace)).arg(key);
+            let removed: i64 = self.query(&script).await?;
             Ok(removed == 1)
         })
     }
@@ -352,7 +397,7 @@ mod tests {
 
     use super::*;
     use crate::bindings::sockhost::addon::kv::KvError;
-    use crate::host::kv::{KvAccess, KvStore};
+    use crate::host::kv::{KvAccess, KvStore, Unlimited};
     use crate::testing::RedisServer;
 
     fn backend(server: &RedisServer) -> (Arc<RedisLink>, RedisKvBackend) {
@@ -378,8 +423,8 @@ mod tests {
     async fn values_and_their_index_live_under_sockhost_kv() {
         let server = RedisServer::start();
         let (_, kv) = backend(&server);
-        kv.set("chat", "history/1", b"v".to_vec(), Some(Duration::from_secs(60))).await.unwrap();
-        kv.set("chat", "forever", b"w".to_vec(), None).await.unwrap();
+        kv.put("chat", "history/1", b"v".to_vec(), Some(Duration::from_secs(60))).await.unwrap();
+        kv.put("chat", "forever", b"w".to_vec(), None).await.unwrap();
 
         let mut redis = inspect(&server);
         let value: Vec<u8> = redis::cmd("GET").arg("sockhost:kv:chat:history/1").query(&mut redis).unwrap();
@@ -408,10 +453,10 @@ mod tests {
         let (_, kv) = backend(&server);
         let expired = 2 * PURGE_BATCH + 10;
         let keys: Vec<String> = (0..expired).map(|i| format!("old/{i:04}")).collect();
-        let sets = keys.iter().map(|key| kv.set("ns", key, vec![1], Some(Duration::from_millis(50))));
+        let sets = keys.iter().map(|key| kv.put("ns", key, vec![1], Some(Duration::from_millis(50))));
         futures_util::future::try_join_all(sets).await.unwrap();
         for key in ["a", "new/1", "new/2", "z"] {
-            kv.set("ns", key, vec![1], None).await.unwrap();
+            kv.put("ns", key, vec![1], None).await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
 
@@ -426,7 +471,7 @@ mod tests {
         assert_eq!(members(&mut redis), 4, "the listing pruned what it walked past");
 
         // Expired keys nobody lists are the purge's, a batch at a time.
-        let sets = keys.iter().map(|key| kv.set("ns", key, vec![1], Some(Duration::from_millis(50))));
+        let sets = keys.iter().map(|key| kv.put("ns", key, vec![1], Some(Duration::from_millis(50))));
         futures_util::future::try_join_all(sets).await.unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(members(&mut redis), expired + 4);
@@ -441,15 +486,15 @@ mod tests {
     async fn pruning_keeps_a_key_that_was_set_again() {
         let server = RedisServer::start();
         let (_, kv) = backend(&server);
-        kv.set("ns", "k", vec![1], Some(Duration::from_millis(50))).await.unwrap();
+        kv.put("ns", "k", vec![1], Some(Duration::from_millis(50))).await.unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
         // What a listing on another node read before this node set "k" again.
         let read_before = vec!["k".to_owned()];
-        kv.set("ns", "k", vec![2], None).await.unwrap();
+        kv.put("ns", "k", vec![2], None).await.unwrap();
         assert_eq!(kv.check_and_prune("ns", &read_before).await.unwrap(), [1]);
         assert_eq!(kv.list_keys("ns", "", None, 10).await.unwrap(), ["k"]);
         // Gone for real: removed once, then already removed.
-        kv.set("ns", "k", vec![1], Some(Duration::from_millis(50))).await.unwrap();
+        kv.put("ns", "k", vec![1], Some(Duration::from_millis(50))).await.unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(kv.check_and_prune("ns", &read_before).await.unwrap(), [0]);
         assert_eq!(kv.check_and_prune("ns", &read_before).await.unwrap(), [-1]);
@@ -461,8 +506,11 @@ mod tests {
     async fn redis_down_is_a_named_backend_error_and_back_is_back() {
         let mut server = RedisServer::start();
         let (link, kv) = backend(&server);
-        let access =
-            KvAccess { store: Some(Arc::new(KvStore::with_backend(Arc::new(kv)))), namespace: "ns".into() };
+        let access = KvAccess {
+            store: Some(Arc::new(KvStore::with_backend(Arc::new(kv)))),
+            namespace: "ns".into(),
+            quota: Quota::default(),
+        };
         access.set("k", b"before".to_vec(), None).await.unwrap();
         assert!(link.is_up());
 

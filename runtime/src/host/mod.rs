@@ -99,7 +99,11 @@ impl HostState {
             session: session::Session::new(info, policy.send_timeout),
             log,
             limits: InstanceLimits::new(policy, epoch),
-            kv: kv::KvAccess { store: policy.kv.then(|| services.kv.clone()), namespace: addon.clone() },
+            kv: kv::KvAccess {
+                store: policy.kv.then(|| services.kv.clone()),
+                namespace: addon.clone(),
+                quota: policy.kv_quota,
+            },
             config: policy.config.clone(),
             auth: policy.auth.clone(),
             channels: channels::ChannelAccess::new(
