@@ -190,6 +190,36 @@ async fn concurrent_replies_on_one_session_both_land_in_its_memory() {
     assert!(asked.iter().any(|t| t == "slow question"), "{asked:?}");
 }
 
+/// A user who keeps starting new sessions keeps only the last `max_sessions_per_user`:
+/// the least recently used conversation is forgotten, the others go on.
+#[tokio::test]
+async fn a_user_keeps_at_most_max_sessions_per_user_conversations() {
+    let llm = FakeLlm::start().await;
+    let server = server_with_llm(&llm, "").await;
+    let manifest = std::fs::read_to_string(server.addons_path().join("aikefu.toml")).unwrap();
+    drop(server);
+    let manifest = manifest.replace("[config]", "[config]\nmax_sessions_per_user = 2");
+    let aikefu = bundled_addon("aikefu");
+    let server = TestServer::start(&[("aikefu.wasm", &aikefu), ("aikefu.toml", manifest.as_bytes())]).await;
+    let mut client = open(&server).await;
+    for session in ["s1", "s2", "s1", "s3"] {
+        client.send_text(&chat(&format!("hello from {session}"), "bob", session)).await;
+        read_reply(&mut client, session).await;
+    }
+    // s2 was the least recently used when s3 began: forgotten. s1 goes on. (Asked on the
+    // same connection: its callbacks run one at a time, so each starts after the previous
+    // one stored its turn and forgot what it had to.)
+    let mut asked = async |session: &str| -> Vec<String> {
+        client.send_text(&chat("again", "bob", session)).await;
+        read_reply(&mut client, session).await;
+        llm.requests().last().unwrap().messages().into_iter().map(|(_, text)| text).collect()
+    };
+    let s1 = asked("s1").await;
+    assert!(s1.iter().any(|t| t == "hello from s1"), "{s1:?}");
+    let s2 = asked("s2").await;
+    assert!(!s2.iter().any(|t| t == "hello from s2"), "{s2:?}");
+}
+
 #[tokio::test]
 async fn one_slow_upstream_reply_never_delays_another_users_reply() {
     let llm = FakeLlm::start().await;

@@ -53,6 +53,34 @@ pub fn append(mut turns: Vec<Turn>, question: &str, answer: &str, max_turns: usi
     turns
 }
 
+/// The kv key of a user's list of sessions, least recently used first.
+pub fn sessions_key(user: &str) -> String {
+    format!("sessions/{}", escape(user))
+}
+
+/// Notes that `user` used `session_id` now, and forgets the user's least recently used
+/// conversations beyond `max`. Returns the sessions it forgot.
+pub fn touch_session(
+    user: &str,
+    session_id: &str,
+    max: usize,
+    ttl: Duration,
+) -> Result<Vec<String>, KvError> {
+    let mut forgotten = Vec::new();
+    kv::update_json(&sessions_key(user), Some(ttl), |sessions: Option<Vec<String>>| {
+        let mut sessions = sessions.unwrap_or_default();
+        sessions.retain(|s| s != session_id);
+        sessions.push(session_id.to_owned());
+        let over = sessions.len().saturating_sub(max);
+        forgotten = sessions.drain(..over).collect();
+        sessions
+    })?;
+    for session in &forgotten {
+        kv::delete(&key(user, session))?;
+    }
+    Ok(forgotten)
+}
+
 /// Adds a completed exchange to the stored conversation, keeping the last `max_turns`
 /// exchanges; it expires after `ttl` without a new turn. The exchange is added to what
 /// is stored *now*, with a compare-and-swap: two connections on one session (two

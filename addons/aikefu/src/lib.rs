@@ -21,6 +21,10 @@
 //! each gets the text as `{"type":"system","message":...}`. (With
 //! `dev_accept_any_token`, the user id is the token itself.)
 //!
+//! Each user keeps at most `max_sessions_per_user` conversations (default 20): starting
+//! one more forgets the least recently used, so free-text session ids cannot fill the
+//! addon's kv quota.
+//!
 //! Host grants it needs (`addons/aikefu.toml`): `kv = true`; `outbound_hosts` for the
 //! model's origin; `[auth]` for real token verification; `[channels] subscribe =
 //! ["user:*"]` for server push.
@@ -232,7 +236,11 @@ impl ChatRequest {
         };
         reply.finish()?;
         let ttl = Duration::from_secs(settings.history_ttl_hours * 3600);
-        if let Err(err) = history::record(&key, &self.question, &answer, settings.history_turns, ttl) {
+        let recorded =
+            history::record(&key, &self.question, &answer, settings.history_turns, ttl).and_then(|()| {
+                history::touch_session(&self.user, &self.session_id, settings.max_sessions_per_user, ttl)
+            });
+        if let Err(err) = recorded {
             log::error(&format!("saving conversation history failed: {err}"));
             send_error(codes::STORAGE_ERROR, "the reply was not remembered; the next message starts afresh")?;
         }

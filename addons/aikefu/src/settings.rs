@@ -11,6 +11,10 @@ pub struct Settings {
     pub history_turns: usize,
     /// How long an idle conversation is kept, in hours.
     pub history_ttl_hours: u64,
+    /// Conversations kept per user (`max_sessions_per_user`, default 20): a user who
+    /// starts one more loses the least recently used, so free-text session ids cannot
+    /// fill the addon's kv quota.
+    pub max_sessions_per_user: usize,
     /// Development only: accept any non-empty token when no `[auth]` verifier is
     /// configured, and treat the token itself as the user.
     pub dev_accept_any_token: bool,
@@ -70,6 +74,7 @@ impl Settings {
             greeting: config::get("greeting").unwrap_or_else(|| DEFAULT_GREETING.to_owned()),
             history_turns: json::<usize>("history_turns").unwrap_or(10).clamp(1, 100),
             history_ttl_hours: json::<u64>("history_ttl_hours").unwrap_or(168).max(1),
+            max_sessions_per_user: json::<usize>("max_sessions_per_user").unwrap_or(20).clamp(1, 1000),
             dev_accept_any_token: json("dev_accept_any_token").unwrap_or(false),
             llm,
             faq: json("faq").unwrap_or_default(),
