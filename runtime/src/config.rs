@@ -4,7 +4,9 @@
 //! Precedence, highest first: flags, environment variables (`SOCKHOST_*`), the config
 //! file, built-in defaults. The defaults are the seed server's: listen on `0.0.0.0:8080`,
 //! print URLs with `localhost`, serve `./addons`. Every file key is checked: an unknown key
-//! or a value of the wrong type stops start-up with a message that names it.
+//! or a value of the wrong type stops start-up with a message that names it: the file, line,
+//! column and key, never the line's text or the value, which may be a secret typed under
+//! the wrong key (`crate::toml_error`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -338,7 +340,8 @@ impl Config {
 
     /// Parses a config file's text on its own (flags and environment not applied).
     pub fn from_toml(text: &str) -> anyhow::Result<Config> {
-        let file: FileConfig = toml::from_str(text).context("invalid config")?;
+        let file: FileConfig = toml::from_str(text)
+            .map_err(|err| anyhow::anyhow!("invalid config: {}", crate::toml_error::describe(&err, text)))?;
         Config::merge(Cli::default(), file)
     }
 
@@ -406,7 +409,11 @@ impl Config {
         if let Some(url) = &redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
         {
-            bail!("invalid value for cluster.redis_url (--redis-url): {url:?} is not a redis:// URL");
+            // Not quoted: a mistyped URL still holds its password (`redis://:pw@host`).
+            bail!(
+                "invalid value for cluster.redis_url (--redis-url): not a redis:// URL (use redis://, \
+                 rediss:// or unix://)"
+            );
         }
         let api_key_env = file.admin.api_key_env.unwrap_or_else(|| DEFAULT_API_KEY_ENV.to_owned());
         if api_key_env.is_empty() || !api_key_env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
@@ -437,7 +444,15 @@ impl Config {
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    // Not `with_context`: the toml error would stay in the chain, and its Display quotes
+    // the offending line, which may hold a secret. See `crate::toml_error`.
+    toml::from_str(&text).map_err(|err| {
+        anyhow::anyhow!(
+            "invalid config file {}: {}",
+            path.display(),
+            crate::toml_error::describe(&err, &text)
+        )
+    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@
 //! settings, [`Server`] to bind, load and serve. Tests drive the same API in-process.
 //!
 //! Module map:
-//! - [`config`]: flags, environment and `sockhost.toml` → [`Config`];
+//! - [`config`]: flags, environment and `sockhost.toml` → [`Config`]; `toml_error`:
+//!   describing a file's TOML errors without quoting its text (it may hold secrets);
 //! - [`engine`]: the wasmtime engine (pooling, async, epochs);
 //! - [`addons`]: scanning, checking and compiling addon files;
 //! - [`cache`]: compiled code on disk, checked before it is trusted;
@@ -48,6 +49,7 @@ mod shutdown;
 #[doc(hidden)]
 pub mod testing;
 pub mod tls;
+mod toml_error;
 
 pub use config::{AdminConfig, ApiKey, Cli, Command, Config, LogFormat, ServerLimits, TlsFiles};
 pub use error::{FailureCounts, FailureKind};
