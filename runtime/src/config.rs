@@ -205,11 +205,15 @@ pub struct Config {
     /// Directory scanned for `<name>.wasm` addons.
     pub addons_dir: PathBuf,
     /// Directory for data the server keeps: `kv.redb`, the kv store (created on first
-    /// use by an addon granted `kv`).
+    /// use by an addon granted `kv`). Made 0700 and the file 0600, as it holds what
+    /// addons keep about their users; an existing directory open to others is warned
+    /// about, not changed.
     pub data_dir: PathBuf,
     /// Server-wide limits.
     pub limits: ServerLimits,
     /// Directory of the compiled-code cache; `None` compiles every addon at start-up.
+    /// Used only while owned by the server's user and writable by no one else (see
+    /// [`crate::cache`]).
     /// File keys `server.cache_dir` and `server.compile_cache`; default `./.sockhost-cache`.
     pub cache_dir: Option<PathBuf>,
     /// How often the addons directory is checked for changes; `None` turns hot reload

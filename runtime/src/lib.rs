@@ -12,7 +12,8 @@
 //!   describing a file's TOML errors without quoting its text (it may hold secrets);
 //! - [`engine`]: the wasmtime engine (pooling, async, epochs);
 //! - [`addons`]: scanning, checking and compiling addon files;
-//! - [`cache`]: compiled code on disk, checked before it is trusted;
+//! - [`cache`]: compiled code on disk, checked before it is trusted; `private_files`:
+//!   the modes and owner checks that keep the cache and the kv file to the server's user;
 //! - [`reload`]: hot reload of the addons directory;
 //! - [`check`]: `sockhost check`, validating addons without serving;
 //! - [`cluster`]: the link to Redis that lets several nodes act as one;
@@ -42,6 +43,7 @@ mod handshake;
 pub mod host;
 pub mod metrics;
 pub mod policy;
+mod private_files;
 pub mod reload;
 pub mod sandbox;
 pub mod server;

@@ -20,7 +20,7 @@
 //! | `sockhost_addon_callback_seconds` | histogram | `addon` |
 //! | `sockhost_addon_compile_seconds` | histogram | `addon` |
 //! | `sockhost_addon_reloads_total` | counter | `addon`, `result` (`ok`, `failed`, `removed`) |
-//! | `sockhost_compile_cache_total` | counter | `result` (`hit`, `miss`, `corrupt`, `write_failed`) |
+//! | `sockhost_compile_cache_total` | counter | `result` (`hit`, `miss`, `corrupt`, `untrusted`, `write_failed`) |
 //! | `sockhost_addons_mounted` | gauge | |
 //! | `sockhost_channel_published_total` | counter | `addon`: messages published on its channels (by instances and `/api/publish`) |
 //! | `sockhost_channel_deliveries_total` | counter | `addon`: `on-channel-message` calls made |
@@ -225,7 +225,9 @@ impl Metrics {
         self.reloads.get_or_create(&ReloadLabels { addon: name.to_owned(), result }).inc();
     }
 
-    /// Records a compiled-code cache event: `hit`, `miss`, `corrupt` or `write_failed`.
+    /// Records a compiled-code cache event: `hit`, `miss`, `corrupt`, `untrusted` (the
+    /// directory or entry could have been written by another user, so it was not read)
+    /// or `write_failed`.
     pub fn cache(&self, result: &'static str) {
         self.compile_cache.get_or_create(&ResultLabel { result }).inc();
     }

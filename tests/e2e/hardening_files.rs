@@ -129,3 +129,160 @@ async fn a_typo_in_a_manifest_or_the_config_names_where_it_is_but_never_prints_t
         assert_no_secret(&output);
     }
 }
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap_or_else(|err| panic!("{}: {err}", path.display())).permissions().mode()
+        & 0o777
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The `.cwasm` entries in a cache directory.
+fn cache_entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect()
+}
+
+fn spawn_local(work: &std::path::Path) -> Process {
+    spawn(work, &["--listen", "127.0.0.1"], &[("SOCKHOST_PORT", "0")])
+}
+
+async fn cache_metric(process: &Process, result: &str) -> Option<f64> {
+    let (_, body) = http_get(([127, 0, 0, 1], process.port).into(), "/metrics").await;
+    metric_value(&body, &format!("sockhost_compile_cache_total{{result=\"{result}\"}}"))
+}
+
+/// kv.redb (every conversation aikefu keeps) and the compiled-code cache, in their
+/// default places under the working directory: directories 0700, files 0600, although
+/// the umask lets other users read what is created with default modes. A data directory
+/// that already exists keeps its mode, with a warning; a kv.redb readable by others is
+/// made 0600 again.
+#[tokio::test]
+async fn the_data_and_cache_directories_and_their_files_are_private() {
+    let work =
+        work_dir(&[("addons/testkit.wasm", &test_addon("testkit")), ("addons/testkit.toml", b"kv = true\n")]);
+    // What the umask gives a file made with default modes: without the server's care, its
+    // files would be like this one (0644 under the usual umask 022).
+    let plain = work.path().join("plain");
+    std::fs::write(&plain, b"").unwrap();
+    let umask_lets_others_read = mode(&plain) & 0o044 != 0;
+
+    let process = spawn_local(work.path());
+    let mut client = Client::connect(&format!("ws://127.0.0.1:{}/ws/testkit", process.port)).await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text("kv-set order 42").await;
+    assert_eq!(client.recv_text().await, "kv ok");
+    drop(client);
+    drop(process);
+
+    let data = work.path().join("data");
+    let cache = work.path().join(".sockhost-cache");
+    let entries = cache_entries(&cache);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(mode(&data), 0o700, "data directory");
+    assert_eq!(mode(&data.join("kv.redb")), 0o600, "kv.redb");
+    assert_eq!(mode(&cache), 0o700, "cache directory");
+    assert_eq!(mode(&entries[0]), 0o600, "cache entry");
+    assert!(umask_lets_others_read || mode(&plain) & 0o044 == 0, "the umask changed under the test");
+
+    // As an older sockhost left them: readable by everyone.
+    set_mode(&data, 0o755);
+    set_mode(&data.join("kv.redb"), 0o644);
+    let process = spawn_local(work.path());
+    let mut client = Client::connect(&format!("ws://127.0.0.1:{}/ws/testkit", process.port)).await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text("kv-get order").await;
+    assert_eq!(client.recv_text().await, "kv value 42");
+    wait_for_process_log(
+        &process,
+        &["data directory data is open to other users (mode 0755)", "chmod 700 data"],
+    );
+    wait_for_process_log(&process, &["kv.redb", "was readable by other users; made it 0600"]);
+    assert_eq!(mode(&data.join("kv.redb")), 0o600, "kv.redb made private again");
+    assert_eq!(mode(&data), 0o755, "an existing data directory keeps its mode (warned about)");
+}
+
+/// Native code is loaded from the cache only if no one but this user could have written
+/// it: an entry writable by others, an entry of another owner, a directory writable by
+/// others or of another owner are each ignored with a warning and the addon compiled;
+/// an untrusted entry is replaced, an untrusted directory is not written to.
+#[tokio::test]
+async fn a_cache_entry_or_directory_another_user_could_write_is_never_loaded() {
+    let work = work_dir(&[("addons/echo.wasm", &bundled_addon("echo"))]);
+    let cache = work.path().join(".sockhost-cache");
+    let serves = |process: &Process| {
+        let url = format!("ws://127.0.0.1:{}/ws/echo", process.port);
+        async move {
+            let mut client = Client::connect(&url).await;
+            client.send_text("compiled?").await;
+            assert_eq!(client.recv_text().await, "compiled?");
+        }
+    };
+    let root = work.path().join("probe");
+    std::fs::write(&root, b"").unwrap();
+    // Only root can give a file away to another user.
+    let can_chown = std::os::unix::fs::chown(&root, Some(65534), None).is_ok();
+
+    let cold = spawn_local(work.path());
+    assert_eq!(cache_metric(&cold, "miss").await, Some(1.0));
+    drop(cold);
+    let entry = cache_entries(&cache).pop().unwrap();
+    let warm = spawn_local(work.path());
+    assert_eq!(cache_metric(&warm, "hit").await, Some(1.0), "a private entry is loaded");
+    drop(warm);
+
+    // An entry that group or others may write.
+    set_mode(&entry, 0o666);
+    let process = spawn_local(work.path());
+    assert_eq!(cache_metric(&process, "hit").await, None, "{}", process.log_text());
+    assert_eq!(cache_metric(&process, "untrusted").await, Some(1.0));
+    let line = wait_for_process_log(&process, &["cache entry is not trusted", "writable by group or others"]);
+    assert!(line.contains("recompiling and replacing it"), "{line}");
+    serves(&process).await;
+    drop(process);
+    assert_eq!(mode(&entry), 0o600, "the entry was replaced by a private one");
+
+    if can_chown {
+        // An entry of another user.
+        std::os::unix::fs::chown(&entry, Some(65534), Some(65534)).unwrap();
+        let process = spawn_local(work.path());
+        assert_eq!(cache_metric(&process, "hit").await, None, "{}", process.log_text());
+        wait_for_process_log(&process, &["cache entry is not trusted", "owned by uid 65534"]);
+        serves(&process).await;
+        drop(process);
+    }
+
+    // A directory that others may write: nothing read from it, nothing written to it.
+    let warm = spawn_local(work.path());
+    assert_eq!(cache_metric(&warm, "hit").await, Some(1.0), "the entry is sound again");
+    drop(warm);
+    set_mode(&cache, 0o777);
+    let process = spawn_local(work.path());
+    assert_eq!(cache_metric(&process, "hit").await, None, "{}", process.log_text());
+    assert_eq!(cache_metric(&process, "untrusted").await, Some(1.0));
+    wait_for_process_log(&process, &["cache directory is not trusted", "writable by group or others"]);
+    serves(&process).await;
+    drop(process);
+    std::fs::remove_file(&entry).unwrap();
+    let process = spawn_local(work.path());
+    serves(&process).await;
+    drop(process);
+    assert!(cache_entries(&cache).is_empty(), "nothing is written to an untrusted directory");
+
+    if can_chown {
+        // A private directory of another user.
+        set_mode(&cache, 0o700);
+        std::os::unix::fs::chown(&cache, Some(65534), Some(65534)).unwrap();
+        let process = spawn_local(work.path());
+        assert_eq!(cache_metric(&process, "untrusted").await, Some(1.0), "{}", process.log_text());
+        wait_for_process_log(&process, &["cache directory is not trusted", "owned by uid 65534"]);
+        drop(process);
+    }
+}
