@@ -26,7 +26,8 @@
 //! - [`server`]: listener and routing; `handshake`: HTTP head and upgrade;
 //! - `connection`: one connection's life, from upgrade to `on-close`;
 //! - [`host`]: the capabilities addons import (session, log, WASI);
-//! - [`error`]: failure kinds, error frames and close codes.
+//! - [`error`]: failure kinds, error frames and close codes; `log_limits`: log lines that
+//!   clients cause, bounded in size and number.
 
 pub mod addons;
 mod admin;
@@ -41,6 +42,7 @@ pub mod engine;
 pub mod error;
 mod handshake;
 pub mod host;
+mod log_limits;
 pub mod metrics;
 pub mod policy;
 mod private_files;

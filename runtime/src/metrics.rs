@@ -46,6 +46,7 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::error::{FailureCounts, FailureKind};
+use crate::log_limits::LogLimiter;
 
 /// The `Content-Type` of `/metrics`: Prometheus text format 0.0.4.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -208,9 +209,22 @@ impl Metrics {
                     channel_subscriptions: self.channel_subscriptions.get_or_create(&label).clone(),
                     failures: FailureCounts::default(),
                     server_failures: self.failures.clone(),
+                    log_limits: LogLimiter::default(),
                 })
             })
             .clone()
+    }
+
+    /// Reports, for every addon, the failure lines left out of the log in windows that are
+    /// over (see `crate::log_limits`).
+    pub(crate) fn flush_log_limits(&self) {
+        let addons: Vec<(String, Arc<AddonStats>)> = {
+            let stats = self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            stats.iter().map(|(name, stats)| (name.clone(), stats.clone())).collect()
+        };
+        for (name, stats) in addons {
+            stats.log_limits.flush(&name);
+        }
     }
 
     /// Records how long loading addon `name` took.
@@ -280,6 +294,9 @@ pub struct AddonStats {
     /// This addon's share of the server-wide failure counts.
     pub(crate) failures: FailureCounts,
     server_failures: Arc<FailureCounts>,
+    /// How many failure lines of each kind this addon may still log now: a client that
+    /// causes failures in a loop must not flood the log (see `crate::log_limits`).
+    pub(crate) log_limits: LogLimiter,
 }
 
 impl AddonStats {

@@ -286,3 +286,50 @@ async fn a_cache_entry_or_directory_another_user_could_write_is_never_loaded() {
         drop(process);
     }
 }
+
+/// A client that is refused again and again, each time with a 15 KB `Origin`, and one
+/// that opens connections and never sends a request head: the log gets at most 10 lines
+/// of each kind per 10 s (per addon; the server's own for what fails before an addon is
+/// known), none longer than about 256 bytes of client text, then one line with the count
+/// of those left out. The metrics count every failure.
+#[tokio::test]
+async fn a_client_that_is_refused_in_a_loop_gets_few_short_log_lines() {
+    let work = work_dir(&[
+        ("addons/echo.wasm", &bundled_addon("echo")),
+        ("addons/echo.toml", b"allowed_origins = [\"https://shop.example\"]\n"),
+        ("sockhost.toml", b"[limits]\nhandshake_timeout_ms = 200\n"),
+    ]);
+    let process = spawn_local(work.path());
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], process.port).into();
+    let origin = format!("https://{}.evil.example", "a".repeat(15_000));
+    let refused = 40;
+    for _ in 0..refused {
+        let request = format!(
+            "GET /ws/echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {origin}\r\n\r\n"
+        );
+        let (status, _) = http_request(addr, &request).await;
+        assert_eq!(status, 403);
+    }
+    // Silent connections, each dropped when its 200 ms for the head have passed.
+    let silent: Vec<_> =
+        futures_util::future::join_all((0..20).map(|_| tokio::net::TcpStream::connect(addr))).await;
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    assert_eq!(metric_value(&metrics, "sockhost_failures_total{kind=\"origin\"}"), Some(refused as f64));
+
+    // The counts of what was left out come once the 10 s windows are over.
+    let summary = wait_for_process_log(&process, &["30 more `origin` lines (echo) were left out of the log"]);
+    assert!(summary.contains("WARN"), "{summary}");
+    wait_for_process_log(&process, &["10 more `handshake_timeout` lines (server) were left out of the log"]);
+    drop(silent);
+    let log = process.log_text();
+    let origin_lines: Vec<&str> = log.lines().filter(|line| line.contains("origin not allowed")).collect();
+    assert_eq!(origin_lines.len(), 10, "{log}");
+    for line in origin_lines {
+        assert!(line.len() < 700, "{} bytes: {line}", line.len());
+        assert!(line.contains(&format!("…[{} more bytes]", origin.len() - 256)), "{line}");
+    }
+    let timeouts = log.lines().filter(|line| line.contains("request head not received in time")).count();
+    assert_eq!(timeouts, 10, "{log}");
+    assert!(log.len() < 20_000, "the log grew by {} bytes", log.len());
+}
