@@ -235,7 +235,11 @@ impl AddonConnection {
         match opened {
             Ok(Ok(())) => {}
             Ok(Err(refusal)) => {
-                tracing::info!(code = refusal.code, reason = %refusal.reason, "addon refused the connection");
+                // Clients can be refused in a loop (a bad token on every try): bounded too.
+                let addon = &self.store.data().session.info().addon;
+                if self.stats.log_limits.admit_refused(addon) {
+                    tracing::info!(code = refusal.code, reason = %refusal.reason, "addon refused the connection");
+                }
                 self.store.data_mut().session.close(refusal.code, &refusal.reason).await;
                 self.finish_close().await;
                 return;

@@ -58,7 +58,16 @@ impl fmt::Display for ClientText<'_> {
 /// doc.
 #[derive(Debug, Default)]
 pub(crate) struct LogLimiter {
-    windows: [Mutex<Window>; FailureKind::ALL.len()],
+    /// One per failure kind, and a last one for connections an addon refused in
+    /// `on-open` (not a failure, but a client with a bad token can cause them in a loop).
+    windows: [Mutex<Window>; KINDS],
+}
+
+const KINDS: usize = FailureKind::ALL.len() + 1;
+const REFUSED: usize = FailureKind::ALL.len();
+
+fn kind_name(slot: usize) -> &'static str {
+    FailureKind::ALL.get(slot).map_or("refused", |kind| kind.code())
 }
 
 #[derive(Debug, Default)]
@@ -74,12 +83,17 @@ impl LogLimiter {
     /// lines left out, this first says how many, on a line of its own, naming `scope`
     /// (the addon, or `server`).
     pub(crate) fn admit(&self, kind: FailureKind, scope: &str) -> bool {
-        self.admit_at(kind, scope, Instant::now())
+        self.admit_at(kind as usize, scope, Instant::now())
     }
 
-    fn admit_at(&self, kind: FailureKind, scope: &str, now: Instant) -> bool {
+    /// [`LogLimiter::admit`] for a connection the addon refused (`refused` lines).
+    pub(crate) fn admit_refused(&self, scope: &str) -> bool {
+        self.admit_at(REFUSED, scope, Instant::now())
+    }
+
+    fn admit_at(&self, slot: usize, scope: &str, now: Instant) -> bool {
         let (admitted, ended) = {
-            let mut window = self.windows[kind as usize].lock().unwrap_or_else(|p| p.into_inner());
+            let mut window = self.windows[slot].lock().unwrap_or_else(|p| p.into_inner());
             let ended = match window.started {
                 Some(started) if now.duration_since(started) < INTERVAL => 0,
                 _ => {
@@ -97,7 +111,7 @@ impl LogLimiter {
             (admitted, ended)
         };
         if ended > 0 {
-            report(kind, scope, ended);
+            report(slot, scope, ended);
         }
         admitted
     }
@@ -109,9 +123,9 @@ impl LogLimiter {
     }
 
     fn flush_at(&self, scope: &str, now: Instant) {
-        for kind in FailureKind::ALL {
+        for slot in 0..KINDS {
             let ended = {
-                let mut window = self.windows[kind as usize].lock().unwrap_or_else(|p| p.into_inner());
+                let mut window = self.windows[slot].lock().unwrap_or_else(|p| p.into_inner());
                 match window.started {
                     Some(started) if window.left_out > 0 && now.duration_since(started) >= INTERVAL => {
                         std::mem::take(&mut *window).left_out
@@ -120,20 +134,20 @@ impl LogLimiter {
                 }
             };
             if ended > 0 {
-                report(kind, scope, ended);
+                report(slot, scope, ended);
             }
         }
     }
 }
 
-fn report(kind: FailureKind, scope: &str, left_out: u64) {
+fn report(slot: usize, scope: &str, left_out: u64) {
+    let kind = kind_name(slot);
     tracing::warn!(
         scope,
-        kind = kind.code(),
+        kind,
         left_out,
-        "{left_out} more `{}` lines ({scope}) were left out of the log in {} s (at most {LINES_PER_INTERVAL} \
+        "{left_out} more `{kind}` lines ({scope}) were left out of the log in {} s (at most {LINES_PER_INTERVAL} \
          are logged per {} s; the metrics count every failure)",
-        kind.code(),
         INTERVAL.as_secs(),
         INTERVAL.as_secs(),
     );
@@ -157,10 +171,13 @@ mod tests {
     fn lines_past_the_limit_are_counted_and_reported_once_the_window_is_over() {
         let limiter = LogLimiter::default();
         let start = Instant::now();
-        let admitted = (0..25).filter(|_| limiter.admit_at(FailureKind::Origin, "echo", start)).count();
+        let origin = FailureKind::Origin as usize;
+        let admitted = (0..25).filter(|_| limiter.admit_at(origin, "echo", start)).count();
         assert_eq!(admitted, LINES_PER_INTERVAL as usize);
         // Each kind has its own budget.
-        assert!(limiter.admit_at(FailureKind::Capacity, "echo", start));
+        assert!(limiter.admit_at(FailureKind::Capacity as usize, "echo", start));
+        assert!(limiter.admit_at(REFUSED, "echo", start));
+        assert_eq!(kind_name(REFUSED), "refused");
         let window = |kind: FailureKind| limiter.windows[kind as usize].lock().unwrap().left_out;
         assert_eq!(window(FailureKind::Origin), 15);
         // Not over yet: nothing to report.
@@ -170,10 +187,10 @@ mod tests {
         limiter.flush_at("echo", start + INTERVAL);
         assert_eq!(window(FailureKind::Origin), 0);
         for _ in 0..12 {
-            limiter.admit_at(FailureKind::Origin, "echo", start + INTERVAL);
+            limiter.admit_at(origin, "echo", start + INTERVAL);
         }
         assert_eq!(window(FailureKind::Origin), 2);
-        assert!(limiter.admit_at(FailureKind::Origin, "echo", start + INTERVAL * 2));
+        assert!(limiter.admit_at(origin, "echo", start + INTERVAL * 2));
         assert_eq!(window(FailureKind::Origin), 0);
     }
 }
