@@ -18,7 +18,9 @@
 //! let anyone who reaches the port message every user. Keys are compared as SHA-256
 //! digests in constant time, so neither the content nor the length leaks through timing.
 //!
-//! One request per connection (`Connection: close`), as on the public port.
+//! One request per connection (`Connection: close`), as on the public port. Refused
+//! requests are logged with their answer cut to 256 bytes, at most 10 lines per 10 s
+//! (`crate::log_limits`): the answer can quote what the client sent.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,7 +36,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::channels::{BusError, Channels, check_name, payload_len};
 use crate::config::AdminConfig;
+use crate::error::FailureKind;
 use crate::handshake::{self, HeadError, RequestHead};
+use crate::log_limits::{LogLimiter, client_text};
 use crate::metrics::Metrics;
 use crate::reload::Mounted;
 
@@ -51,6 +55,8 @@ pub(crate) struct Admin {
     pub(crate) metrics: Arc<Metrics>,
     /// SHA-256 of the API key; `None`: no key, no API.
     api_key: Option<[u8; 32]>,
+    /// Bounds the lines about refused requests.
+    log_limits: LogLimiter,
 }
 
 impl Admin {
@@ -71,7 +77,7 @@ impl Admin {
             ),
         }
         let api_key = api_key.map(|key| Sha256::digest(key.as_bytes()).into());
-        Admin { addons, channels, metrics, api_key }
+        Admin { addons, channels, metrics, api_key, log_limits: LogLimiter::default() }
     }
 
     /// Serves until `stop` is cancelled.
@@ -99,8 +105,15 @@ impl Admin {
             Ok(Err(answer)) => answer,
             Ok(Ok((head, body))) => self.route(&head, &body).await,
         };
-        if answer.status >= 400 && answer.status != 404 {
-            tracing::info!(%peer, status = answer.status, "admin request refused: {}", answer.body.trim_end());
+        // The answer can quote the request (a JSON error on the body, an addon name), and
+        // anyone who reaches the port can send requests in a loop: bounded in size and in
+        // number (`crate::log_limits`).
+        if answer.status >= 400
+            && answer.status != 404
+            && self.log_limits.admit(FailureKind::BadRequest, "admin")
+        {
+            let answer_text = client_text(answer.body.trim_end());
+            tracing::info!(%peer, status = answer.status, "admin request refused: {answer_text}");
         }
         let _ = handshake::write_response(
             &mut stream,

@@ -15,21 +15,29 @@
 //! between the check and the load. Entries are written to a temporary file and renamed,
 //! so readers see a whole entry or none.
 //!
-//! The checksum guards against accidents, not attackers: whoever can write the cache
-//! directory can make the server run their native code, just as whoever can replace its
-//! binary. Keep it writable only by the user sockhost runs as. Deleting the directory is
-//! always safe; entries are never cleaned up by the server (one per addon build).
+//! The checksum guards against accidents, not attackers: it is not keyed, and whoever can
+//! write the cache directory can make the server run their native code. So who could have
+//! written it is checked before anything is read (`crate::private_files`): the directory
+//! and each entry must be owned by the server's effective user and not writable by group
+//! or others. A directory that fails is not used at all (nothing is loaded from it or
+//! written to it; every addon is compiled) and is warned about once; an entry that fails
+//! is not loaded, but compiled again and replaced by a sound one. The directory is made
+//! 0700 and entries 0600, whatever the umask. An entry is opened without following a
+//! symbolic link and checked on the open file, which is then the one read. Deleting the
+//! directory is always safe; entries are never cleaned up by the server (one per addon
+//! build).
 
 use std::hash::{Hash, Hasher};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use crate::metrics::Metrics;
+use crate::private_files;
 
 /// First bytes of every entry; the digit is this module's format version.
 const MAGIC: &[u8; 16] = b"sockhost-cwasm1\n";
@@ -40,6 +48,8 @@ pub struct CompileCache {
     dir: PathBuf,
     /// SHA-256 of the engine's compatibility hash.
     engine_key: [u8; 32],
+    /// Whether the directory was found untrusted and said so (once per cache).
+    warned_dir: AtomicBool,
 }
 
 /// Feeds `Hash` output into SHA-256, so the engine's compatibility hash becomes a digest
@@ -63,7 +73,11 @@ impl CompileCache {
     pub fn open(dir: &Path, engine: &Engine) -> CompileCache {
         let mut hasher = ShaHasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        CompileCache { dir: dir.to_owned(), engine_key: hasher.0.finalize().into() }
+        CompileCache {
+            dir: dir.to_owned(),
+            engine_key: hasher.0.finalize().into(),
+            warned_dir: AtomicBool::new(false),
+        }
     }
 
     /// The file an entry for wasm with digest `wasm_sha256` lives in.
@@ -82,8 +96,12 @@ impl CompileCache {
         wasm_sha256: &[u8; 32],
         metrics: &Metrics,
     ) -> wasmtime::Result<Component> {
+        if !self.usable_dir() {
+            metrics.cache("untrusted");
+            return Component::from_binary(engine, bytes);
+        }
         let path = self.entry_path(wasm_sha256);
-        match std::fs::read(&path) {
+        match read_entry(&path) {
             Ok(entry) => match payload(&entry) {
                 Ok(code) => {
                     // SAFETY: the payload is byte for byte what `Component::serialize`
@@ -103,8 +121,12 @@ impl CompileCache {
                 }
                 Err(why) => self.discard(&path, name, why, metrics),
             },
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => metrics.cache("miss"),
-            Err(err) => {
+            Err(EntryError::Missing) => metrics.cache("miss"),
+            Err(EntryError::Untrusted(why)) => {
+                metrics.cache("untrusted");
+                tracing::warn!(addon = name, entry = %path.display(), "compiled-code cache entry is not trusted ({why}); not loaded: recompiling and replacing it");
+            }
+            Err(EntryError::Io(err)) => {
                 tracing::warn!(addon = name, entry = %path.display(), "cannot read the compiled-code cache entry ({err}); recompiling");
                 metrics.cache("miss");
             }
@@ -122,11 +144,70 @@ impl CompileCache {
         Ok(component)
     }
 
+    /// Whether the directory may be read and written: it is missing (the first entry
+    /// makes it, 0700) or owned by this user and writable by no one else. Looked at on
+    /// every look-up, as an operator may fix (or break) it while the server runs.
+    fn usable_dir(&self) -> bool {
+        let Ok(meta) = std::fs::metadata(&self.dir) else {
+            return true;
+        };
+        let why =
+            if meta.is_dir() { private_files::untrusted(&meta) } else { Some("not a directory".to_owned()) };
+        let Some(why) = why else {
+            return true;
+        };
+        if !self.warned_dir.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                "compiled-code cache directory is not trusted ({why}): nothing is loaded from it or written \
+                 to it, every addon is compiled; make it this user's with mode 0700, or delete it"
+            );
+        }
+        false
+    }
+
     fn discard(&self, path: &Path, name: &str, why: &str, metrics: &Metrics) {
         metrics.cache("corrupt");
         tracing::warn!(addon = name, entry = %path.display(), "compiled-code cache entry is corrupt ({why}); recompiling");
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// Why an entry was not read.
+enum EntryError {
+    Missing,
+    /// Someone other than this user could have written it.
+    Untrusted(String),
+    Io(std::io::Error),
+}
+
+/// Reads an entry, if it is a regular file that only this user can have written. The
+/// checks are made on the open file, which is then the one read; a symbolic link is
+/// refused by the open itself.
+fn read_entry(path: &Path) -> Result<Vec<u8>, EntryError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
+    let mut file = match options.open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Err(EntryError::Missing),
+        #[cfg(unix)]
+        Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(EntryError::Untrusted("a symbolic link".to_owned()));
+        }
+        Err(err) => return Err(EntryError::Io(err)),
+    };
+    let meta = file.metadata().map_err(EntryError::Io)?;
+    if !meta.is_file() {
+        return Err(EntryError::Untrusted("not a regular file".to_owned()));
+    }
+    if let Some(why) = private_files::untrusted(&meta) {
+        return Err(EntryError::Untrusted(why));
+    }
+    let mut entry = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut entry).map_err(EntryError::Io)?;
+    Ok(entry)
 }
 
 /// The compiled code inside a cache entry, if the entry is whole and unaltered.
@@ -146,8 +227,9 @@ fn payload(entry: &[u8]) -> Result<&[u8], &'static str> {
     Ok(code)
 }
 
-/// Writes header + `code` to a temporary file beside `path` and renames it into place, so
-/// readers never see a partly written entry. There is no fsync: after a power loss the
+/// Writes header + `code` to a temporary file beside `path` (mode 0600) and renames it
+/// into place, so readers never see a partly written entry, and an untrusted entry there
+/// is replaced. There is no fsync: after a power loss the
 /// renamed file may be empty or torn, which the checksum catches (the entry is
 /// recompiled), and an fsync per compile can stall start-up for seconds on a busy disk.
 fn write_atomically(path: &Path, code: &[u8]) -> std::io::Result<()> {
@@ -155,7 +237,7 @@ fn write_atomically(path: &Path, code: &[u8]) -> std::io::Result<()> {
     // same entry, each through its own temporary file.
     static WRITES: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    private_files::create_dir(dir)?;
     let tmp = dir.join(format!(
         ".tmp-{}-{}-{}",
         std::process::id(),
@@ -163,7 +245,8 @@ fn write_atomically(path: &Path, code: &[u8]) -> std::io::Result<()> {
         path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
     ));
     let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
+        // 0600, and never an existing file (or a link someone left under this name).
+        let mut file = private_files::file_options().write(true).create_new(true).open(&tmp)?;
         file.write_all(MAGIC)?;
         file.write_all(&(code.len() as u64).to_le_bytes())?;
         file.write_all(&Sha256::digest(code))?;
@@ -204,5 +287,26 @@ mod tests {
         assert_eq!(payload(&flipped).unwrap_err(), "checksum mismatch");
         assert!(payload(b"\x7fELF whatever").is_err());
         assert!(payload(b"").is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn entries_others_could_have_written_are_not_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.cwasm");
+        assert!(matches!(read_entry(&path), Err(EntryError::Missing)));
+        write_atomically(&path, b"code").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(payload(&read_entry(&path).ok().unwrap()).unwrap(), b"code");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(matches!(read_entry(&path), Err(EntryError::Untrusted(why)) if why.contains("writable")));
+        // Written again: replaced by a private, trusted entry.
+        write_atomically(&path, b"code").unwrap();
+        assert!(read_entry(&path).is_ok());
+        let link = dir.path().join("link.cwasm");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(matches!(read_entry(&link), Err(EntryError::Untrusted(why)) if why.contains("link")));
     }
 }

@@ -4,7 +4,9 @@
 //! Precedence, highest first: flags, environment variables (`SOCKHOST_*`), the config
 //! file, built-in defaults. The defaults are the seed server's: listen on `0.0.0.0:8080`,
 //! print URLs with `localhost`, serve `./addons`. Every file key is checked: an unknown key
-//! or a value of the wrong type stops start-up with a message that names it.
+//! or a value of the wrong type stops start-up with a message that names it: the file, line,
+//! column and key, never the line's text or the value, which may be a secret typed under
+//! the wrong key (`crate::toml_error`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -207,11 +209,15 @@ pub struct Config {
     /// Directory scanned for `<name>.wasm` addons.
     pub addons_dir: PathBuf,
     /// Directory for data the server keeps: `kv.redb`, the kv store (created on first
-    /// use by an addon granted `kv`).
+    /// use by an addon granted `kv`). Made 0700 and the file 0600, as it holds what
+    /// addons keep about their users; an existing directory open to others is warned
+    /// about, not changed.
     pub data_dir: PathBuf,
     /// Server-wide limits.
     pub limits: ServerLimits,
     /// Directory of the compiled-code cache; `None` compiles every addon at start-up.
+    /// Used only while owned by the server's user and writable by no one else (see
+    /// [`crate::cache`]).
     /// File keys `server.cache_dir` and `server.compile_cache`; default `./.sockhost-cache`.
     pub cache_dir: Option<PathBuf>,
     /// How often the addons directory is checked for changes; `None` turns hot reload
@@ -358,7 +364,8 @@ impl Config {
 
     /// Parses a config file's text on its own (flags and environment not applied).
     pub fn from_toml(text: &str) -> anyhow::Result<Config> {
-        let file: FileConfig = toml::from_str(text).context("invalid config")?;
+        let file: FileConfig = toml::from_str(text)
+            .map_err(|err| anyhow::anyhow!("invalid config: {}", crate::toml_error::describe(&err, text)))?;
         Config::merge(Cli::default(), file)
     }
 
@@ -439,7 +446,11 @@ impl Config {
         if let Some(url) = &redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
         {
-            bail!("invalid value for cluster.redis_url (--redis-url): {url:?} is not a redis:// URL");
+            // Not quoted: a mistyped URL still holds its password (`redis://:pw@host`).
+            bail!(
+                "invalid value for cluster.redis_url (--redis-url): not a redis:// URL (use redis://, \
+                 rediss:// or unix://)"
+            );
         }
         let api_key_env = file.admin.api_key_env.unwrap_or_else(|| DEFAULT_API_KEY_ENV.to_owned());
         if api_key_env.is_empty() || !api_key_env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
@@ -471,7 +482,15 @@ impl Config {
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    // Not `with_context`: the toml error would stay in the chain, and its Display quotes
+    // the offending line, which may hold a secret. See `crate::toml_error`.
+    toml::from_str(&text).map_err(|err| {
+        anyhow::anyhow!(
+            "invalid config file {}: {}",
+            path.display(),
+            crate::toml_error::describe(&err, &text)
+        )
+    })
 }
 
 #[cfg(test)]

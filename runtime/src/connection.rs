@@ -26,6 +26,9 @@
 //! runs exactly once: with the client's close code, with the code the host sent, or with
 //! 1006 when the peer vanished. It does not run after `on-open` refused the connection or
 //! after the instance failed (a trapped instance cannot be entered again).
+//!
+//! Each failure is counted, and logged unless this addon already logged its share of that
+//! kind for now: a client can fail connections in a loop (`crate::log_limits`).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -47,6 +50,7 @@ use crate::channels::{Delivery, Inbox};
 use crate::client_stream::ClientStream;
 use crate::error::{Envelope, FailureKind, close_code};
 use crate::host::HostState;
+use crate::log_limits::client_text;
 use crate::metrics::AddonStats;
 use crate::policy::AddonPolicy;
 use crate::sandbox::{self, TokenBucket};
@@ -237,7 +241,11 @@ impl AddonConnection {
         match opened {
             Ok(Ok(())) => {}
             Ok(Err(refusal)) => {
-                tracing::info!(code = refusal.code, reason = %refusal.reason, "addon refused the connection");
+                // Clients can be refused in a loop (a bad token on every try): bounded too.
+                let addon = &self.store.data().session.info().addon;
+                if self.stats.log_limits.admit_refused(addon) {
+                    tracing::info!(code = refusal.code, reason = %refusal.reason, "addon refused the connection");
+                }
                 self.store.data_mut().session.close(refusal.code, &refusal.reason).await;
                 self.finish_close().await;
                 return;
@@ -315,7 +323,9 @@ impl AddonConnection {
                         Ok(Ok(())) => {}
                         Ok(Err(reason)) => {
                             self.stats.failure(FailureKind::AddonError);
-                            tracing::warn!(kind = FailureKind::AddonError.code(), cause = %reason, "on-message returned an error");
+                            if self.may_log(FailureKind::AddonError) {
+                                tracing::warn!(kind = FailureKind::AddonError.code(), cause = %reason, "on-message returned an error");
+                            }
                             self.send_error(FailureKind::AddonError, &reason).await;
                         }
                         Err(err) => return self.failed("on-message", err).await,
@@ -331,13 +341,15 @@ impl AddonConnection {
 
         // Flushes tungstenite's reply to the client's close frame before running on-close.
         self.store.data_mut().session.shutdown().await;
-        tracing::debug!(code, reason = %reason, "connection closed");
+        tracing::debug!(code, reason = %client_text(&reason), "connection closed");
         sandbox::start_callback(&mut self.store);
         let handler = &self.instance.handler;
         if let Err(err) = handler.call_on_close(&mut self.store, code, &reason).await {
             let (kind, cause) = self.classify(&err);
             self.stats.failure(kind);
-            tracing::error!(stage = "on-close", kind = kind.code(), cause = %cause, "addon failed");
+            if self.may_log(kind) {
+                tracing::error!(stage = "on-close", kind = kind.code(), cause = %cause, "addon failed");
+            }
         }
     }
 
@@ -353,11 +365,13 @@ impl AddonConnection {
             let gone = Inbound::Closed { code: *code, reason: reason.clone() };
             if session.stalled() {
                 self.stats.failure(FailureKind::SlowClient);
-                tracing::warn!(
-                    kind = FailureKind::SlowClient.code(),
-                    timeout_s = self.policy.send_timeout.as_secs(),
-                    "client stopped reading; socket dropped"
-                );
+                if self.may_log(FailureKind::SlowClient) {
+                    tracing::warn!(
+                        kind = FailureKind::SlowClient.code(),
+                        timeout_s = self.policy.send_timeout.as_secs(),
+                        "client stopped reading; socket dropped"
+                    );
+                }
                 return Wake::Event(gone);
             }
             // One deadline from the first look after the close frame went out: frames the
@@ -453,10 +467,12 @@ impl AddonConnection {
                 self.ping_sent = None;
             } else if now >= sent + self.policy.ping_interval {
                 self.stats.failure(FailureKind::Unresponsive);
-                tracing::info!(
-                    kind = FailureKind::Unresponsive.code(),
-                    "ping unanswered; dropping the connection"
-                );
+                if self.may_log(FailureKind::Unresponsive) {
+                    tracing::info!(
+                        kind = FailureKind::Unresponsive.code(),
+                        "ping unanswered; dropping the connection"
+                    );
+                }
                 self.pending.push_back(Inbound::Closed { code: close_code::ABNORMAL, reason: String::new() });
                 self.reader.finished = true;
                 return;
@@ -473,7 +489,10 @@ impl AddonConnection {
     /// The client broke a rule: count it, log it, close with `code`.
     async fn fail_client(&mut self, kind: FailureKind, code: u16, reason: &str) {
         self.stats.failure(kind);
-        tracing::info!(kind = kind.code(), code, cause = %reason, "closing the connection");
+        if self.may_log(kind) {
+            // The cause may carry what the client sent (a protocol error's text).
+            tracing::info!(kind = kind.code(), code, cause = %client_text(reason), "closing the connection");
+        }
         self.store.data_mut().session.close(code, reason).await;
     }
 
@@ -481,6 +500,13 @@ impl AddonConnection {
         let frame = Envelope::Error { message, code: kind.code() }.to_json();
         // A failed send means the client is gone; the reader will report it.
         let _ = self.store.data_mut().session.send(WsMessage::text(frame)).await;
+    }
+
+    /// Whether a failure line of `kind` may be logged now: clients decide how many
+    /// connections fail, so each addon logs a bounded number per kind
+    /// (`crate::log_limits`). The failure is counted either way.
+    fn may_log(&self, kind: FailureKind) -> bool {
+        self.stats.log_limits.admit(kind, &self.store.data().session.info().addon)
     }
 
     /// Names why a call into the instance failed.
@@ -493,7 +519,9 @@ impl AddonConnection {
     async fn failed(mut self, stage: &'static str, err: wasmtime::Error) {
         let (kind, cause) = self.classify(&err);
         self.stats.failure(kind);
-        tracing::error!(stage, kind = kind.code(), cause = %cause, detail = %sandbox::describe(&err), "addon failed; closing with 1011");
+        if self.may_log(kind) {
+            tracing::error!(stage, kind = kind.code(), cause = %cause, detail = %sandbox::describe(&err), "addon failed; closing with 1011");
+        }
         let addon = self.store.data().session.info().addon.clone();
         self.send_error(kind, &format!("addon '{addon}' {cause}")).await;
         self.store.data_mut().session.close(close_code::INTERNAL_ERROR, kind.code()).await;

@@ -8,10 +8,12 @@
 //! settings, [`Server`] to bind, load and serve. Tests drive the same API in-process.
 //!
 //! Module map:
-//! - [`config`]: flags, environment and `sockhost.toml` → [`Config`];
+//! - [`config`]: flags, environment and `sockhost.toml` → [`Config`]; `toml_error`:
+//!   describing a file's TOML errors without quoting its text (it may hold secrets);
 //! - [`engine`]: the wasmtime engine (pooling, async, epochs);
 //! - [`addons`]: scanning, checking and compiling addon files;
-//! - [`cache`]: compiled code on disk, checked before it is trusted;
+//! - [`cache`]: compiled code on disk, checked before it is trusted; `private_files`:
+//!   the modes and owner checks that keep the cache and the kv file to the server's user;
 //! - [`reload`]: hot reload of the addons directory;
 //! - [`check`]: `sockhost check`, validating addons without serving;
 //! - [`cluster`]: the link to Redis that lets several nodes act as one;
@@ -24,7 +26,8 @@
 //! - [`server`]: listener and routing; `handshake`: HTTP head and upgrade;
 //! - `connection`: one connection's life, from upgrade to `on-close`;
 //! - [`host`]: the capabilities addons import (session, log, WASI);
-//! - [`error`]: failure kinds, error frames and close codes.
+//! - [`error`]: failure kinds, error frames and close codes; `log_limits`: log lines that
+//!   clients cause, bounded in size and number.
 
 pub mod addons;
 mod admin;
@@ -42,8 +45,10 @@ pub mod error;
 mod file_stamp;
 mod handshake;
 pub mod host;
+mod log_limits;
 pub mod metrics;
 pub mod policy;
+mod private_files;
 pub mod reload;
 pub mod sandbox;
 pub mod server;
@@ -51,6 +56,7 @@ mod shutdown;
 #[doc(hidden)]
 pub mod testing;
 pub mod tls;
+mod toml_error;
 
 pub use config::{AdminConfig, ApiKey, Cli, Command, Config, LogFormat, ServerLimits, TlsFiles};
 pub use error::{FailureCounts, FailureKind};

@@ -20,7 +20,7 @@
 //! | `sockhost_addon_callback_seconds` | histogram | `addon` |
 //! | `sockhost_addon_compile_seconds` | histogram | `addon` |
 //! | `sockhost_addon_reloads_total` | counter | `addon`, `result` (`ok`, `failed`, `removed`) |
-//! | `sockhost_compile_cache_total` | counter | `result` (`hit`, `miss`, `corrupt`, `write_failed`) |
+//! | `sockhost_compile_cache_total` | counter | `result` (`hit`, `miss`, `corrupt`, `untrusted`, `write_failed`) |
 //! | `sockhost_addons_mounted` | gauge | |
 //! | `sockhost_channel_published_total` | counter | `addon`: messages published on its channels (by instances and `/api/publish`) |
 //! | `sockhost_channel_deliveries_total` | counter | `addon`: `on-channel-message` calls made |
@@ -46,6 +46,7 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::error::{FailureCounts, FailureKind};
+use crate::log_limits::LogLimiter;
 
 /// The `Content-Type` of `/metrics`: Prometheus text format 0.0.4.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -208,9 +209,22 @@ impl Metrics {
                     channel_subscriptions: self.channel_subscriptions.get_or_create(&label).clone(),
                     failures: FailureCounts::default(),
                     server_failures: self.failures.clone(),
+                    log_limits: LogLimiter::default(),
                 })
             })
             .clone()
+    }
+
+    /// Reports, for every addon, the failure lines left out of the log in windows that are
+    /// over (see `crate::log_limits`).
+    pub(crate) fn flush_log_limits(&self) {
+        let addons: Vec<(String, Arc<AddonStats>)> = {
+            let stats = self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            stats.iter().map(|(name, stats)| (name.clone(), stats.clone())).collect()
+        };
+        for (name, stats) in addons {
+            stats.log_limits.flush(&name);
+        }
     }
 
     /// Records how long loading addon `name` took.
@@ -225,7 +239,9 @@ impl Metrics {
         self.reloads.get_or_create(&ReloadLabels { addon: name.to_owned(), result }).inc();
     }
 
-    /// Records a compiled-code cache event: `hit`, `miss`, `corrupt` or `write_failed`.
+    /// Records a compiled-code cache event: `hit`, `miss`, `corrupt`, `untrusted` (the
+    /// directory or entry could have been written by another user, so it was not read)
+    /// or `write_failed`.
     pub fn cache(&self, result: &'static str) {
         self.compile_cache.get_or_create(&ResultLabel { result }).inc();
     }
@@ -278,6 +294,9 @@ pub struct AddonStats {
     /// This addon's share of the server-wide failure counts.
     pub(crate) failures: FailureCounts,
     server_failures: Arc<FailureCounts>,
+    /// How many failure lines of each kind this addon may still log now: a client that
+    /// causes failures in a loop must not flood the log (see `crate::log_limits`).
+    pub(crate) log_limits: LogLimiter,
 }
 
 impl AddonStats {

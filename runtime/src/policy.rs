@@ -4,6 +4,10 @@
 //! small, and no capability beyond the `sockhost:addon` world. A manifest can only be
 //! right or refused: an unknown key, a value of the wrong type or a value out of range
 //! means the addon is not mounted, and the log names the file, the key and the problem.
+//! It names them by line, column and key, never by quoting the file: a manifest holds
+//! secrets (`[config]` values, a misplaced key), and a typo must not copy one into the
+//! log or `sockhost check` (`crate::toml_error`); for the same reason messages made here
+//! about a value's type or unit do not quote the value.
 //!
 //! | key | default | what it bounds |
 //! |---|---|---|
@@ -92,8 +96,10 @@ fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
+    // The messages do not quote the text: they go through serde into an error that is
+    // logged, and a value in the wrong key may be a secret (see `crate::toml_error`).
     let number: u64 =
-        number.parse().map_err(|_| format!("{text:?} is not a size like \"64KiB\" or 65536"))?;
+        number.parse().map_err(|_| "not a size; expected a size like `64KiB` or `65536`".to_owned())?;
     let factor: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -102,9 +108,9 @@ fn parse_size(text: &str) -> Result<u64, String> {
         "KB" | "kB" => 1000,
         "MB" => 1000 * 1000,
         "GB" => 1000 * 1000 * 1000,
-        other => return Err(format!("unknown size unit {other:?}; use B, KiB, MiB or GiB")),
+        _ => return Err("unknown size unit; expected `B`, `KiB`, `MiB` or `GiB`".to_owned()),
     };
-    number.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
+    number.checked_mul(factor).ok_or_else(|| "too large a size".to_owned())
 }
 
 /// A token-bucket rate for client messages.
@@ -207,8 +213,9 @@ impl AddonPolicy {
 
     /// [`AddonPolicy::parse`] with a given environment.
     pub fn parse_with_env(text: &str, env: EnvLookup<'_>) -> Result<AddonPolicy, String> {
+        // Never the error's Display: it quotes the line, and a manifest's lines hold secrets.
         let file: ManifestFile =
-            toml::from_str(text).map_err(|err| err.to_string().trim().replace('\n', " "))?;
+            toml::from_str(text).map_err(|err| crate::toml_error::describe(&err, text))?;
         let mut policy = AddonPolicy::default();
         let bad = |key: &str, problem: String| format!("key `{key}`: {problem}");
 

@@ -14,8 +14,12 @@
 //!
 //! Before an addon connection is upgraded the server checks, in order: the request is a
 //! valid upgrade (4xx), the `Origin` is allowed (403), the addon and the server have a
-//! free connection slot (503), and an instance can be made (503). Each refusal is logged
-//! and counted.
+//! free connection slot (503), and an instance can be made (503). Each refusal is counted
+//! and logged, within bounds, as the client decides how many there are and what they
+//! carry (`crate::log_limits`): text from the client (the `Origin`, a path, the error
+//! about a head) is cut to 256 bytes, and each addon (the server, for what fails before
+//! an addon is known) logs at most 10 lines per failure kind per 10 s, then one line with
+//! the count of those left out.
 //!
 //! The mounted addons can change while the server runs ([`crate::reload`]); a connection
 //! takes the current version once, when it is routed, and keeps it to its end.
@@ -57,6 +61,7 @@ use crate::handshake::{self, HeadError, Rejection, RequestHead};
 use crate::host::kv::KvStore;
 use crate::host::kv_redis::RedisKvBackend;
 use crate::host::{self, HostServices, HostState};
+use crate::log_limits::{LogLimiter, client_text};
 use crate::metrics::{LiveInstance, Metrics};
 use crate::reload::{Mounted, Watcher};
 use crate::shutdown::Shutdown;
@@ -103,6 +108,10 @@ struct Shared {
     tasks: TaskTracker,
     /// Whether `/metrics` is on the admin listener rather than here.
     metrics_on_admin: bool,
+    /// Bounds the lines logged about requests refused before an addon is known (head
+    /// not sent in time, malformed, failed TLS); those about an addon's connections are
+    /// bounded by its [`crate::metrics::AddonStats`]. See `crate::log_limits`.
+    log_limits: LogLimiter,
 }
 
 impl Shared {
@@ -246,6 +255,7 @@ impl Server {
             draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
             metrics_on_admin,
+            log_limits: LogLimiter::default(),
         };
         Ok(Server { listener, shared: Arc::new(shared), watcher, admin })
     }
@@ -298,10 +308,18 @@ impl Server {
         let mut accept_errors = AcceptErrors::default();
         let mut purge = tokio::time::interval(KV_PURGE_INTERVAL);
         purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Reports the log lines left out by the limiters once their window is over, even
+        // if no further failure of that kind comes to report it.
+        let mut log_flush = tokio::time::interval(Duration::from_secs(1));
+        log_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = purge.tick() => shared.services.kv.purge_expired().await,
+                _ = log_flush.tick() => {
+                    shared.log_limits.flush("server");
+                    shared.metrics.flush_log_limits();
+                }
                 accepted = listener.accept() => spawn_connection(&shared, accepted, &mut accept_errors).await,
             }
         }
@@ -549,8 +567,10 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let deadline = tokio::time::Instant::now() + shared.config().limits.handshake_timeout;
     let timed_out = |shared: &Shared| {
         shared.failures.record(FailureKind::HandshakeTimeout);
-        let kind = FailureKind::HandshakeTimeout.code();
-        tracing::info!(%peer, kind, "request head not received in time; dropped");
+        if shared.log_limits.admit(FailureKind::HandshakeTimeout, "server") {
+            let kind = FailureKind::HandshakeTimeout.code();
+            tracing::info!(%peer, kind, "request head not received in time; dropped");
+        }
     };
     let mut stream: ClientStream = match &shared.tls {
         None => Either::Left(tcp),
@@ -558,7 +578,10 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             Ok(Ok(tls)) => Either::Right(Box::new(tls)),
             Ok(Err(err)) => {
                 shared.failures.record(FailureKind::BadRequest);
-                tracing::debug!(%peer, kind = FailureKind::BadRequest.code(), "TLS handshake failed: {err}");
+                if shared.log_limits.admit(FailureKind::BadRequest, "server") {
+                    let err = client_text(&err.to_string()).to_string();
+                    tracing::debug!(%peer, kind = FailureKind::BadRequest.code(), "TLS handshake failed: {err}");
+                }
                 return;
             }
             Err(_) => return timed_out(&shared),
@@ -568,7 +591,10 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let (head, leftover) = match read {
         Ok(Ok(read)) => read,
         Ok(Err(err)) => {
-            tracing::debug!(%peer, "bad request head: {err}");
+            // The error can quote the head (a header's name), which the client chose.
+            if shared.log_limits.admit(FailureKind::BadRequest, "server") {
+                tracing::debug!(%peer, "bad request head: {}", client_text(&err.to_string()));
+            }
             let rejection = match err {
                 HeadError::TooLarge => Rejection::new(431, err.to_string()),
                 HeadError::Malformed(_) => Rejection::new(400, err.to_string()),
@@ -656,7 +682,7 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     if let Err(err) = result {
-        tracing::debug!(%peer, path = %head.path, "connection ended early: {err}");
+        tracing::debug!(%peer, path = %client_text(&head.path), "connection ended early: {err}");
     }
 }
 
@@ -722,7 +748,12 @@ async fn serve_addon(
     if !policy.allows_origin(origin) {
         addon.stats().failure(FailureKind::Origin);
         let origin = origin.unwrap_or_default();
-        span.in_scope(|| tracing::warn!(%peer, origin, kind = FailureKind::Origin.code(), "origin not allowed; answering 403"));
+        // The header is the client's: up to the whole head (16 KiB), and as many as it
+        // sends requests. Both are bounded (`crate::log_limits`).
+        if addon.stats().log_limits.admit(FailureKind::Origin, addon.name()) {
+            let origin = client_text(origin);
+            span.in_scope(|| tracing::warn!(%peer, %origin, kind = FailureKind::Origin.code(), "origin not allowed; answering 403"));
+        }
         let rejection =
             Rejection::new(403, format!("origin {origin} may not connect to addon '{}'", addon.name()));
         return reject(&mut stream, rejection).await;
@@ -735,7 +766,9 @@ async fn serve_addon(
     let max = shared.config().limits.max_connections;
     let Some(_server_slot) = ServerSlot::reserve(&shared.open_connections, max) else {
         addon.stats().failure(FailureKind::Capacity);
-        span.in_scope(|| tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "server connection limit reached; answering 503"));
+        if addon.stats().log_limits.admit(FailureKind::Capacity, addon.name()) {
+            span.in_scope(|| tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "server connection limit reached; answering 503"));
+        }
         let rejection =
             Rejection::new(503, format!("the server is at its limit of {max} connections; retry later"));
         return reject(&mut stream, rejection).await;
@@ -743,7 +776,9 @@ async fn serve_addon(
     let Some(_addon_slot) = addon.reserve_connection() else {
         addon.stats().failure(FailureKind::Capacity);
         let max = policy.max_connections;
-        span.in_scope(|| tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "addon connection limit reached; answering 503"));
+        if addon.stats().log_limits.admit(FailureKind::Capacity, addon.name()) {
+            span.in_scope(|| tracing::warn!(%peer, max, kind = FailureKind::Capacity.code(), "addon connection limit reached; answering 503"));
+        }
         let rejection = Rejection::new(
             503,
             format!("addon '{}' is at its limit of {max} connections; retry later", addon.name()),
@@ -770,9 +805,11 @@ async fn serve_addon(
         Ok(made) => made,
         Err(InstantiateError { kind, cause }) => {
             addon.stats().failure(kind);
-            span.in_scope(|| {
-                tracing::error!(kind = kind.code(), cause = %cause, "cannot create an addon instance; answering 503")
-            });
+            if addon.stats().log_limits.admit(kind, addon.name()) {
+                span.in_scope(|| {
+                    tracing::error!(kind = kind.code(), cause = %cause, "cannot create an addon instance; answering 503")
+                });
+            }
             let rejection = Rejection::new(
                 503,
                 format!("addon '{}' cannot take a connection now: it {cause}", addon.name()),

@@ -5,6 +5,7 @@ mod cluster;
 mod core;
 mod fake_llm;
 mod hardening;
+mod hardening_files;
 mod limits;
 mod loading;
 mod ops;

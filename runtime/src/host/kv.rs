@@ -8,7 +8,8 @@
 //! - **Namespaces.** Each addon has its own key space, named by the addon; the guest
 //!   never sees or chooses the namespace, so two addons cannot read each other's keys.
 //! - **Backend.** [`KvBackend`] is the seam: the default, [`RedbBackend`], keeps one
-//!   crash-safe redb file, `<data_dir>/kv.redb`, which survives restarts. With
+//!   crash-safe redb file, `<data_dir>/kv.redb`, which survives restarts, private to the
+//!   server's user (file 0600, a new directory 0700; see [`RedbBackend::open`]). With
 //!   `[cluster] redis_url`, [`super::kv_redis::RedisKvBackend`] keeps the data in Redis
 //!   instead, shared by every node, with the same semantics. The file
 //!   opens on first use, so a server whose addons use no kv never touches the disk. One
@@ -470,12 +471,50 @@ pub enum OpenError {
 impl RedbBackend {
     /// Opens (or creates) the file, creating its directory, and starts the writer thread
     /// (it ends when the backend is dropped).
+    ///
+    /// The file holds what every addon keeps (conversations, for aikefu), so it is made
+    /// private (`crate::private_files`): a new data directory is 0700 and the file is
+    /// 0600, and a file left readable by others (by an older sockhost, or a copy) is made
+    /// 0600 again, with a warning. An existing directory keeps its mode: the operator
+    /// named it and it may hold more than our file (the working directory, a volume), so
+    /// a mode that lets others in is only warned about.
     pub fn open(path: &Path) -> Result<RedbBackend, OpenError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|err| {
-                BackendError(format!("cannot create data directory {}: {err}", dir.display()))
-            })?;
+            match std::fs::metadata(dir) {
+                Ok(meta) => {
+                    if let Some(mode) = crate::private_files::open_to_others(&meta) {
+                        tracing::warn!(
+                            "data directory {} is open to other users ({mode}); kv.redb is kept 0600, \
+                             but run `chmod 700 {}` so they cannot list or replace it",
+                            dir.display(),
+                            dir.display()
+                        );
+                    }
+                }
+                Err(_) => crate::private_files::create_dir(dir).map_err(|err| {
+                    BackendError(format!("cannot create data directory {}: {err}", dir.display()))
+                })?,
+            }
         }
+        // Made (or opened) here with mode 0600, before redb opens it by its path.
+        let file = crate::private_files::file_options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|err| BackendError(format!("kv store {}: {err}", path.display())))?;
+        match crate::private_files::restrict(&file) {
+            Ok(true) => {
+                tracing::warn!("kv store {} was readable by other users; made it 0600", path.display())
+            }
+            Ok(false) => {}
+            Err(err) => tracing::warn!(
+                "kv store {} is readable by other users and cannot be made 0600: {err}",
+                path.display()
+            ),
+        }
+        drop(file);
         let db = match redb::Database::create(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OpenError::InUse),
