@@ -158,14 +158,16 @@ pub(crate) async fn serve(
     let mut last_message = Instant::now();
     let mut last_frame = last_message;
     let mut ping_sent: Option<Instant> = None;
+    // One timer for the connection, not one per message: activity only moves the
+    // deadlines later, so when it fires early it is re-armed for the real one.
+    let keep_alive = tokio::time::sleep(config.idle_timeout.min(config.ping_interval));
+    tokio::pin!(keep_alive);
     let close = loop {
-        // The next keep-alive deadline: idle, ping due, or pong overdue.
-        let idle_at = last_message + config.idle_timeout;
-        let ping_at = ping_sent.unwrap_or(last_frame) + config.ping_interval;
         let message = tokio::select! {
             _ = &mut shutdown => break Some((close_code::GOING_AWAY, "server shutting down".to_owned())),
-            _ = tokio::time::sleep_until(idle_at.min(ping_at)) => {
+            _ = keep_alive.as_mut() => {
                 let now = Instant::now();
+                let idle_at = last_message + config.idle_timeout;
                 if now >= idle_at {
                     let idle = config.idle_timeout.as_secs();
                     break Some((close_code::NORMAL, format!("idle timeout: no message for {idle} s")));
@@ -173,14 +175,18 @@ pub(crate) async fn serve(
                 match ping_sent {
                     Some(sent) if last_frame >= sent => ping_sent = None,
                     // No answer to the ping for a whole interval: the peer is gone.
-                    Some(_) => return,
-                    None => {
+                    Some(sent) if now >= sent + config.ping_interval => return,
+                    Some(_) => {}
+                    None if now >= last_frame + config.ping_interval => {
                         if ws.send(WsMessage::Ping(Default::default())).await.is_err() {
                             return;
                         }
                         ping_sent = Some(now);
                     }
+                    None => {}
                 }
+                let ping_at = ping_sent.unwrap_or(last_frame) + config.ping_interval;
+                keep_alive.as_mut().reset(idle_at.min(ping_at));
                 continue;
             }
             message = ws.next() => message,
