@@ -159,17 +159,19 @@ impl LoadedAddon {
         state.channels.can_receive = self.channel_handler.is_some();
         let mut store = Store::new(self.pre.engine(), state);
         sandbox::install(&mut store);
-        sandbox::start_callback(&mut store);
-        let made = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
-            let handler = self.handler.load(&mut store, &instance)?;
-            let channel_handler = match &self.channel_handler {
-                Some(indices) => Some(indices.load(&mut store, &instance)?),
-                None => None,
-            };
-            wasmtime::Result::Ok(AddonInstance { handler, channel_handler })
-        }
-        .await;
+        sandbox::start_callback(&mut store, None);
+        let meter = store.data().limits.meter();
+        let made = meter
+            .run(async {
+                let instance = self.pre.instantiate_async(&mut store).await?;
+                let handler = self.handler.load(&mut store, &instance)?;
+                let channel_handler = match &self.channel_handler {
+                    Some(indices) => Some(indices.load(&mut store, &instance)?),
+                    None => None,
+                };
+                wasmtime::Result::Ok(AddonInstance { handler, channel_handler })
+            })
+            .await;
         match made {
             Ok(instance) => Ok((store, instance)),
             Err(err) => {

@@ -53,7 +53,7 @@ use crate::host::HostState;
 use crate::log_limits::client_text;
 use crate::metrics::AddonStats;
 use crate::policy::AddonPolicy;
-use crate::sandbox::{self, TokenBucket};
+use crate::sandbox::{self, CpuMeter, TokenBucket};
 use crate::shutdown::ShutdownListener;
 
 /// Client messages read ahead while a callback runs, before reading pauses.
@@ -163,6 +163,8 @@ enum Wake {
 pub(crate) struct AddonConnection {
     store: Store<HostState>,
     instance: AddonInstance,
+    /// Books the instance's running time; every callback is polled through it.
+    meter: CpuMeter,
     /// Deliveries from subscribed channels; made by the first `subscribe`.
     inbox: Option<Inbox>,
     reader: Reader,
@@ -206,6 +208,7 @@ impl AddonConnection {
         let now = Instant::now();
         let first_deadline = now + policy.ping_interval.min(policy.idle_timeout);
         AddonConnection {
+            meter: store.data().limits.meter(),
             store,
             instance,
             inbox: None,
@@ -230,9 +233,9 @@ impl AddonConnection {
     /// Runs the connection to its end.
     pub(crate) async fn serve(mut self) {
         let info = self.store.data().session.info().clone();
-        sandbox::start_callback(&mut self.store);
+        sandbox::start_callback(&mut self.store, None);
         let handler = &self.instance.handler;
-        let call = handler.call_on_open(&mut self.store, &info);
+        let call = self.meter.run(handler.call_on_open(&mut self.store, &info));
         let Ok(opened) = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
         else {
             return self.orphaned("on-open").await;
@@ -307,16 +310,17 @@ impl AddonConnection {
                         self.fail_client(FailureKind::RateLimited, close_code::POLICY, &reason).await;
                         continue;
                     }
-                    sandbox::start_callback(&mut self.store);
+                    // The callback starts now, as far as the clock can tell.
+                    let started = self.last_message.max(self.last_callback_end);
+                    sandbox::start_callback(&mut self.store, Some(started.into_std()));
                     let handler = &self.instance.handler;
-                    let call = handler.call_on_message(&mut self.store, &message);
+                    let call = self.meter.run(handler.call_on_message(&mut self.store, &message));
                     let outcome =
                         read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
                     let Ok(outcome) = outcome else {
                         return self.orphaned("on-message").await;
                     };
                     self.pick_up_inbox();
-                    let started = self.last_message.max(self.last_callback_end);
                     self.last_callback_end = Instant::now();
                     self.stats.callback_seconds.observe(self.last_callback_end - started);
                     match outcome {
@@ -342,9 +346,9 @@ impl AddonConnection {
         // Flushes tungstenite's reply to the client's close frame before running on-close.
         self.store.data_mut().session.shutdown().await;
         tracing::debug!(code, reason = %client_text(&reason), "connection closed");
-        sandbox::start_callback(&mut self.store);
+        sandbox::start_callback(&mut self.store, None);
         let handler = &self.instance.handler;
-        if let Err(err) = handler.call_on_close(&mut self.store, code, &reason).await {
+        if let Err(err) = self.meter.run(handler.call_on_close(&mut self.store, code, &reason)).await {
             let (kind, cause) = self.classify(&err);
             self.stats.failure(kind);
             if self.may_log(kind) {
@@ -415,9 +419,12 @@ impl AddonConnection {
             return Ok(Ok(()));
         };
         self.stats.channel_delivery();
-        sandbox::start_callback(&mut self.store);
-        let call =
-            channel_handler.call_on_channel_message(&mut self.store, &delivery.channel, &delivery.payload);
+        sandbox::start_callback(&mut self.store, None);
+        let call = self.meter.run(channel_handler.call_on_channel_message(
+            &mut self.store,
+            &delivery.channel,
+            &delivery.payload,
+        ));
         let outcome = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
         self.last_callback_end = Instant::now();
         outcome

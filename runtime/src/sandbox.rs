@@ -4,25 +4,29 @@
 //!   `memory_limit`. The guest sees `memory.grow` fail (Rust's allocator then aborts,
 //!   which is a trap); the limiter remembers that it refused, so the host can name the
 //!   failure `addon_oom` instead of a bare trap.
-//! - **CPU**: the engine's epoch ticks every [`EPOCH_TICK`]. Each time a running guest
-//!   reaches a tick it yields to the scheduler (so other connections on the same worker
-//!   thread go on), and the tick is charged to the current callback if the guest ran
-//!   through all of it. Past `cpu_limit` the guest is interrupted (`addon_timeout`).
-//!   Time spent waiting in host calls (sending to a slow client, sleeping, waiting on
-//!   I/O) or waiting for the scheduler after a yield is not charged: the deadline is one
-//!   tick past the tick at which the guest last (re)started, so reaching it later than
-//!   that tick means the guest was not running for part of the interval. Nothing of this
-//!   runs per message or per host call; it costs a little once per tick of guest
-//!   execution. The measure is coarse (10 ms) by design; a guest that alternates short
-//!   bursts of work with short waits inside one tick can be charged up to the whole tick.
+//! - **CPU**: a callback is charged the time the guest actually ran, in wasm or in host
+//!   code it called synchronously; time it spent waiting (an `await` in a host call: a
+//!   slow client, a sleep, I/O; or the scheduler's queue after a yield) is not charged.
+//!   The connection task polls each callback through a [`CpuMeter`]. Every poll resumes
+//!   the guest's fiber and every `Pending` suspends it, so the meter adds up the time
+//!   between the two; the engine's epoch ticks every [`EPOCH_TICK`](crate::engine::EPOCH_TICK), and at each tick
+//!   the running guest adds the time since it resumed, yields to the scheduler (so other
+//!   connections on its worker thread go on) and is interrupted past `cpu_limit`
+//!   (`addon_timeout`). Since the measure is time, not whole ticks, no pattern of bursts
+//!   and pauses escapes it.
+//!   Costs: one clock read when a callback that had to wait resumes and one when it
+//!   suspends, one per tick of guest execution; a callback that runs to its end in one
+//!   go (most do) reads no clock here, since the connection task already knows when it
+//!   started. The clock is the monotonic wall clock (a vDSO read), not the thread's CPU
+//!   clock (a system call): time the OS takes the worker thread away from a running
+//!   guest is charged to it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 
-use crate::engine::{EPOCH_TICK, EpochCounter};
 use crate::error::FailureKind;
 use crate::host::HostState;
 use crate::policy::AddonPolicy;
@@ -61,13 +65,34 @@ const MAX_TABLE_ELEMENTS: usize = 100_000;
 pub struct InstanceLimits {
     memory_limit: usize,
     memory_refused: bool,
-    cpu_ticks_allowed: u32,
-    cpu_ticks_used: u32,
+    cpu_limit: Duration,
     cpu_exhausted: bool,
-    epoch: EpochCounter,
-    /// The tick at which the guest reaches its deadline if it runs without a pause.
-    /// Shared with the future that resumes a yielded guest, which moves it.
-    deadline_tick: Arc<AtomicU64>,
+    clock: Arc<CpuClock>,
+}
+
+/// The running time of the current callback, shared by the store (the epoch callback)
+/// and the [`CpuMeter`] the connection task polls the callback through. Times are
+/// nanoseconds since `origin`; only the task running the callback touches them.
+#[derive(Debug)]
+struct CpuClock {
+    origin: Instant,
+    /// When the guest last started or resumed running.
+    running_since: AtomicU64,
+    /// Running time before `running_since`, in this callback.
+    used: AtomicU64,
+}
+
+impl CpuClock {
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_nanos() as u64
+    }
+
+    /// Running time so far, if the guest is running now.
+    fn used_until(&self, now: Instant) -> Duration {
+        let since = self.running_since.load(Ordering::Relaxed);
+        let used = self.used.load(Ordering::Relaxed);
+        Duration::from_nanos(used + self.nanos(now).saturating_sub(since))
+    }
 }
 
 /// Which limit ended a callback, if one did.
@@ -78,44 +103,34 @@ pub enum LimitHit {
 }
 
 impl InstanceLimits {
-    pub fn new(policy: &AddonPolicy, epoch: EpochCounter) -> InstanceLimits {
-        let tick_ms = EPOCH_TICK.as_millis().max(1);
+    pub fn new(policy: &AddonPolicy) -> InstanceLimits {
         InstanceLimits {
             memory_limit: policy.memory_limit,
             memory_refused: false,
-            cpu_ticks_allowed: policy.cpu_limit.as_millis().div_ceil(tick_ms).max(1) as u32,
-            cpu_ticks_used: 0,
+            cpu_limit: policy.cpu_limit,
             cpu_exhausted: false,
-            deadline_tick: Arc::new(AtomicU64::new(epoch.now() + 1)),
-            epoch,
+            clock: Arc::new(CpuClock {
+                origin: Instant::now(),
+                running_since: AtomicU64::new(0),
+                used: AtomicU64::new(0),
+            }),
         }
     }
 
-    /// Called when the guest reaches its epoch deadline: charges the tick if the guest
-    /// ran through it, and says what to do next.
-    fn on_deadline(&mut self) -> UpdateDeadline {
-        let now = self.epoch.now();
-        if now > self.deadline_tick.load(Ordering::Acquire) {
-            // The guest was paused (in a host call, or queued after a yield) for part of
-            // the interval: nothing to charge, and it has just had a pause, so go on.
-            self.deadline_tick.store(now + 1, Ordering::Release);
-            return UpdateDeadline::Continue(1);
-        }
-        self.cpu_ticks_used += 1;
-        if self.cpu_ticks_used > self.cpu_ticks_allowed {
+    /// The meter to poll this instance's callbacks through.
+    pub fn meter(&self) -> CpuMeter {
+        CpuMeter(self.clock.clone())
+    }
+
+    /// Called when the running guest reaches an epoch tick: interrupts it past its CPU
+    /// limit, else lets it yield.
+    fn on_deadline(&mut self, now: Instant) -> UpdateDeadline {
+        if self.clock.used_until(now) > self.cpu_limit {
             self.cpu_exhausted = true;
             return UpdateDeadline::Interrupt;
         }
-        let deadline_tick = self.deadline_tick.clone();
-        let epoch = self.epoch.clone();
-        UpdateDeadline::YieldCustom(
-            1,
-            Box::pin(async move {
-                tokio::task::yield_now().await;
-                // wasmtime sets the new deadline one tick past the epoch it resumes at.
-                deadline_tick.store(epoch.now() + 1, Ordering::Release);
-            }),
-        )
+        // The fiber suspends here: the meter books the time when the poll returns.
+        UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))
     }
 
     /// The limit that explains a failed call: a CPU interrupt, or a trap after a refused
@@ -158,16 +173,48 @@ impl ResourceLimiter for InstanceLimits {
 /// Installs the limiter and the epoch callback on a new store.
 pub fn install(store: &mut Store<HostState>) {
     store.limiter(|state| &mut state.limits);
-    store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().limits.on_deadline()));
+    store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().limits.on_deadline(Instant::now())));
 }
 
-/// Resets the per-callback budget; call before entering the guest.
-pub fn start_callback(store: &mut Store<HostState>) {
+/// Resets the per-callback budget; call just before entering the guest, giving when the
+/// callback started if the caller already read the clock, and poll the call through the
+/// instance's [`CpuMeter`].
+pub fn start_callback(store: &mut Store<HostState>, started: Option<Instant>) {
     let limits = &mut store.data_mut().limits;
-    limits.cpu_ticks_used = 0;
     limits.memory_refused = false;
-    limits.deadline_tick.store(limits.epoch.now() + 1, Ordering::Release);
+    let clock = &limits.clock;
+    clock.used.store(0, Ordering::Relaxed);
+    clock.running_since.store(clock.nanos(started.unwrap_or_else(Instant::now)), Ordering::Relaxed);
     store.set_epoch_deadline(1);
+}
+
+/// Books the guest's running time: the connection task polls every callback through
+/// [`CpuMeter::run`], since each poll resumes the guest's fiber and each `Pending`
+/// suspends it.
+pub struct CpuMeter(Arc<CpuClock>);
+
+impl CpuMeter {
+    /// Runs `call`, charging the time inside its polls to the current callback.
+    pub async fn run<F: Future>(&self, call: F) -> F::Output {
+        let clock = &*self.0;
+        let mut call = std::pin::pin!(call);
+        // `start_callback` stamped the start of the first poll.
+        let mut first = true;
+        std::future::poll_fn(|cx| {
+            if !first {
+                clock.running_since.store(clock.nanos(Instant::now()), Ordering::Relaxed);
+            }
+            first = false;
+            let polled = call.as_mut().poll(cx);
+            if polled.is_pending() {
+                let ran = clock.used_until(Instant::now());
+                clock.used.store(ran.as_nanos() as u64, Ordering::Relaxed);
+                clock.running_since.store(u64::MAX, Ordering::Relaxed);
+            }
+            polled
+        })
+        .await
+    }
 }
 
 /// A token bucket: `per_second` sustained, up to `burst` at once.
@@ -214,37 +261,56 @@ mod tests {
     }
 
     #[test]
-    fn only_ticks_the_guest_ran_through_are_charged() {
-        let policy =
-            AddonPolicy { cpu_limit: std::time::Duration::from_millis(20), ..AddonPolicy::default() };
-        let epoch = EpochCounter::default();
-        let mut limits = InstanceLimits::new(&policy, epoch.clone());
-        let tick = |epoch: &EpochCounter| epoch.0.fetch_add(1, Ordering::AcqRel);
+    fn running_time_is_charged_and_waiting_is_not() {
+        let policy = AddonPolicy { cpu_limit: Duration::from_millis(30), ..AddonPolicy::default() };
+        let mut limits = InstanceLimits::new(&policy);
+        let clock = limits.clock.clone();
+        let at = |ms: u64| clock.origin + Duration::from_millis(ms);
+        let run = |from: u64, to: u64| {
+            // One poll: the guest resumes at `from` and suspends at `to`.
+            clock.running_since.store(clock.nanos(at(from)), Ordering::Relaxed);
+            let ran = clock.used_until(at(to));
+            clock.used.store(ran.as_nanos() as u64, Ordering::Relaxed);
+            clock.running_since.store(u64::MAX, Ordering::Relaxed);
+        };
 
-        // Deadline at tick 1; the guest reaches it running: charged.
-        tick(&epoch);
-        assert!(matches!(limits.on_deadline(), UpdateDeadline::YieldCustom(1, _)));
-        assert_eq!(limits.cpu_ticks_used, 1);
-        // It resumed at tick 1 (deadline 2), then waited in the host until tick 5.
-        limits.deadline_tick.store(2, Ordering::Release);
-        for _ in 0..4 {
-            tick(&epoch);
-        }
-        assert!(matches!(limits.on_deadline(), UpdateDeadline::Continue(1)));
-        assert_eq!(limits.cpu_ticks_used, 1, "waiting is not charged");
-        // Then it runs through ticks 6 and 7: charged, and the third one is over 20 ms.
-        tick(&epoch);
-        assert!(matches!(limits.on_deadline(), UpdateDeadline::YieldCustom(1, _)));
-        limits.deadline_tick.store(7, Ordering::Release);
-        tick(&epoch);
-        assert!(matches!(limits.on_deadline(), UpdateDeadline::Interrupt));
+        // 9 ms bursts with 11 ms waits between them, none reaching a tick while running:
+        // the bursts add up whatever the phase of the ticks.
+        run(0, 9);
+        run(20, 29);
+        clock.running_since.store(clock.nanos(at(40)), Ordering::Relaxed);
+        assert!(matches!(limits.on_deadline(at(49)), UpdateDeadline::YieldCustom(1, _)));
+        assert_eq!(clock.used_until(at(49)), Duration::from_millis(27));
+        // The next tick in the same burst finds it past 30 ms.
+        assert!(matches!(limits.on_deadline(at(44 + 9)), UpdateDeadline::Interrupt));
         assert_eq!(limits.hit(), Some(LimitHit::Cpu));
+    }
+
+    #[test]
+    fn a_guest_that_only_waits_is_never_interrupted() {
+        let policy = AddonPolicy { cpu_limit: Duration::from_millis(20), ..AddonPolicy::default() };
+        let mut limits = InstanceLimits::new(&policy);
+        let clock = limits.clock.clone();
+        // Resumed for 1 ms in every 100, for ten seconds of waiting.
+        for n in 0..100u64 {
+            clock
+                .running_since
+                .store(clock.nanos(clock.origin + Duration::from_millis(n * 100)), Ordering::Relaxed);
+            assert!(matches!(
+                limits.on_deadline(clock.origin + Duration::from_millis(n * 100)),
+                UpdateDeadline::YieldCustom(1, _)
+            ));
+            let ran = clock.used_until(clock.origin + Duration::from_micros(n * 100_000 + 150));
+            clock.used.store(ran.as_nanos() as u64, Ordering::Relaxed);
+        }
+        assert_eq!(limits.hit(), None);
+        assert_eq!(clock.used_until(clock.origin), Duration::from_millis(15));
     }
 
     #[test]
     fn memory_growth_past_the_limit_is_refused_and_remembered() {
         let policy = AddonPolicy { memory_limit: 1 << 20, ..AddonPolicy::default() };
-        let mut limits = InstanceLimits::new(&policy, EpochCounter::default());
+        let mut limits = InstanceLimits::new(&policy);
         assert!(limits.memory_growing(0, 1 << 20, None).unwrap());
         assert_eq!(limits.hit(), None);
         assert!(!limits.memory_growing(1 << 20, 2 << 20, None).unwrap());

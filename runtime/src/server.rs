@@ -55,7 +55,6 @@ use crate::client_stream::ClientStream;
 use crate::cluster::RedisLink;
 use crate::config::Config;
 use crate::connection::AddonConnection;
-use crate::engine::EpochCounter;
 use crate::error::{FailureCounts, FailureKind};
 use crate::handshake::{self, HeadError, Rejection, RequestHead};
 use crate::host::kv::KvStore;
@@ -95,7 +94,6 @@ struct Shared {
     builtin_slots: BuiltinSlots,
     failures: Arc<FailureCounts>,
     metrics: Arc<Metrics>,
-    epoch: EpochCounter,
     /// What every instance may be granted: the kv store.
     services: HostServices,
     /// `wss://` when set.
@@ -147,7 +145,7 @@ impl Server {
             None => None,
         };
 
-        let (engine, epoch) = crate::engine::build(&config.limits)?;
+        let (engine, _epoch) = crate::engine::build(&config.limits)?;
         let linker = host::linker(&engine).map_err(anyhow::Error::from).context("linking host interfaces")?;
         let cache = config.cache_dir.as_deref().map(|dir| CompileCache::open(dir, &engine));
         let failures = Arc::new(FailureCounts::default());
@@ -249,7 +247,6 @@ impl Server {
             builtin_slots: BuiltinSlots::default(),
             failures,
             metrics,
-            epoch,
             tls,
             shutdown: Arc::default(),
             draining: AtomicBool::new(false),
@@ -798,7 +795,7 @@ async fn serve_addon(
     // The instance is made before the upgrade, so a failure is an HTTP 503 the client
     // can act on, not a socket that opens and dies.
     let (store, instance) = match addon
-        .instantiate(HostState::new(info, policy, &shared.services, shared.epoch.clone()))
+        .instantiate(HostState::new(info, policy, &shared.services))
         .instrument(span.clone())
         .await
     {

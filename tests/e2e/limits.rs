@@ -76,6 +76,21 @@ async fn time_waiting_on_the_host_is_not_charged_to_the_cpu_limit() {
 }
 
 #[tokio::test]
+async fn bursts_between_short_sleeps_are_charged_to_the_cpu_limit() {
+    // 9 ms of work, then 11 ms asleep, 300 times: 2.7 s of CPU in 6 s. Every tick holds a
+    // pause, so an accounting that forgives a tick with a pause in it never charges this;
+    // charging running time stops it at 300 ms of CPU, well before the rounds are done.
+    let testkit = test_addon("testkit");
+    let server =
+        TestServer::start(&[("testkit.wasm", &testkit), ("testkit.toml", b"cpu_limit_ms = 300")]).await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    let message = expect_failure(&mut client, "burn 9 11 300", "addon_timeout").await;
+    assert!(message.contains("CPU limit of 300 ms"), "{message}");
+    assert_eq!(server.failures.get(FailureKind::AddonTimeout), 1);
+}
+
+#[tokio::test]
 async fn memory_past_the_limit_fails_inside_the_instance_as_addon_oom() {
     let server = hostile_server("memory_limit = \"2MiB\"").await;
     let mut client = server.connect("/ws/hostile").await;

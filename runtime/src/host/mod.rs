@@ -42,7 +42,6 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::bindings::ConnectionInfo;
 use crate::bindings::sockhost::addon as iface;
-use crate::engine::EpochCounter;
 use crate::policy::AddonPolicy;
 use crate::sandbox::InstanceLimits;
 
@@ -73,12 +72,7 @@ pub struct HostServices {
 impl HostState {
     /// State for a new connection's instance. The socket is attached after the upgrade,
     /// with [`session::Session::attach`].
-    pub(crate) fn new(
-        info: ConnectionInfo,
-        policy: &AddonPolicy,
-        services: &HostServices,
-        epoch: EpochCounter,
-    ) -> HostState {
+    pub(crate) fn new(info: ConnectionInfo, policy: &AddonPolicy, services: &HostServices) -> HostState {
         let addon: Arc<str> = Arc::from(info.addon.as_str());
         let conn = info.id;
         let log = log::LogContext::new(addon.clone(), conn);
@@ -98,7 +92,7 @@ impl HostState {
         HostState {
             session: session::Session::new(info, policy.send_timeout),
             log,
-            limits: InstanceLimits::new(policy, epoch),
+            limits: InstanceLimits::new(policy),
             kv: kv::KvAccess {
                 store: policy.kv.then(|| services.kv.clone()),
                 namespace: addon.clone(),

@@ -2,7 +2,8 @@
 //! Commands: count, stream, error, trap, info, close, print, log, flood, `get <url>`,
 //! `hold <n> <url>`, `kv-set <key> <value>`, `kv-get <key>`, `sub <channel>`,
 //! `unsub <channel>`, `pub <channel> <text>`, `sleep <ms>` (then `slept`, ignoring a
-//! failed send), `pub-bin <channel> <bytes>` (that many zero
+//! failed send), `burn <busy_ms> <sleep_ms> <rounds>` (busy, then asleep, that many times;
+//! then `burned`), `pub-bin <channel> <bytes>` (that many zero
 //! bytes); `?refuse=1` in the query refuses the connection, `?slow=<ms>` makes every
 //! channel delivery take that long, `?tag=<text>` tags the on-close log line. Deliveries reach the client as
 //! `chan <channel> <text>` (or `chan <channel> <n> bytes`).
@@ -92,6 +93,20 @@ impl Addon for Testkit {
                 Some(("sleep", ms)) => {
                     std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
                     let _ = send_text("slept");
+                }
+                Some(("burn", args)) => {
+                    let numbers: Vec<u64> = args.split(' ').filter_map(|n| n.parse().ok()).collect();
+                    let [busy_ms, sleep_ms, rounds] = numbers[..] else {
+                        return Err(Error::msg("usage: burn <busy_ms> <sleep_ms> <rounds>"));
+                    };
+                    for _ in 0..rounds {
+                        let start = std::time::Instant::now();
+                        while start.elapsed() < Duration::from_millis(busy_ms) {
+                            std::hint::spin_loop();
+                        }
+                        std::thread::sleep(Duration::from_millis(sleep_ms));
+                    }
+                    send_text("burned")?;
                 }
                 Some(("sub", channel)) => match channels::subscribe(channel) {
                     Ok(()) => send_text(&format!("subscribed {channel}"))?,
