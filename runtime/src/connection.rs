@@ -50,6 +50,7 @@ use crate::channels::{Delivery, Inbox};
 use crate::client_stream::ClientStream;
 use crate::error::{Envelope, FailureKind, close_code};
 use crate::host::HostState;
+use crate::host::session::Outbox;
 use crate::log_limits::client_text;
 use crate::metrics::AddonStats;
 use crate::policy::AddonPolicy;
@@ -165,6 +166,9 @@ pub(crate) struct AddonConnection {
     instance: AddonInstance,
     /// Books the instance's running time; every callback is polled through it.
     meter: CpuMeter,
+    /// The socket's write half, which the instance's sends queue into; flushed whenever
+    /// the guest stops running.
+    outbox: Arc<Outbox>,
     /// Deliveries from subscribed channels; made by the first `subscribe`.
     inbox: Option<Inbox>,
     reader: Reader,
@@ -204,11 +208,12 @@ impl AddonConnection {
         orphan_grace: Duration,
     ) -> Self {
         let (sink, stream) = ws.split();
-        store.data_mut().session.attach(sink, stats.clone());
+        let outbox = store.data_mut().session.attach(sink, stats.clone());
         let now = Instant::now();
         let first_deadline = now + policy.ping_interval.min(policy.idle_timeout);
         AddonConnection {
             meter: store.data().limits.meter(),
+            outbox,
             store,
             instance,
             inbox: None,
@@ -235,7 +240,12 @@ impl AddonConnection {
         let info = self.store.data().session.info().clone();
         sandbox::start_callback(&mut self.store, None);
         let handler = &self.instance.handler;
-        let call = self.meter.run(handler.call_on_open(&mut self.store, &info));
+        let call = guest_turn(
+            &self.meter,
+            &self.outbox,
+            self.policy.send_timeout,
+            handler.call_on_open(&mut self.store, &info),
+        );
         let Ok(opened) = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
         else {
             return self.orphaned("on-open").await;
@@ -288,7 +298,7 @@ impl AddonConnection {
             };
             match event {
                 Inbound::Message(message) => {
-                    if self.store.data().session.close_sent().is_some() {
+                    if self.store.data_mut().session.close_sent().is_some() {
                         // After a close frame went out, data from the client is discarded (RFC 6455 §5.5.1).
                         continue;
                     }
@@ -314,7 +324,12 @@ impl AddonConnection {
                     let started = self.last_message.max(self.last_callback_end);
                     sandbox::start_callback(&mut self.store, Some(started.into_std()));
                     let handler = &self.instance.handler;
-                    let call = self.meter.run(handler.call_on_message(&mut self.store, &message));
+                    let call = guest_turn(
+                        &self.meter,
+                        &self.outbox,
+                        self.policy.send_timeout,
+                        handler.call_on_message(&mut self.store, &message),
+                    );
                     let outcome =
                         read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
                     let Ok(outcome) = outcome else {
@@ -348,7 +363,14 @@ impl AddonConnection {
         tracing::debug!(code, reason = %client_text(&reason), "connection closed");
         sandbox::start_callback(&mut self.store, None);
         let handler = &self.instance.handler;
-        if let Err(err) = self.meter.run(handler.call_on_close(&mut self.store, code, &reason)).await {
+        if let Err(err) = guest_turn(
+            &self.meter,
+            &self.outbox,
+            self.policy.send_timeout,
+            handler.call_on_close(&mut self.store, code, &reason),
+        )
+        .await
+        {
             let (kind, cause) = self.classify(&err);
             self.stats.failure(kind);
             if self.may_log(kind) {
@@ -364,7 +386,7 @@ impl AddonConnection {
         if let Some(event) = self.pending.pop_front() {
             return Wake::Event(event);
         }
-        let session = &self.store.data().session;
+        let session = &mut self.store.data_mut().session;
         if let Some((code, reason)) = session.close_sent() {
             let gone = Inbound::Closed { code: *code, reason: reason.clone() };
             if session.stalled() {
@@ -420,11 +442,12 @@ impl AddonConnection {
         };
         self.stats.channel_delivery();
         sandbox::start_callback(&mut self.store, None);
-        let call = self.meter.run(channel_handler.call_on_channel_message(
-            &mut self.store,
-            &delivery.channel,
-            &delivery.payload,
-        ));
+        let call = guest_turn(
+            &self.meter,
+            &self.outbox,
+            self.policy.send_timeout,
+            channel_handler.call_on_channel_message(&mut self.store, &delivery.channel, &delivery.payload),
+        );
         let outcome = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
         self.last_callback_end = Instant::now();
         outcome
@@ -546,6 +569,22 @@ impl AddonConnection {
         }
         self.store.data_mut().session.shutdown().await;
     }
+}
+
+/// One callback as the connection task runs it. Every poll resumes the guest (the meter
+/// books its running time); every `Pending` is a moment the guest is not running, so the
+/// frames it queued start on their way then; when it returns, the rest are flushed. So
+/// frames an addon sends in one go leave in one write, and none waits behind guest
+/// work for longer than an epoch tick.
+async fn guest_turn<F: Future>(
+    meter: &CpuMeter,
+    outbox: &Outbox,
+    send_timeout: Duration,
+    call: F,
+) -> F::Output {
+    let out = meter.run_with(call, |cx| outbox.poll_flush_queued(cx)).await;
+    outbox.flush(send_timeout).await;
+    out
 }
 
 /// The next delivery from `inbox`, or never when there is none. `None` means it overflowed.

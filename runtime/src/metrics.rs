@@ -90,6 +90,8 @@ pub struct Metrics {
     channel_subscriptions: Family<AddonLabel, Gauge>,
     /// Registered only in a cluster.
     cluster_up: Gauge,
+    /// Writes to client sockets (system calls, or TLS records handed to rustls).
+    socket_writes: Counter,
     /// The server-wide failure counts, which every addon's also feed.
     failures: Arc<FailureCounts>,
     /// One entry per addon name ever loaded: versions of an addon share it.
@@ -177,6 +179,11 @@ impl Metrics {
                 "Channel subscriptions held by this node's connections to the addon now",
             ),
             cluster_up: Gauge::default(),
+            socket_writes: registered(
+                r,
+                "socket_writes",
+                "Writes to client sockets; fewer than messages out when frames are corked",
+            ),
             stats: Arc::default(),
             registry: Registry::default(),
             failures: failures.clone(),
@@ -186,6 +193,11 @@ impl Metrics {
             addons: metrics.stats.clone(),
         }));
         Metrics { registry, ..metrics }
+    }
+
+    /// The counter every client socket adds its writes to.
+    pub fn socket_writes(&self) -> Counter {
+        self.socket_writes.clone()
     }
 
     /// The handles for addon `name`, made on first use and shared by all its versions.

@@ -23,6 +23,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Context;
 use std::time::{Duration, Instant};
 
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
@@ -196,6 +197,12 @@ pub struct CpuMeter(Arc<CpuClock>);
 impl CpuMeter {
     /// Runs `call`, charging the time inside its polls to the current callback.
     pub async fn run<F: Future>(&self, call: F) -> F::Output {
+        self.run_with(call, |_| {}).await
+    }
+
+    /// Runs `call` as [`CpuMeter::run`] does, calling `paused` each time the guest
+    /// stops running before its end (after its time is booked).
+    pub async fn run_with<F: Future>(&self, call: F, mut paused: impl FnMut(&mut Context<'_>)) -> F::Output {
         let clock = &*self.0;
         let mut call = std::pin::pin!(call);
         // `start_callback` stamped the start of the first poll.
@@ -210,6 +217,7 @@ impl CpuMeter {
                 let ran = clock.used_until(Instant::now());
                 clock.used.store(ran.as_nanos() as u64, Ordering::Relaxed);
                 clock.running_since.store(u64::MAX, Ordering::Relaxed);
+                paused(cx);
             }
             polled
         })

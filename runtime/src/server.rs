@@ -41,7 +41,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_util::either::Either;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -215,8 +214,11 @@ impl Server {
             rejected,
         });
 
+        // Frames an addon sends in one go are corked: tungstenite writes its buffer out
+        // once it passes CORK_BYTES, else the connection task flushes when the guest stops.
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(config.limits.read_buffer_bytes)
+            .write_buffer_size(crate::host::session::CORK_BYTES)
             .max_message_size(Some(BUILTIN_MAX_MESSAGE))
             .max_frame_size(Some(BUILTIN_MAX_MESSAGE));
         let channels = match &link {
@@ -570,9 +572,9 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     let mut stream: ClientStream = match &shared.tls {
-        None => Either::Left(tcp),
+        None => ClientStream::plain(tcp, shared.metrics.socket_writes()),
         Some(tls) => match tokio::time::timeout_at(deadline, tls.acceptor().accept(tcp)).await {
-            Ok(Ok(tls)) => Either::Right(Box::new(tls)),
+            Ok(Ok(tls)) => ClientStream::tls(tls, shared.metrics.socket_writes()),
             Ok(Err(err)) => {
                 shared.failures.record(FailureKind::BadRequest);
                 if shared.log_limits.admit(FailureKind::BadRequest, "server") {

@@ -158,6 +158,43 @@ async fn send_streams_frames_while_the_addon_is_still_running() {
 }
 
 #[tokio::test]
+async fn frames_sent_in_one_go_leave_in_one_write() {
+    let server = server().await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    let writes = "sockhost_socket_writes_total";
+    // What one scrape adds (its own answer), measured by the next one.
+    let before = server.metric(writes).await.unwrap();
+    let after_scrape = server.metric(writes).await.unwrap();
+    let per_scrape = after_scrape - before;
+
+    client.send_text("burst 10").await;
+    for i in 1..=10 {
+        assert_eq!(client.recv_text().await, i.to_string());
+    }
+    let after_burst = server.metric(writes).await.unwrap();
+    assert_eq!(after_burst - after_scrape - per_scrape, 1.0, "ten frames from one callback, one write");
+    // Corked frames are still counted one by one as messages.
+    assert_eq!(server.metric("sockhost_addon_messages_out_total{addon=\"testkit\"}").await, Some(11.0));
+}
+
+#[tokio::test]
+async fn a_frame_does_not_wait_behind_guest_computation() {
+    let server = server().await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text("spin 400").await;
+    assert_eq!(client.recv_text().await, "spinning");
+    let first_at = Instant::now();
+    assert_eq!(client.recv_text().await, "spun");
+    let gap = first_at.elapsed();
+    // The guest computes for 400 ms after queueing "spinning" without waiting on
+    // anything: the epoch tick that makes it yield flushes the frame. Had it waited for
+    // the callback's end, both would arrive together.
+    assert!(gap >= Duration::from_millis(250), "the frame waited for the computation: gap {gap:?}");
+}
+
+#[tokio::test]
 async fn connections_are_isolated_and_a_trap_stays_in_its_connection() {
     let server = server().await;
     let mut a = server.connect("/ws/testkit").await;

@@ -1,23 +1,36 @@
 //! `sockhost:addon/session`: the connection an instance serves.
 //!
-//! The host owns the socket. The instance's store holds the write half of the WebSocket
-//! ([`Session::attach`]); `send-text` / `send-binary` write one frame and flush it before
-//! returning to the guest, so a reply streams to the client while the addon is still
-//! running. When the client reads slowly the write waits, which pauses the addon: the
-//! backpressure reaches the producer instead of growing a buffer. So the outbound queue of
-//! a connection is bounded by the socket's own buffers plus the one frame being written.
-//! A client that does not read for the addon's `send_timeout_s` is cut off: the socket is
-//! dropped (a close frame could not get through a full buffer) and `send` fails with
-//! `closed`. The read half stays with the connection task, which keeps reading (and
-//! answering pings) during callbacks.
+//! The host owns the socket. The write half of the WebSocket sits in an [`Outbox`] shared
+//! by the instance's [`Session`] and the connection task. `send-text` / `send-binary`
+//! queue a frame and return; the frames leave in one write (corked, as uWebSockets does)
+//! as soon as the guest stops running for any reason:
+//! - its callback returns;
+//! - it waits: a host call that has to wait (kv, outbound HTTP, channels, a full socket),
+//!   a WASI clock or poll;
+//! - an epoch tick makes it yield, so a frame never waits behind guest computation for
+//!   longer than one tick ([`crate::engine::EPOCH_TICK`]);
+//! - the queue passes [`CORK_BYTES`] (tungstenite writes it out then).
+//!
+//! The connection task does the flushing: it polls each callback through
+//! `connection::guest_turn`, which flushes the outbox whenever the callback's future
+//! returns `Pending` and once more when it completes. Replies still stream: a streamed
+//! chunk followed by a wait for the next one leaves at the wait.
+//!
+//! When the client reads slowly the queue cannot drain, and the next `send` waits for
+//! room: the backpressure reaches the addon instead of growing a buffer. So the outbound
+//! queue of a connection is bounded by the socket's own buffers plus [`CORK_BYTES`] and
+//! one frame. A client that does not read for the addon's `send_timeout_s` is cut off:
+//! the socket is dropped (a close frame could not get through a full buffer) and `send`
+//! fails with `closed`. The read half stays with the connection task, which keeps
+//! reading (and answering pings) during callbacks.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::task::Poll;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::SinkExt;
 use futures_util::stream::SplitSink;
+use futures_util::{Sink, SinkExt};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame as WsCloseFrame;
@@ -39,14 +52,115 @@ pub const MAX_OUTBOUND_FRAME: usize = 16 << 20;
 /// How long the host waits to flush its last frames when shutting a socket down.
 const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Queued frames past this many bytes are written out without waiting for the guest to
+/// stop (tungstenite's `write_buffer_size`, set from this in the server's WebSocket
+/// config).
+pub const CORK_BYTES: usize = 64 * 1024;
+
+/// The socket's write half, shared by the instance's session (which queues frames) and
+/// the connection task (which flushes them whenever the guest stops running). The lock
+/// is only ever taken inside one poll, never across an `await`, and only by the one
+/// task that owns the connection, so it is never contended.
+pub struct Outbox(Mutex<OutboxState>);
+
+struct OutboxState {
+    sink: Option<WsSink>,
+    /// Frames were queued since the last completed flush.
+    corked: bool,
+    /// Why the socket can take no more frames, once it cannot.
+    lost: Option<Lost>,
+}
+
+/// How the write side was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lost {
+    /// A write failed: the connection is gone.
+    Broken,
+    /// The client did not read for `send_timeout`; the socket was dropped.
+    Stalled,
+}
+
+impl Outbox {
+    fn new() -> Outbox {
+        Outbox(Mutex::new(OutboxState { sink: None, corked: false, lost: None }))
+    }
+
+    fn state(&self) -> MutexGuard<'_, OutboxState> {
+        // A panic while holding it cannot leave the state torn: every update is one field.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts writing what is queued, without waiting: for the moments the guest is not
+    /// running. A write error marks the outbox broken; the next `send` reports it.
+    pub(crate) fn poll_flush_queued(&self, cx: &mut Context<'_>) {
+        let mut state = self.state();
+        if !state.corked {
+            return;
+        }
+        let _ = state.poll_flush(cx);
+    }
+
+    /// Writes out everything queued, waiting up to `timeout` for a slow client; past it
+    /// the socket is dropped.
+    pub(crate) async fn flush(&self, timeout: Duration) {
+        if !self.state().corked {
+            return;
+        }
+        let mut flush = std::pin::pin!(std::future::poll_fn(|cx| self.state().poll_flush(cx)));
+        // Most flushes complete at once: only one that has to wait pays for a timer.
+        if std::future::poll_fn(|cx| Poll::Ready(flush.as_mut().poll(cx))).await.is_pending()
+            && tokio::time::timeout(timeout, flush).await.is_err()
+        {
+            self.state().stall();
+        }
+    }
+}
+
+impl OutboxState {
+    /// Polls the sink's flush; `Ready` once nothing is queued or the socket is lost.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(sink) = self.sink.as_mut() else {
+            self.corked = false;
+            return Poll::Ready(());
+        };
+        match sink.poll_flush_unpin(cx) {
+            Poll::Ready(Ok(())) => {
+                self.corked = false;
+                Poll::Ready(())
+            }
+            Poll::Ready(Err(err)) => {
+                tracing::debug!(error = %err, "flush failed; the connection is gone");
+                self.lose(Lost::Broken);
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn lose(&mut self, how: Lost) {
+        self.lost.get_or_insert(how);
+        self.corked = false;
+        if how == Lost::Stalled {
+            self.sink = None;
+        }
+    }
+
+    /// The client has not read for `send_timeout`: its buffers are full. Dropping the
+    /// socket is the only way out; a close frame would not get through.
+    fn stall(&mut self) {
+        self.lose(Lost::Stalled);
+    }
+}
+
 /// Per-instance session state.
 pub struct Session {
     info: ConnectionInfo,
-    sink: Option<WsSink>,
+    outbox: Arc<Outbox>,
     /// Counts messages and bytes sent; set with the sink.
     stats: Option<Arc<AddonStats>>,
     send_timeout: Duration,
-    /// Set once a close frame went out (from the addon or the host). Later sends fail.
+    /// Set once a close frame went out (from the addon or the host), or the socket was
+    /// lost. Later sends fail.
     close_sent: Option<(u16, String)>,
     /// Set when the client stopped reading for longer than `send_timeout`.
     stalled: bool,
@@ -54,77 +168,137 @@ pub struct Session {
 
 impl Session {
     pub(crate) fn new(info: ConnectionInfo, send_timeout: Duration) -> Session {
-        Session { info, sink: None, stats: None, send_timeout, close_sent: None, stalled: false }
+        Session {
+            info,
+            outbox: Arc::new(Outbox::new()),
+            stats: None,
+            send_timeout,
+            close_sent: None,
+            stalled: false,
+        }
     }
 
     /// Whether the connection was cut off because the client stopped reading.
-    pub(crate) fn stalled(&self) -> bool {
+    pub(crate) fn stalled(&mut self) -> bool {
+        self.absorb_lost();
         self.stalled
     }
 
-    /// Gives the session the socket's write half, once the upgrade has succeeded.
-    pub(crate) fn attach(&mut self, sink: WsSink, stats: Arc<AddonStats>) {
-        self.sink = Some(sink);
+    /// Gives the session the socket's write half, once the upgrade has succeeded, and
+    /// returns the outbox the connection task flushes.
+    pub(crate) fn attach(&mut self, sink: WsSink, stats: Arc<AddonStats>) -> Arc<Outbox> {
+        self.outbox.state().sink = Some(sink);
         self.stats = Some(stats);
+        self.outbox.clone()
     }
 
     pub(crate) fn info(&self) -> &ConnectionInfo {
         &self.info
     }
 
-    /// The close frame already sent on this connection, if any.
-    pub(crate) fn close_sent(&self) -> Option<&(u16, String)> {
+    /// The close frame already sent on this connection (or the loss of its socket), if any.
+    pub(crate) fn close_sent(&mut self) -> Option<&(u16, String)> {
+        self.absorb_lost();
         self.close_sent.as_ref()
     }
 
-    /// Writes and flushes one frame. Fails with `closed` once a close frame went out or
-    /// the socket broke.
-    pub(crate) async fn send(&mut self, message: WsMessage) -> Result<(), SendError> {
+    /// Takes over what the connection task's flushes learnt about the socket.
+    fn absorb_lost(&mut self) {
         if self.close_sent.is_some() {
+            return;
+        }
+        match self.outbox.state().lost {
+            None => {}
+            Some(Lost::Broken) => self.close_sent = Some((close_code::ABNORMAL, String::new())),
+            Some(Lost::Stalled) => {
+                self.stalled = true;
+                self.close_sent = Some((close_code::POLICY, "client too slow to read".to_owned()));
+            }
+        }
+    }
+
+    /// Queues one frame to leave with the next flush. Waits only while the socket has no
+    /// room (a client that reads slowly). Fails with `closed` once a close frame went
+    /// out or the socket broke.
+    pub(crate) async fn queue(&mut self, message: WsMessage) -> Result<(), SendError> {
+        if self.close_sent().is_some() {
             return Err(SendError::Closed);
         }
-        let Some(sink) = self.sink.as_mut() else {
-            return Err(SendError::Closed);
-        };
         let data_bytes = match &message {
             WsMessage::Text(text) => Some(text.len()),
             WsMessage::Binary(data) => Some(data.len()),
             _ => None,
         };
-        // Most sends complete on the first poll (the socket has room): only a send that
-        // has to wait pays for a timer.
-        let mut send = std::pin::pin!(sink.send(message));
-        let first = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
-        let outcome = match first {
-            Poll::Ready(result) => Ok(result),
-            Poll::Pending => tokio::time::timeout(self.send_timeout, send).await,
-        };
-        match outcome {
-            Ok(Ok(())) => {
-                if let (Some(bytes), Some(stats)) = (data_bytes, &self.stats) {
-                    stats.message_out(bytes);
+        let outbox = &*self.outbox;
+        let ready = |cx: &mut Context<'_>| -> Poll<Result<(), ()>> {
+            let mut state = outbox.state();
+            if state.lost.is_some() {
+                return Poll::Ready(Err(()));
+            }
+            let Some(sink) = state.sink.as_mut() else { return Poll::Ready(Err(())) };
+            match sink.poll_ready_unpin(cx) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+                Poll::Ready(Err(err)) => {
+                    tracing::debug!(error = %err, "send failed; the connection is gone");
+                    state.lose(Lost::Broken);
+                    Poll::Ready(Err(()))
                 }
-                Ok(())
+                Poll::Pending => Poll::Pending,
             }
-            Ok(Err(err)) => {
-                tracing::debug!(error = %err, "send failed; the connection is gone");
-                self.close_sent = Some((close_code::ABNORMAL, String::new()));
-                Err(SendError::Closed)
+        };
+        // Most sends find room at once (the socket is not backed up): only one that has to
+        // wait pays for a timer.
+        let mut wait = std::pin::pin!(std::future::poll_fn(ready));
+        let room = match std::future::poll_fn(|cx| Poll::Ready(wait.as_mut().poll(cx))).await {
+            Poll::Ready(room) => room,
+            Poll::Pending => match tokio::time::timeout(self.send_timeout, wait).await {
+                Ok(room) => room,
+                Err(_) => {
+                    outbox.state().stall();
+                    Err(())
+                }
+            },
+        };
+        if room.is_err() {
+            self.absorb_lost();
+            return Err(SendError::Closed);
+        }
+        {
+            let mut state = outbox.state();
+            let OutboxState { sink, corked, lost } = &mut *state;
+            let sink = sink.as_mut().expect("checked above, under the same task");
+            match std::pin::Pin::new(sink).start_send(message) {
+                Ok(()) => *corked = true,
+                Err(err) => {
+                    tracing::debug!(error = %err, "send failed; the connection is gone");
+                    lost.get_or_insert(Lost::Broken);
+                }
             }
-            Err(_) => {
-                // The client has not read for send_timeout: its buffers are full. Dropping
-                // the socket is the only way out; a close frame would not get through.
-                self.stalled = true;
-                self.sink = None;
-                self.close_sent = Some((close_code::POLICY, "client too slow to read".to_owned()));
-                Err(SendError::Closed)
-            }
+        }
+        self.absorb_lost();
+        if self.close_sent.is_some() {
+            return Err(SendError::Closed);
+        }
+        if let (Some(bytes), Some(stats)) = (data_bytes, &self.stats) {
+            stats.message_out(bytes);
+        }
+        Ok(())
+    }
+
+    /// Writes one frame and everything queued before it, now: for the host's own frames
+    /// (errors, pings), sent outside any callback.
+    pub(crate) async fn send(&mut self, message: WsMessage) -> Result<(), SendError> {
+        self.queue(message).await?;
+        self.outbox.flush(self.send_timeout).await;
+        match self.close_sent() {
+            Some(_) => Err(SendError::Closed),
+            None => Ok(()),
         }
     }
 
     /// Sends a ping; the connection task uses it to find dead peers.
     pub(crate) async fn ping(&mut self) {
-        if self.close_sent.is_none() {
+        if self.close_sent().is_none() {
             let _ = self.send(WsMessage::Ping(Default::default())).await;
         }
     }
@@ -132,7 +306,7 @@ impl Session {
     /// Sends a close frame once; later calls do nothing. Codes a server may not send are
     /// replaced with 1008, and the replacement is logged.
     pub(crate) async fn close(&mut self, code: u16, reason: &str) {
-        if self.close_sent.is_some() {
+        if self.close_sent().is_some() {
             return;
         }
         let code = if close_code::is_sendable(code) {
@@ -142,23 +316,20 @@ impl Session {
             close_code::POLICY
         };
         let reason = truncate_close_reason(reason).to_owned();
-        self.close_sent = Some((code, reason.clone()));
-        if let Some(sink) = self.sink.as_mut() {
-            let frame = WsCloseFrame { code: CloseCode::from(code), reason: reason.into() };
-            match tokio::time::timeout(self.send_timeout, sink.send(WsMessage::Close(Some(frame)))).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => tracing::debug!(error = %err, "close frame not sent; the connection is gone"),
-                Err(_) => {
-                    self.stalled = true;
-                    self.sink = None;
-                }
-            }
+        let frame = WsCloseFrame { code: CloseCode::from(code), reason: reason.clone().into() };
+        // Frames queued before the close go first, in the same write.
+        let sent = self.queue(WsMessage::Close(Some(frame))).await;
+        if sent.is_ok() {
+            self.outbox.flush(self.send_timeout).await;
         }
+        self.absorb_lost();
+        self.close_sent.get_or_insert((code, reason));
     }
 
-    /// Flushes what is buffered (briefly) and shuts the write side down.
+    /// Flushes what is queued (briefly) and shuts the write side down.
     pub(crate) async fn shutdown(&mut self) {
-        if let Some(mut sink) = self.sink.take() {
+        let sink = self.outbox.state().sink.take();
+        if let Some(mut sink) = sink {
             let _ = tokio::time::timeout(SHUTDOWN_FLUSH_TIMEOUT, sink.close()).await;
         }
     }
@@ -169,14 +340,14 @@ impl Host for HostState {
         if text.len() > MAX_OUTBOUND_FRAME {
             return Err(SendError::TooLarge);
         }
-        self.session.send(WsMessage::text(text)).await
+        self.session.queue(WsMessage::text(text)).await
     }
 
     async fn send_binary(&mut self, data: Vec<u8>) -> Result<(), SendError> {
         if data.len() > MAX_OUTBOUND_FRAME {
             return Err(SendError::TooLarge);
         }
-        self.session.send(WsMessage::binary(data)).await
+        self.session.queue(WsMessage::binary(data)).await
     }
 
     async fn close(&mut self, frame: CloseFrame) {

@@ -3,7 +3,8 @@
 //! `hold <n> <url>`, `kv-set <key> <value>`, `kv-get <key>`, `sub <channel>`,
 //! `unsub <channel>`, `pub <channel> <text>`, `sleep <ms>` (then `slept`, ignoring a
 //! failed send), `burn <busy_ms> <sleep_ms> <rounds>` (busy, then asleep, that many times;
-//! then `burned`), `pub-bin <channel> <bytes>` (that many zero
+//! then `burned`), `burst <n>` (n frames `1`..`n` in one go), `spin <ms>` (`spinning`,
+//! then that long busy, then `spun`), `pub-bin <channel> <bytes>` (that many zero
 //! bytes); `?refuse=1` in the query refuses the connection, `?slow=<ms>` makes every
 //! channel delivery take that long, `?tag=<text>` tags the on-close log line. Deliveries reach the client as
 //! `chan <channel> <text>` (or `chan <channel> <n> bytes`).
@@ -107,6 +108,19 @@ impl Addon for Testkit {
                         std::thread::sleep(Duration::from_millis(sleep_ms));
                     }
                     send_text("burned")?;
+                }
+                Some(("burst", n)) => {
+                    for i in 1..=n.parse::<u32>().unwrap_or(0) {
+                        send_text(&i.to_string())?;
+                    }
+                }
+                Some(("spin", ms)) => {
+                    send_text("spinning")?;
+                    let start = std::time::Instant::now();
+                    while start.elapsed() < Duration::from_millis(ms.parse().unwrap_or(0)) {
+                        std::hint::spin_loop();
+                    }
+                    send_text("spun")?;
                 }
                 Some(("sub", channel)) => match channels::subscribe(channel) {
                     Ok(()) => send_text(&format!("subscribed {channel}"))?,
