@@ -70,7 +70,7 @@ pub(crate) fn classify(
             FailureKind::AddonOom,
             format!(
                 "exceeded its limit of {} component handles (twice max_host_resources)",
-                max_component_handles(policy)
+                store.max_component_handles()
             ),
         );
     }

@@ -623,3 +623,24 @@ async fn without_an_outbound_grant_wasi_http_calls_fail_naming_the_grant() {
     }
     assert_eq!(server.failures.get(FailureKind::AddonTrap), 2);
 }
+
+/// A guest's own resources (`resource.new`) take no entry in the host's resource table,
+/// but each is a handle in the store's component-model tables: those are capped at twice
+/// `max_host_resources` (wasmtime's default is 100,000), and one more is `addon_oom`.
+#[tokio::test]
+async fn a_guest_that_makes_its_own_resource_handles_in_a_loop_fails_at_the_handle_limit() {
+    let hoarder = handle_hoarder_component();
+    let echo = bundled_addon("echo");
+    let server = TestServer::start(&[
+        ("hoarder.wasm", &hoarder),
+        ("hoarder.toml", b"max_host_resources = 64"),
+        ("echo.wasm", &echo),
+    ])
+    .await;
+    let mut client = server.connect("/ws/hoarder").await;
+    let message = expect_failure(&mut client, "hoard", "addon_oom").await;
+    assert!(message.contains("limit of 128 component handles (twice max_host_resources)"), "{message}");
+    let mut echo = server.connect("/ws/echo").await;
+    echo.send_text("still here").await;
+    assert_eq!(echo.recv_text().await, "still here");
+}
