@@ -2,7 +2,10 @@
 //!
 //! Requests go through the host's `wasi:http/outgoing-handler`, and only to origins the
 //! addon's manifest lists in `outbound_hosts`; any other destination fails with
-//! [`HttpErrorKind::Denied`] (and a line in the server's log). While the addon waits
+//! [`HttpErrorKind::Denied`] (and a line in the server's log). An addon whose manifest
+//! lists no `outbound_hosts` at all does not get `wasi:http`: it loads and runs, but
+//! [`Request::send`] traps (the connection closes with 1011, and the error names the
+//! missing grant), so call it only when the addon is configured to. While the addon waits
 //! for the upstream, only its own connection waits: other connections run on.
 //!
 //! ```no_run

@@ -20,14 +20,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::component::{Component, InstancePre};
 use wasmtime::{Engine, Store};
 
 use crate::bindings::{ChannelHandler, ChannelHandlerIndices, Handler, HandlerIndices};
 use crate::cache::CompileCache;
 use crate::error::FailureKind;
 use crate::file_stamp::FileStamp;
-use crate::host::HostState;
+use crate::host::{HostLinkers, HostState};
 use crate::metrics::{AddonStats, Metrics};
 use crate::policy::{AddonPolicy, ManifestError};
 use crate::sandbox;
@@ -158,6 +158,9 @@ impl LoadedAddon {
     ) -> Result<(Store<HostState>, AddonInstance), InstantiateError> {
         state.channels.can_receive = self.channel_handler.is_some();
         let mut store = Store::new(self.pre.engine(), state);
+        // The guest's own handle tables (handles to host resources, and to resources it
+        // makes itself with `resource.new`), beside the host's table.
+        store.set_max_component_handles(sandbox::max_component_handles(&self.policy));
         sandbox::install(&mut store);
         sandbox::start_callback(&mut store, None);
         let meter = store.data().limits.meter();
@@ -175,7 +178,7 @@ impl LoadedAddon {
         match made {
             Ok(instance) => Ok((store, instance)),
             Err(err) => {
-                let (kind, cause) = sandbox::classify(&store, &self.policy, &err);
+                let (kind, cause) = sandbox::classify(&mut store, &self.policy, &err);
                 Err(InstantiateError { kind, cause })
             }
         }
@@ -292,7 +295,7 @@ pub(crate) fn wasm_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// [`LoadedAddon`], at start-up, on reload and in `sockhost check`.
 pub struct Loader {
     engine: Engine,
-    linker: Linker<HostState>,
+    linkers: HostLinkers,
     cache: Option<CompileCache>,
     metrics: Arc<Metrics>,
 }
@@ -300,11 +303,11 @@ pub struct Loader {
 impl Loader {
     pub fn new(
         engine: Engine,
-        linker: Linker<HostState>,
+        linkers: HostLinkers,
         cache: Option<CompileCache>,
         metrics: Arc<Metrics>,
     ) -> Loader {
-        Loader { engine, linker, cache, metrics }
+        Loader { engine, linkers, cache, metrics }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -368,7 +371,12 @@ impl Loader {
             None => Component::from_binary(&self.engine, &bytes),
         }
         .map_err(|e| LoadError::Compile(e.into()))?;
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Link(e.into()))?;
+        // wasi:http is linked only for an addon whose manifest grants outbound hosts.
+        let linker = self
+            .linkers
+            .for_component(&component, policy.outbound.is_granted())
+            .map_err(|e| LoadError::Link(e.into()))?;
+        let pre = linker.instantiate_pre(&component).map_err(|e| LoadError::Link(e.into()))?;
         let handler = HandlerIndices::new(&pre).map_err(|e| LoadError::WrongWorld(e.into()))?;
         // Optional: components built against 0.1.0 and 0.1.1 do not have it. One that has
         // it with the wrong shape is refused rather than treated as not subscribing.

@@ -55,9 +55,9 @@ fn check(paths: &[PathBuf], out: &mut impl Write) -> anyhow::Result<bool> {
     // compiled code matter for a check.
     let limits = ServerLimits { max_connections: 4, ..ServerLimits::default() };
     let (engine, _epoch) = crate::engine::build(&limits)?;
-    let linker = crate::host::linker(&engine).map_err(anyhow::Error::from)?;
+    let linkers = crate::host::linker(&engine).map_err(anyhow::Error::from)?;
     let metrics = Arc::new(Metrics::new(Arc::new(FailureCounts::default())));
-    let loader = Loader::new(engine, linker, None, metrics);
+    let loader = Loader::new(engine, linkers, None, metrics);
 
     let mut ok = 0usize;
     for file in &files {

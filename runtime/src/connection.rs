@@ -540,8 +540,8 @@ impl AddonConnection {
     }
 
     /// Names why a call into the instance failed.
-    fn classify(&self, err: &wasmtime::Error) -> (FailureKind, String) {
-        sandbox::classify(&self.store, &self.policy, err)
+    fn classify(&mut self, err: &wasmtime::Error) -> (FailureKind, String) {
+        sandbox::classify(&mut self.store, &self.policy, err)
     }
 
     /// The instance failed (trap, CPU or memory limit): tell the client, close with

@@ -12,6 +12,7 @@
 //! | key | default | what it bounds |
 //! |---|---|---|
 //! | `memory_limit` | `"32MiB"` | linear memory of one instance |
+//! | `max_host_resources` | `memory_limit` / 32 KiB, at most 4096 (1024 for 32 MiB) | resources (WASI and `wasi:http` handles) one instance holds on the host; at most max(`memory_limit`, 2 MiB) / 32 KiB, so host-side buffers stay within that (`crate::host`) |
 //! | `cpu_limit_ms` | `1000` | guest run time of one callback (host waits excluded) |
 //! | `max_connections` | `1000` | open connections to this addon |
 //! | `max_message_bytes` | `"64KiB"` | one client message |
@@ -51,6 +52,7 @@ use crate::host::outbound::OutboundPolicy;
 #[serde(deny_unknown_fields)]
 struct ManifestFile {
     memory_limit: Option<ByteSize>,
+    max_host_resources: Option<u32>,
     cpu_limit_ms: Option<u64>,
     max_connections: Option<u32>,
     max_message_bytes: Option<ByteSize>,
@@ -125,6 +127,9 @@ pub struct MessageRate {
 pub struct AddonPolicy {
     /// Largest linear memory one instance may have, in bytes.
     pub memory_limit: usize,
+    /// Most resources (WASI and `wasi:http` handles: fields, requests, bodies, streams,
+    /// pollables) one instance may hold in its host-side table at once.
+    pub max_host_resources: usize,
     /// Guest run time one callback may use.
     pub cpu_limit: Duration,
     /// Most open connections to this addon.
@@ -159,6 +164,7 @@ impl Default for AddonPolicy {
     fn default() -> Self {
         AddonPolicy {
             memory_limit: 32 << 20,
+            max_host_resources: default_host_resources(32 << 20),
             cpu_limit: Duration::from_millis(1000),
             max_connections: 1000,
             max_message_bytes: 64 << 10,
@@ -179,6 +185,24 @@ impl Default for AddonPolicy {
 
 /// Largest memory limit a manifest may set (the pool reserves 4 GiB per slot).
 const MAX_MEMORY_LIMIT: u64 = 4 << 30;
+/// Fewest host resources a manifest may allow: a Rust instance holds a few for its
+/// standard streams, and an outbound request about a dozen.
+const MIN_HOST_RESOURCES: usize = 16;
+/// Most host resources the default allows, whatever the memory limit.
+const DEFAULT_MAX_HOST_RESOURCES: usize = 4096;
+
+/// How many host resources an instance with `memory_limit` may hold at most: their worst
+/// case ([`crate::host::HOST_BYTES_PER_RESOURCE`] each) fits in `memory_limit`, or in
+/// 2 MiB for smaller limits (64 resources).
+fn max_host_resources_for(memory_limit: usize) -> usize {
+    memory_limit.max(2 << 20) / crate::host::HOST_BYTES_PER_RESOURCE
+}
+
+/// `max_host_resources` when the manifest does not set it.
+fn default_host_resources(memory_limit: usize) -> usize {
+    max_host_resources_for(memory_limit).min(DEFAULT_MAX_HOST_RESOURCES)
+}
+
 /// Largest message limit a manifest may set.
 const MAX_MESSAGE_LIMIT: u64 = 16 << 20;
 
@@ -225,6 +249,23 @@ impl AddonPolicy {
             }
             policy.memory_limit = bytes as usize;
         }
+        let most = max_host_resources_for(policy.memory_limit);
+        policy.max_host_resources = match file.max_host_resources {
+            Some(n) if !(MIN_HOST_RESOURCES..=most).contains(&(n as usize)) => {
+                return Err(bad(
+                    "max_host_resources",
+                    format!(
+                        "{n} is outside {MIN_HOST_RESOURCES}..={most}: each host resource may hold up to {} \
+                         outside linear memory, and together they may hold at most memory_limit \
+                         ({}, or 2MiB if it is smaller); raise memory_limit for more",
+                        format_size(crate::host::HOST_BYTES_PER_RESOURCE as u64),
+                        format_size(policy.memory_limit as u64),
+                    ),
+                ));
+            }
+            Some(n) => n as usize,
+            None => default_host_resources(policy.memory_limit),
+        };
         if let Some(ms) = file.cpu_limit_ms {
             if !(10..=3_600_000).contains(&ms) {
                 return Err(bad("cpu_limit_ms", format!("{ms} is outside 10..=3600000")));
@@ -376,6 +417,7 @@ impl AddonPolicy {
         };
         vec![
             ("memory_limit", format_size(self.memory_limit as u64)),
+            ("max_host_resources", self.max_host_resources.to_string()),
             ("cpu_limit_ms", self.cpu_limit.as_millis().to_string()),
             ("max_connections", self.max_connections.to_string()),
             ("max_message_bytes", format_size(self.max_message_bytes as u64)),
@@ -489,6 +531,29 @@ mod tests {
         for (key, _) in &lines {
             let err = AddonPolicy::parse(&format!("{key} = true")).unwrap_err();
             assert!(!err.contains("unknown field"), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn host_resources_default_with_the_memory_limit_and_stay_within_it() {
+        assert_eq!(AddonPolicy::default().max_host_resources, 1024);
+        let policy = |text: &str| AddonPolicy::parse(text).map(|p| p.max_host_resources);
+        assert_eq!(policy("memory_limit = \"64MiB\""), Ok(2048));
+        assert_eq!(policy("memory_limit = \"1MiB\""), Ok(64), "2 MiB of host resources at least");
+        assert_eq!(policy("memory_limit = \"4GiB\""), Ok(4096));
+        assert_eq!(policy("max_host_resources = 16"), Ok(16));
+        assert_eq!(policy("memory_limit = \"64MiB\"\nmax_host_resources = 2048"), Ok(2048));
+        for text in [
+            "max_host_resources = 15",
+            "max_host_resources = 1025",
+            "memory_limit = \"4MiB\"\nmax_host_resources = 200",
+        ] {
+            let err = policy(text).unwrap_err();
+            assert!(err.contains("max_host_resources") && err.contains("memory_limit"), "{text}: {err}");
+        }
+        for memory_limit in [1usize << 20, 3 << 20, 32 << 20, 4 << 30] {
+            let most = max_host_resources_for(memory_limit);
+            assert!(most * crate::host::HOST_BYTES_PER_RESOURCE <= memory_limit.max(2 << 20));
         }
     }
 

@@ -26,19 +26,68 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Context;
 use std::time::{Duration, Instant};
 
+use wasmtime::component::ResourceTableError;
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi_http::FieldMapError;
 
 use crate::error::FailureKind;
-use crate::host::HostState;
+use crate::host::{HostState, NoOutboundGrant};
 use crate::policy::AddonPolicy;
 
 /// Names why entering an instance (a callback, or creating it) failed: a limit the store
 /// saw hit, else a trap. Returns the kind and a one-line cause for logs and error frames.
+///
+/// A full resource table (`max_host_resources`) or a wasi:http header set past
+/// [`crate::host::FIELD_SIZE_LIMIT`] is host-side memory the instance asked for, so it
+/// counts as `addon_oom` too. It is recognised by the error (the host call
+/// that could not add an entry) or, when a host call turned that into an error the guest
+/// then trapped on, by the table being full.
 pub(crate) fn classify(
-    store: &Store<HostState>,
+    store: &mut Store<HostState>,
     policy: &AddonPolicy,
     err: &wasmtime::Error,
 ) -> (FailureKind, String) {
+    let table_full = err
+        .chain()
+        .any(|cause| matches!(cause.downcast_ref::<ResourceTableError>(), Some(ResourceTableError::Full)));
+    if let Some(denied) = err.chain().find_map(|cause| cause.downcast_ref::<NoOutboundGrant>()) {
+        return (FailureKind::AddonTrap, denied.to_string());
+    }
+    let fields_full = err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<FieldMapError>(),
+            Some(FieldMapError::TotalSizeTooBig | FieldMapError::TooManyFields)
+        )
+    });
+    if fields_full {
+        // wasmtime-wasi-http traps rather than answer the guest with an error.
+        return (
+            FailureKind::AddonOom,
+            format!(
+                "exceeded the host's limit of {} KiB for one wasi:http header set (fields)",
+                crate::host::FIELD_SIZE_LIMIT >> 10
+            ),
+        );
+    }
+    // wasmtime's message is the only sign of its handle limit.
+    if err.chain().any(|cause| cause.to_string().contains("store handle limit exceeded")) {
+        return (
+            FailureKind::AddonOom,
+            format!(
+                "exceeded its limit of {} component handles (twice max_host_resources)",
+                store.max_component_handles()
+            ),
+        );
+    }
+    if table_full || (store.data().limits.hit().is_none() && store.data_mut().host_resources_full()) {
+        return (
+            FailureKind::AddonOom,
+            format!(
+                "exceeded its limit of {} host resources (max_host_resources)",
+                policy.max_host_resources
+            ),
+        );
+    }
     match store.data().limits.hit() {
         Some(LimitHit::Cpu) => (
             FailureKind::AddonTimeout,
@@ -49,6 +98,14 @@ pub(crate) fn classify(
         }
         None => (FailureKind::AddonTrap, format!("crashed: {}", describe(err))),
     }
+}
+
+/// Most handles the instance's component-model tables may hold at once
+/// (`Store::set_max_component_handles`, 100,000 by default): twice `max_host_resources`,
+/// so every host resource can be held while resources the guest makes itself (each a
+/// slot of a few bytes in wasmtime's tables) stay bounded too.
+pub(crate) fn max_component_handles(policy: &AddonPolicy) -> usize {
+    policy.max_host_resources * 2
 }
 
 /// A one-line description of a failed call: the trap if there is one, else the error chain.

@@ -145,7 +145,8 @@ impl Server {
         };
 
         let (engine, _epoch) = crate::engine::build(&config.limits)?;
-        let linker = host::linker(&engine).map_err(anyhow::Error::from).context("linking host interfaces")?;
+        let linkers =
+            host::linker(&engine).map_err(anyhow::Error::from).context("linking host interfaces")?;
         let cache = config.cache_dir.as_deref().map(|dir| CompileCache::open(dir, &engine));
         let failures = Arc::new(FailureCounts::default());
         let mut metrics = Metrics::new(failures.clone());
@@ -166,7 +167,7 @@ impl Server {
             })?),
             None => None,
         };
-        let loader = Arc::new(Loader::new(engine, linker, cache, metrics.clone()));
+        let loader = Arc::new(Loader::new(engine, linkers, cache, metrics.clone()));
         let dir = config.addons_dir.clone();
         let scan = loader.clone();
         let outcome = tokio::task::spawn_blocking(move || scan.load_dir(&dir))

@@ -562,3 +562,100 @@ async fn a_write_past_the_kv_quota_is_refused_naming_the_limit() {
     let refused = client.recv_text().await;
     assert!(refused.contains("kv quota full") && refused.contains("kv_max_bytes"), "{refused}");
 }
+
+/// `max_host_resources`: every WASI and wasi:http handle an instance holds is an entry in
+/// its host-side table. A guest that makes them in a loop (here empty `fields`, 1024 by
+/// default with a 32 MiB `memory_limit`) fails as `addon_oom` naming the key, instead of
+/// filling the host's memory; another connection of the same addon goes on.
+#[tokio::test]
+async fn a_guest_that_makes_host_resources_in_a_loop_fails_at_max_host_resources() {
+    // The grant links wasi:http; the host is never called.
+    let server = testkit_server("outbound_hosts = [\"http://127.0.0.1:9\"]").await;
+    let mut other = server.connect("/ws/testkit").await;
+    assert_eq!(other.recv_text().await, "open");
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    let conn = format!("conn={}", connection_id(&mut client).await);
+
+    client.send_text("fields 100").await;
+    assert_eq!(client.recv_text().await, "fields 100 held");
+    let message = expect_failure(&mut client, "fields 1000000", "addon_oom").await;
+    assert!(message.contains("limit of 1024 host resources (max_host_resources)"), "{message}");
+    assert_eq!(server.failures.get(FailureKind::AddonOom), 1);
+    wait_for_log(&["addon failed", "kind=\"addon_oom\"", "max_host_resources", &conn]).await;
+
+    other.send_text("count").await;
+    assert_eq!(other.recv_text().await, "1");
+    // The manifest sets the limit, within what memory_limit allows.
+    let server = testkit_server("outbound_hosts = [\"http://127.0.0.1:9\"]\nmax_host_resources = 40").await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    let message = expect_failure(&mut client, "fields 100", "addon_oom").await;
+    assert!(message.contains("limit of 40 host resources"), "{message}");
+}
+
+/// What one wasi:http resource can hold on the host is small: a `fields` takes headers up
+/// to 16 KiB (wasmtime's default is 128 KiB; past it wasmtime-wasi-http traps, counted as
+/// `addon_oom`), an outgoing body is written 8 KiB at a time (1 MiB by default), so
+/// `max_host_resources` of them stay within `memory_limit`.
+#[tokio::test]
+async fn wasi_http_headers_and_bodies_hold_little_on_the_host() {
+    let server = testkit_server("outbound_hosts = [\"http://127.0.0.1:9\"]").await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text("body-budget").await;
+    assert_eq!(client.recv_text().await, "body budget 8192");
+    // Eight headers of 1 KiB: a large request head, accepted.
+    client.send_text("headers 8 1024").await;
+    assert_eq!(client.recv_text().await, "headers 8");
+    // Sixty-four are 64 KiB and more.
+    let message = expect_failure(&mut client, "headers 64 1024", "addon_oom").await;
+    assert!(message.contains("limit of 16 KiB for one wasi:http header set"), "{message}");
+    assert_eq!(server.failures.get(FailureKind::AddonOom), 1);
+}
+
+/// wasi:http is linked only for an addon whose manifest grants outbound hosts. Without the
+/// grant, a component that imports it still loads and runs; its first wasi:http call
+/// (here making the `fields` that every request starts with) traps naming the
+/// missing grant, before anything is made on the host.
+#[tokio::test]
+async fn without_an_outbound_grant_wasi_http_calls_fail_naming_the_grant() {
+    let server = testkit_server("").await;
+    for command in ["get http://127.0.0.1:9/", "fields 1"] {
+        let mut client = server.connect("/ws/testkit").await;
+        assert_eq!(client.recv_text().await, "open");
+        client.send_text("count").await;
+        assert_eq!(client.recv_text().await, "1");
+        let conn = format!("conn={}", connection_id(&mut client).await);
+        let message = expect_failure(&mut client, command, "addon_trap").await;
+        assert!(
+            message.contains("wasi:http/types")
+                && message.contains("fields")
+                && message.contains("manifest grants no outbound hosts (outbound_hosts)"),
+            "{command}: {message}"
+        );
+        wait_for_log(&["addon failed", "grants no outbound hosts", &conn]).await;
+    }
+    assert_eq!(server.failures.get(FailureKind::AddonTrap), 2);
+}
+
+/// A guest's own resources (`resource.new`) take no entry in the host's resource table,
+/// but each is a handle in the store's component-model tables: those are capped at twice
+/// `max_host_resources` (wasmtime's default is 100,000), and one more is `addon_oom`.
+#[tokio::test]
+async fn a_guest_that_makes_its_own_resource_handles_in_a_loop_fails_at_the_handle_limit() {
+    let hoarder = handle_hoarder_component();
+    let echo = bundled_addon("echo");
+    let server = TestServer::start(&[
+        ("hoarder.wasm", &hoarder),
+        ("hoarder.toml", b"max_host_resources = 64"),
+        ("echo.wasm", &echo),
+    ])
+    .await;
+    let mut client = server.connect("/ws/hoarder").await;
+    let message = expect_failure(&mut client, "hoard", "addon_oom").await;
+    assert!(message.contains("limit of 128 component handles (twice max_host_resources)"), "{message}");
+    let mut echo = server.connect("/ws/echo").await;
+    echo.send_text("still here").await;
+    assert_eq!(echo.recv_text().await, "still here");
+}

@@ -425,3 +425,52 @@ pub fn hostile_component() -> Vec<u8> {
         .encode()
         .expect("component encodes")
 }
+
+/// A component of the `base` world that also exports a resource type of its own
+/// (`test:hoard/things.thing`), written in WAT. On any message it makes `thing` handles
+/// with `resource.new` until the host refuses one: handles that live in the store's
+/// component-model tables, not in the host's resource table.
+pub fn handle_hoarder_component() -> Vec<u8> {
+    const WIT: &str = r#"
+    package test:hoard;
+    interface things {
+      resource thing;
+    }
+    world hoarder {
+      include sockhost:addon/base@0.1.2;
+      export things;
+    }
+    "#;
+    const CORE: &str = r#"
+    (module
+      (import "[export]test:hoard/things" "[resource-new]thing" (func $new (param i32) (result i32)))
+      (memory (export "memory") 1)
+      (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) (i32.const 4096))
+      (func (export "sockhost:addon/handler@0.1.2#on-open")
+        (param i64 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
+        (i32.const 16))
+      (func (export "sockhost:addon/handler@0.1.2#on-message") (param i32 i32 i32) (result i32)
+        (loop $more (drop (call $new (i32.const 1))) (br $more))
+        (i32.const 16))
+      (func (export "sockhost:addon/handler@0.1.2#on-close") (param i32 i32 i32))
+    )"#;
+    let mut module = wat::parse_str(CORE).expect("hoarder core module parses");
+    let mut resolve = wit_parser::Resolve::default();
+    resolve.push_path(repo_root().join("wit")).expect("wit parses");
+    let package = resolve.push_str("hoard.wit", WIT).expect("hoarder wit parses");
+    let world = resolve.select_world(&[package], Some("hoarder")).expect("hoarder world");
+    wit_component::embed_component_metadata(
+        &mut module,
+        &resolve,
+        world,
+        wit_component::StringEncoding::UTF8,
+        false,
+    )
+    .expect("metadata embeds");
+    wit_component::ComponentEncoder::default()
+        .module(&module)
+        .expect("module accepted")
+        .validate(true)
+        .encode()
+        .expect("component encodes")
+}

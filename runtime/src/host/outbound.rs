@@ -230,6 +230,16 @@ type ResponseFuture = Box<
 >;
 
 impl WasiHttpHooks for OutboundHooks {
+    /// Small chunks, so a body the upstream is slow to take (or one never sent) holds
+    /// little on the host: see [`super::OUTGOING_BODY_CHUNK`].
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        super::OUTGOING_BODY_CHUNK
+    }
+
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        1
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,

@@ -5,12 +5,17 @@
 //! failed send), `burn <busy_ms> <sleep_ms> <rounds>` (busy, then asleep, that many times;
 //! then `burned`), `burst <n>` (n frames `1`..`n` in one go), `spin <ms>` (`spinning`,
 //! then that long busy, then `spun`), `pub-bin <channel> <bytes>` (that many zero
-//! bytes); `?refuse=1` in the query refuses the connection, `?slow=<ms>` makes every
+//! bytes), `fields <n>` (creates `n` wasi:http `fields` resources and holds them: `fields
+//! <n> held`), `headers <n> <bytes>` (appends up to `n` headers of `bytes` bytes each to one
+//! `fields`: `headers <accepted>`, or `headers <accepted> stopped: <error>`), `body-budget`
+//! (what `check-write` grants on a new outgoing request body: `body budget <bytes>`);
+//! `?refuse=1` in the query refuses the connection, `?slow=<ms>` makes every
 //! channel delivery take that long, `?tag=<text>` tags the on-close log line. Deliveries reach the client as
 //! `chan <channel> <text>` (or `chan <channel> <n> bytes`).
 
 use std::time::Duration;
 
+use sockhost_addon_sdk::__private::bindings::wasi::http::types::{Fields, OutgoingRequest};
 use sockhost_addon_sdk::http::{Request, Response};
 use sockhost_addon_sdk::{
     Addon, ConnectionInfo, Error, Message, Refusal, channels, close, connection_info, export_addon, kv, log,
@@ -145,10 +150,43 @@ impl Addon for Testkit {
                         Err(err) => send_text(&format!("channel error: {err:?}"))?,
                     }
                 }
+                Some(("fields", n)) => {
+                    let n: usize = n.parse().map_err(|_| Error::msg("fields: <n> is not a number"))?;
+                    let held: Vec<Fields> = (0..n).map(|_| Fields::new()).collect();
+                    send_text(&format!("fields {} held", held.len()))?;
+                }
+                Some(("headers", args)) => {
+                    let (n, bytes) = args.split_once(' ').unwrap_or((args, "0"));
+                    let n: usize = n.parse().map_err(|_| Error::msg("headers: <n> is not a number"))?;
+                    let value = vec![b'a'; bytes.parse().unwrap_or(0)];
+                    let fields = Fields::new();
+                    let mut accepted = 0;
+                    let mut stopped = None;
+                    for i in 0..n {
+                        match fields.append(&format!("x-h{i}"), &value) {
+                            Ok(()) => accepted += 1,
+                            Err(err) => {
+                                stopped = Some(format!("{err:?}"));
+                                break;
+                            }
+                        }
+                    }
+                    match stopped {
+                        Some(err) => send_text(&format!("headers {accepted} stopped: {err}"))?,
+                        None => send_text(&format!("headers {accepted}"))?,
+                    }
+                }
                 Some(("get", url)) => match Request::get(url).send() {
                     Ok(response) => send_text(&format!("status {}", response.status()))?,
                     Err(err) => send_text(&format!("error {:?}: {err}", err.kind))?,
                 },
+                _ if other == "body-budget" => {
+                    let request = OutgoingRequest::new(Fields::new());
+                    let body = request.body().map_err(|()| Error::msg("body-budget: no body"))?;
+                    let stream = body.write().map_err(|()| Error::msg("body-budget: no stream"))?;
+                    let budget = stream.check_write().map_err(|err| Error::msg(format!("{err:?}")))?;
+                    send_text(&format!("body budget {budget}"))?;
+                }
                 _ => send_text(&format!("unknown: {other}"))?,
             },
         }
