@@ -91,6 +91,21 @@ async fn bursts_between_short_sleeps_are_charged_to_the_cpu_limit() {
 }
 
 #[tokio::test]
+async fn a_guest_that_mostly_waits_is_not_charged_for_the_waits() {
+    // 100 sleeps of 15 ms with a moment of work after each: 1.5 s of waiting, almost no
+    // running. Charging whole ticks would charge the tick a sleep ended in about every
+    // other round (10 ms each), past 300 ms; charging running time leaves it far below.
+    let testkit = test_addon("testkit");
+    let server =
+        TestServer::start(&[("testkit.wasm", &testkit), ("testkit.toml", b"cpu_limit_ms = 300")]).await;
+    let mut client = server.connect("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text("burn 0 15 100").await;
+    assert_eq!(client.recv_text().await, "burned");
+    assert_eq!(server.failures.get(FailureKind::AddonTimeout), 0);
+}
+
+#[tokio::test]
 async fn memory_past_the_limit_fails_inside_the_instance_as_addon_oom() {
     let server = hostile_server("memory_limit = \"2MiB\"").await;
     let mut client = server.connect("/ws/hostile").await;
