@@ -4,7 +4,16 @@
 //! Settings and why:
 //! - **Pooling allocator**: memories, tables and fiber stacks come from slots reserved at
 //!   start-up, so a new connection's instance costs about a microsecond and no `mmap`.
-//!   The pool has one slot per allowed connection (`limits.max_connections`).
+//!   The pool has one slot per live instance (`limits.max_live_instances`), sized by a
+//!   [`Plan`] (see [`crate::capacity`] for what it reserves and maps, checked against the
+//!   machine before the engine is built).
+//! - **Linear memory**: each slot reserves `limits.memory_reservation` (by default twice
+//!   the largest addon `memory_limit`, 64 MiB to 4 GiB) plus a 64 KiB guard, instead of
+//!   wasmtime's 4 GiB + 32 MiB guard. Below 4 GiB compiled code checks each access's
+//!   bounds explicitly (wasmtime decides where: accesses whose offset the guard covers
+//!   need no check); this is what lets 50,000 slots fit where 30,000 did not.
+//! - **Async stacks**: one per live instance, `limits.async_stack_bytes` (default 2 MiB),
+//!   of which guest code may use 512 KiB (`max_wasm_stack`); the rest is for host calls.
 //! - **Async**: host calls such as `session.send-*` await the socket without blocking a
 //!   worker thread; guest code runs on a fiber.
 //! - **Epoch interruption**: a ticker bumps the epoch every [`EPOCH_TICK`]; a guest that
@@ -21,7 +30,7 @@ use std::time::Duration;
 use anyhow::Context;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::config::ServerLimits;
+use crate::capacity::{MEMORY_GUARD_BYTES, Plan, TABLE_ELEMENTS};
 
 /// How often the epoch advances: the longest a guest runs before yielding.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -31,11 +40,12 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// the headroom covers other toolchains.
 const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
 const TABLES_PER_COMPONENT: u32 = 4;
-/// The pool holds one linear memory per connection. Each memory slot reserves 4 GiB of
-/// address space (not memory) so compiled code can skip bounds checks; a second memory
-/// per connection would double a reservation that is already ~40 TiB at 10,000 slots.
-/// Components with several memories still load; they just use more than one slot.
+/// The pool holds one linear memory per live instance: a second would double the
+/// reservation. Components with several memories still load; they just use more than
+/// one slot.
 const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+/// What guest code may use of its async stack (wasmtime's default).
+const MAX_WASM_STACK: usize = 512 << 10;
 
 /// The number of epoch ticks since the engine started, readable by the host.
 #[derive(Clone, Debug, Default)]
@@ -49,8 +59,9 @@ impl EpochCounter {
 }
 
 /// Builds the engine shared by all addons and starts its epoch ticker.
-pub fn build(limits: &ServerLimits) -> anyhow::Result<(Engine, EpochCounter)> {
-    let slots = limits.max_connections;
+pub fn build(plan: &Plan) -> anyhow::Result<(Engine, EpochCounter)> {
+    let slots = u32::try_from(plan.slots).unwrap_or(u32::MAX);
+    let reservation = plan.memory_reservation;
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(slots)
         .total_core_instances(slots.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
@@ -58,16 +69,27 @@ pub fn build(limits: &ServerLimits) -> anyhow::Result<(Engine, EpochCounter)> {
         .total_tables(slots.saturating_mul(TABLES_PER_COMPONENT))
         .total_stacks(slots)
         .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
-        .max_tables_per_component(TABLES_PER_COMPONENT * 4);
+        .max_tables_per_component(TABLES_PER_COMPONENT * 4)
+        .table_elements(TABLE_ELEMENTS as usize)
+        .max_memory_size(usize::try_from(reservation).unwrap_or(usize::MAX));
 
     let mut config = Config::new();
     config
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
         .epoch_interruption(true)
-        .wasm_component_model(true);
+        .wasm_component_model(true)
+        .memory_reservation(reservation)
+        .memory_guard_size(MEMORY_GUARD_BYTES)
+        // Pooled memories never move, so there is nothing to grow into.
+        .memory_reservation_for_growth(0)
+        .max_wasm_stack(MAX_WASM_STACK)
+        .async_stack_size(usize::try_from(plan.stack_bytes).unwrap_or(usize::MAX));
 
     let engine = Engine::new(&config).map_err(anyhow::Error::from).with_context(|| {
-        format!("cannot create the wasm engine for {slots} connections (limits.max_connections); try a smaller value")
+        format!(
+            "cannot create the wasm engine for {slots} live instances (limits.max_live_instances); \
+             `sockhost check` shows what it needs against what this machine allows"
+        )
     })?;
     let counter = EpochCounter::default();
     start_epoch_ticker(&engine, counter.clone());
