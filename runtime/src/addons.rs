@@ -479,6 +479,16 @@ mod tests {
     }
 
     #[test]
+    fn running_out_of_memory_or_mappings_is_capacity_not_a_trap() {
+        let enomem = wasmtime::Error::from(std::io::Error::from_raw_os_error(libc::ENOMEM))
+            .context("failed to create memory pool mapping");
+        let cause = capacity_cause(&enomem).expect("ENOMEM is capacity");
+        assert!(cause.contains("vm.max_map_count") && cause.contains("limits.max_live_instances"), "{cause}");
+        let trap = wasmtime::Error::from(wasmtime::Trap::UnreachableCodeReached);
+        assert_eq!(capacity_cause(&trap), None);
+    }
+
+    #[test]
     fn headers_are_classified() {
         assert!(matches!(check_header(b"hello world"), Err(LoadError::NotWasm)));
         assert!(matches!(check_header(b"\0asm\x01\0\0\0"), Err(LoadError::CoreModule)));

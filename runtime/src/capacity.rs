@@ -126,10 +126,12 @@ fn rlimit(resource: libc::__rlimit_resource_t) -> Option<(Option<u64>, Option<u6
 /// The reservation derived from the addons in `dir` when `limits.memory_reservation` is
 /// not set: twice the largest `memory_limit` (headroom for a reload that raises it), at
 /// least 64 MiB, at most 4 GiB. Unreadable manifests count as the default limit: the
-/// loader reports them.
+/// loader reports them. Only regular files are read here: a manifest that is a pipe is
+/// the loader's to read, once.
 pub fn derive_reservation<'a>(wasm_files: impl IntoIterator<Item = &'a Path>) -> u64 {
     let largest = wasm_files
         .into_iter()
+        .filter(|path| path.with_extension("toml").metadata().is_ok_and(|meta| meta.is_file()))
         .map(|path| AddonPolicy::for_addon(path).map(|p| p.memory_limit as u64).unwrap_or_default())
         .max()
         .unwrap_or(0)

@@ -83,9 +83,10 @@ pub fn init_logging(format: LogFormat) {
 pub async fn main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     if let Some(Command::Check { paths }) = &cli.command {
         // The server's settings decide the pool the addons must fit and the arithmetic
-        // printed; a config file that does not parse is the check's first failure.
-        let config = Config::from_cli(cli.clone())?;
-        return Ok(check::run(paths, &config.limits, &mut std::io::stdout()));
+        // printed. A config file that does not parse is one more failure of the check,
+        // which goes on with the default limits.
+        let limits = Config::from_cli(cli.clone()).map(|config| config.limits);
+        return Ok(check::run(paths, limits, &mut std::io::stdout()));
     }
     let config = Config::from_cli(cli.clone())?;
     init_logging(config.log_format);
