@@ -661,6 +661,35 @@ mod tests {
     }
 
     #[test]
+    fn live_instances_default_to_the_connections_up_to_ten_thousand() {
+        let limits = Config::from_toml("").unwrap().limits;
+        assert_eq!((limits.max_connections, limits.max_live_instances), (10_000, 10_000));
+        assert_eq!((limits.memory_reservation, limits.async_stack_bytes), (None, 2 << 20));
+        let limits = Config::from_toml("[limits]\nmax_connections = 500").unwrap().limits;
+        assert_eq!(limits.max_live_instances, 500);
+        let limits = Config::from_toml("[limits]\nmax_connections = 200000").unwrap().limits;
+        assert_eq!(limits.max_live_instances, 10_000);
+        let limits = Config::from_toml(
+            "[limits]\nmax_connections = 200000\nmax_live_instances = 50000\nmemory_reservation = \"100MiB\"\n\
+             async_stack_bytes = \"1MiB\"",
+        )
+        .unwrap()
+        .limits;
+        assert_eq!(limits.max_live_instances, 50_000);
+        assert_eq!(limits.memory_reservation, Some(100 << 20));
+        assert_eq!(limits.async_stack_bytes, 1 << 20);
+        for (text, key) in [
+            ("max_live_instances = 0", "limits.max_live_instances"),
+            ("memory_reservation = \"8GiB\"", "limits.memory_reservation"),
+            ("memory_reservation = 1000", "limits.memory_reservation"),
+            ("async_stack_bytes = \"64KiB\"", "limits.async_stack_bytes"),
+        ] {
+            let err = Config::from_toml(&format!("[limits]\n{text}")).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn the_read_buffer_is_small_by_default_and_can_be_raised() {
         assert_eq!(Config::from_toml("").unwrap().limits.read_buffer_bytes, 1024);
         let config = Config::from_toml("[limits]\nread_buffer_bytes = 16384").unwrap();
