@@ -228,6 +228,7 @@ impl Server {
             tracing::warn!(dir = %config.addons_dir.display(), "no addons mounted");
         }
         metrics.set_mounted(addons.len());
+        metrics.set_instance_slots(plan.slots);
         let mounted = Arc::new(Mounted::new(addons));
         let watcher = config.reload_poll.map(|interval| Watcher {
             loader,

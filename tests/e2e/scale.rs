@@ -98,11 +98,19 @@ async fn a_full_pool_answers_503_named_instance_capacity_while_healthz_and_ws_wo
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("limit of 3 live addon instances"), "{text}");
     wait_for_log(&["every instance slot is taken", "kind=\"instance_capacity\"", "addon=\"testkit\""]).await;
-    assert_eq!(server.failures.get(FailureKind::InstanceCapacity), 1);
+    // Every new client is refused while the pool is full: one line per interval (then a
+    // count of the rest), every refusal counted.
+    for _ in 0..4 {
+        assert_eq!(upgrade_status(server.addr, "/ws/testkit").await.0, 503);
+    }
+    assert_eq!(log_lines(&["every instance slot is taken"]).len(), 1);
+    assert_eq!(server.failures.get(FailureKind::InstanceCapacity), 5);
     assert_eq!(server.failures.get(FailureKind::AddonTrap), 0);
-    assert_eq!(server.metric("sockhost_failures_total{kind=\"instance_capacity\"}").await, Some(1.0));
+    assert_eq!(server.metric("sockhost_failures_total{kind=\"instance_capacity\"}").await, Some(5.0));
     let series = "sockhost_addon_failures_total{addon=\"testkit\",kind=\"instance_capacity\"}";
-    assert_eq!(server.metric(series).await, Some(1.0));
+    assert_eq!(server.metric(series).await, Some(5.0));
+    assert_eq!(server.metric("sockhost_instance_slots").await, Some(3.0));
+    assert_eq!(server.metric("sockhost_addon_live_instances{addon=\"testkit\"}").await, Some(3.0));
 
     let (status, _) = http_get(server.addr, "/healthz").await;
     assert_eq!(status, 200);
