@@ -11,7 +11,9 @@
 //!   the largest addon `memory_limit`, 64 MiB to 4 GiB) plus a 64 KiB guard, instead of
 //!   wasmtime's 4 GiB + 32 MiB guard. Below 4 GiB compiled code checks each access's
 //!   bounds explicitly (wasmtime decides where: accesses whose offset the guard covers
-//!   need no check); this is what lets 50,000 slots fit where 30,000 did not.
+//!   need no check); this is what lets 50,000 slots fit in the address space where
+//!   30,000 did not. Memory mappings are the next limit (2 per slot, about 4 per live
+//!   instance, against `vm.max_map_count`): see [`crate::capacity`].
 //! - **Async stacks**: one per live instance, `limits.async_stack_bytes` (default 2 MiB),
 //!   of which guest code may use 512 KiB (`max_wasm_stack`); the rest is for host calls.
 //! - **Async**: host calls such as `session.send-*` await the socket without blocking a

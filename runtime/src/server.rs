@@ -14,7 +14,9 @@
 //!
 //! Before an addon connection is upgraded the server checks, in order: the request is a
 //! valid upgrade (4xx), the `Origin` is allowed (403), the addon and the server have a
-//! free connection slot (503), and an instance can be made (503). Each refusal is counted
+//! free connection slot (503), the instance pool has a free slot
+//! (`limits.max_live_instances`; 503 `instance_capacity`), and an instance can be made
+//! (503). Each refusal is counted
 //! and logged, within bounds, as the client decides how many there are and what they
 //! carry (`crate::log_limits`): text from the client (the `Origin`, a path, the error
 //! about a head) is cut to 256 bytes, and each addon (the server, for what fails before
