@@ -106,15 +106,24 @@ impl Machine {
                 .and_then(|n| u8::try_from(n).ok()),
             commit_available,
             max_map_count: proc_number("/proc/sys/vm/max_map_count"),
-            address_space_limit: rlimit(libc::RLIMIT_AS).and_then(|(soft, _)| soft),
-            open_files: rlimit(libc::RLIMIT_NOFILE).and_then(|(_, hard)| hard),
+            address_space_limit: rlimit(RLimit::AddressSpace).and_then(|(soft, _)| soft),
+            open_files: rlimit(RLimit::OpenFiles).and_then(|(_, hard)| hard),
         }
     }
 }
 
+enum RLimit {
+    AddressSpace,
+    OpenFiles,
+}
+
 /// `(soft, hard)`, each `None` when unlimited.
-fn rlimit(resource: libc::__rlimit_resource_t) -> Option<(Option<u64>, Option<u64>)> {
+fn rlimit(which: RLimit) -> Option<(Option<u64>, Option<u64>)> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let resource = match which {
+        RLimit::AddressSpace => libc::RLIMIT_AS,
+        RLimit::OpenFiles => libc::RLIMIT_NOFILE,
+    };
     // SAFETY: getrlimit only writes the struct we pass.
     if unsafe { libc::getrlimit(resource, &mut limit) } != 0 {
         return None;
