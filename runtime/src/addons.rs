@@ -55,6 +55,12 @@ pub enum LoadError {
     WrongWorld(anyhow::Error),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error(
+        "its memory_limit of {limit} is more than this server reserves per instance, {reservation} \
+         (limits.memory_reservation, fixed at start-up): lower memory_limit, or raise limits.memory_reservation and \
+         restart"
+    )]
+    OverReservation { limit: String, reservation: String },
 }
 
 /// A compiled, linked addon, ready to instantiate once per connection. One value is one
@@ -178,11 +184,36 @@ impl LoadedAddon {
         match made {
             Ok(instance) => Ok((store, instance)),
             Err(err) => {
-                let (kind, cause) = sandbox::classify(&mut store, &self.policy, &err);
+                let (kind, cause) = match capacity_cause(&err) {
+                    Some(cause) => (FailureKind::InstanceCapacity, cause),
+                    None => sandbox::classify(&mut store, &self.policy, &err),
+                };
                 Err(InstantiateError { kind, cause })
             }
         }
     }
+}
+
+/// Whether making an instance failed for want of room rather than by the addon's doing:
+/// the pool had no free slot of some kind, or the system refused memory or a mapping
+/// (`ENOMEM`, e.g. past `vm.max_map_count`). Returns the cause for the log and the answer.
+fn capacity_cause(err: &wasmtime::Error) -> Option<String> {
+    for cause in err.chain() {
+        if let Some(limit) = cause.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
+            return Some(format!("has no free instance slot: {limit} (limits.max_live_instances)"));
+        }
+        // wasmtime's own mmap errors may carry the errno in their text only.
+        let enomem =
+            cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::ENOMEM))
+                || cause.to_string().ends_with("(os error 12)");
+        if enomem {
+            return Some(format!(
+                "could not get memory or a memory mapping from the system ({cause}); see `sockhost check` \
+                 for vm.max_map_count and limits.max_live_instances"
+            ));
+        }
+    }
+    None
 }
 
 /// One connection's instance: its exports, ready to call.
@@ -195,7 +226,7 @@ pub struct AddonInstance {
 /// start-up code trapped or ran past `cpu_limit_ms`, or the instance pool is exhausted.
 #[derive(Debug)]
 pub struct InstantiateError {
-    /// How it is counted (`addon_oom`, `addon_timeout` or `addon_trap`).
+    /// How it is counted (`instance_capacity`, `addon_oom`, `addon_timeout` or `addon_trap`).
     pub kind: FailureKind,
     /// One line for the log and the HTTP answer.
     pub cause: String,
@@ -295,19 +326,23 @@ pub(crate) fn wasm_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// [`LoadedAddon`], at start-up, on reload and in `sockhost check`.
 pub struct Loader {
     engine: Engine,
+    /// The engine's linear-memory reservation: the largest `memory_limit` it can hold.
+    memory_reservation: u64,
     linkers: HostLinkers,
     cache: Option<CompileCache>,
     metrics: Arc<Metrics>,
 }
 
 impl Loader {
+    /// `memory_reservation` is the one the engine was built with ([`crate::capacity::Plan`]).
     pub fn new(
         engine: Engine,
+        memory_reservation: u64,
         linkers: HostLinkers,
         cache: Option<CompileCache>,
         metrics: Arc<Metrics>,
     ) -> Loader {
-        Loader { engine, linkers, cache, metrics }
+        Loader { engine, memory_reservation, linkers, cache, metrics }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -363,6 +398,12 @@ impl Loader {
         let bytes = std::fs::read(path)?;
         check_header(&bytes)?;
         let policy = AddonPolicy::for_addon(path)?;
+        if policy.memory_limit as u64 > self.memory_reservation {
+            return Err(LoadError::OverReservation {
+                limit: crate::policy::format_size(policy.memory_limit as u64),
+                reservation: crate::policy::format_size(self.memory_reservation),
+            });
+        }
 
         let started = Instant::now();
         let sha256: [u8; 32] = Sha256::digest(&bytes).into();
@@ -445,6 +486,16 @@ mod tests {
         for bad in ["", "Echo", "a b", "a.b", "中文", "a/b", "../x"] {
             assert!(!is_valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn running_out_of_memory_or_mappings_is_capacity_not_a_trap() {
+        let enomem = wasmtime::Error::from(std::io::Error::from_raw_os_error(libc::ENOMEM))
+            .context("failed to create memory pool mapping");
+        let cause = capacity_cause(&enomem).expect("ENOMEM is capacity");
+        assert!(cause.contains("vm.max_map_count") && cause.contains("limits.max_live_instances"), "{cause}");
+        let trap = wasmtime::Error::from(wasmtime::Trap::UnreachableCodeReached);
+        assert_eq!(capacity_cause(&trap), None);
     }
 
     #[test]

@@ -6,7 +6,11 @@
 //! exports), with the same engine settings, so "check passes" means "the server mounts
 //! it". For each addon it prints the URL path, the version, what the component imports,
 //! and its policy: every grant and limit, defaults included ([`AddonPolicy::describe`]).
-//! The exit code is non-zero when any file fails or none was found.
+//! Then the capacity arithmetic of the server's settings (the config file and
+//! environment as `sockhost` would read them): what the instance pool reserves and maps
+//! against what this machine allows ([`crate::capacity`]), the same lines start-up logs.
+//! The exit code is non-zero when any file fails, none was found, or the pool would not
+//! fit this machine.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,17 +18,26 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::addons::{self, Loader};
+use crate::capacity::{Machine, Plan};
 use crate::config::ServerLimits;
 use crate::error::FailureCounts;
 use crate::metrics::Metrics;
 use crate::policy::AddonPolicy;
 
 /// Checks every addon in `paths` (files, or directories whose `*.wasm` are checked) and
-/// writes the report to `out`.
-pub fn run(paths: &[PathBuf], out: &mut impl Write) -> ExitCode {
-    match check(paths, out) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+/// writes the report to `out`. `limits` are the server's (they decide the pool the addons must fit), or why its
+/// settings could not be read: then the defaults are used and the check fails.
+pub fn run(paths: &[PathBuf], limits: anyhow::Result<ServerLimits>, out: &mut impl Write) -> ExitCode {
+    let (limits, settings_ok) = match limits {
+        Ok(limits) => (limits, true),
+        Err(err) => {
+            let _ = writeln!(out, "FAIL  the server's settings: {err:#}; the default limits are used below");
+            (ServerLimits::default(), false)
+        }
+    };
+    match check(paths, &limits, out) {
+        Ok(true) if settings_ok => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
         Err(err) => {
             let _ = writeln!(out, "error: {err:#}");
             ExitCode::FAILURE
@@ -32,7 +45,7 @@ pub fn run(paths: &[PathBuf], out: &mut impl Write) -> ExitCode {
     }
 }
 
-fn check(paths: &[PathBuf], out: &mut impl Write) -> anyhow::Result<bool> {
+fn check(paths: &[PathBuf], limits: &ServerLimits, out: &mut impl Write) -> anyhow::Result<bool> {
     let mut files = Vec::new();
     let mut problems = 0usize;
     for path in paths {
@@ -51,13 +64,14 @@ fn check(paths: &[PathBuf], out: &mut impl Write) -> anyhow::Result<bool> {
         }
     }
 
-    // The server's engine settings, with a small pool: only the settings that change
-    // compiled code matter for a check.
-    let limits = ServerLimits { max_connections: 4, ..ServerLimits::default() };
-    let (engine, _epoch) = crate::engine::build(&limits)?;
+    // The server's pool, with the reservation derived from the addons checked when it is
+    // not set; the engine gets the same settings but few slots: only the settings that
+    // change compiled code matter for compiling.
+    let plan = Plan::new(limits, files.iter().map(PathBuf::as_path));
+    let engine = crate::engine::build(&Plan { slots: 4, ..plan })?;
     let linkers = crate::host::linker(&engine).map_err(anyhow::Error::from)?;
     let metrics = Arc::new(Metrics::new(Arc::new(FailureCounts::default())));
-    let loader = Loader::new(engine, linkers, None, metrics);
+    let loader = Loader::new(engine, plan.memory_reservation, linkers, None, metrics);
 
     let mut ok = 0usize;
     for file in &files {
@@ -88,7 +102,19 @@ fn check(paths: &[PathBuf], out: &mut impl Write) -> anyhow::Result<bool> {
         }
     }
     writeln!(out, "{} checked: {ok} ok, {problems} failed", files.len())?;
-    Ok(problems == 0 && ok > 0)
+
+    let assessment = plan.assess(&Machine::read());
+    writeln!(out, "capacity (the server's limits on this machine):")?;
+    for line in &assessment.lines {
+        writeln!(out, "      {line}")?;
+    }
+    for warning in &assessment.warnings {
+        writeln!(out, "WARN  {warning}")?;
+    }
+    for problem in &assessment.problems {
+        writeln!(out, "FAIL  start-up would be refused: {problem}")?;
+    }
+    Ok(problems == 0 && ok > 0 && assessment.problems.is_empty())
 }
 
 fn manifest_note(wasm: &Path) -> String {

@@ -189,6 +189,9 @@ struct FileLimits {
     read_buffer_bytes: Option<usize>,
     orphan_callback_grace_ms: Option<u64>,
     max_connections_per_ip: Option<u32>,
+    max_live_instances: Option<u32>,
+    memory_reservation: Option<crate::policy::ByteSize>,
+    async_stack_bytes: Option<crate::policy::ByteSize>,
 }
 
 /// The validated configuration the server runs with.
@@ -276,10 +279,31 @@ pub struct TlsFiles {
 /// Server-wide limits. Per-addon limits come from each addon's manifest.
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
-    /// The most addon instances (so addon connections) alive at once. It sizes the
-    /// pooling allocator, which reserves address space for each slot up front.
+    /// WebSocket connections (sockets, to addons and `/ws`) open at once; one more is
+    /// answered 503. A socket costs a file descriptor and some host memory, nothing in
+    /// the instance pool: that is [`ServerLimits::max_live_instances`].
     /// File key `limits.max_connections`; default 10,000.
     pub max_connections: u32,
+    /// Addon instances alive at once: the slots of the pooling allocator, which reserves
+    /// address space (`memory_reservation` + a 64 KiB guard, and an async stack) and
+    /// memory mappings for each slot at start-up. A new addon connection when every slot
+    /// is taken is answered 503 (`capacity`). Start-up refuses a value the machine cannot
+    /// map (see README, "Running at scale").
+    /// The pool has `min(max_live_instances, max_connections)` slots.
+    /// File key `limits.max_live_instances`; default `max_connections`, at most 10,000.
+    pub max_live_instances: u32,
+    /// Address space reserved for each instance's linear memory, which is also the most
+    /// any addon's `memory_limit` may be: an addon asking for more is not mounted. `None`
+    /// derives it at start-up from the addons present: twice the largest `memory_limit`
+    /// (headroom for reloads that raise it), at least 64 MiB, at most 4 GiB. Below
+    /// 4 GiB, compiled code checks bounds explicitly (see ARCHITECTURE.md, engine).
+    /// File key `limits.memory_reservation` (a size: `"256MiB"`); 1 MiB to 4 GiB.
+    pub memory_reservation: Option<u64>,
+    /// The stack each instance's guest code and host calls run on (one per live
+    /// instance, from the pool). Guest code may use 512 KiB of it (wasmtime's
+    /// `max_wasm_stack`); the rest is for host calls made from the guest.
+    /// File key `limits.async_stack_bytes`; default 2 MiB (wasmtime's); 1 MiB to 64 MiB.
+    pub async_stack_bytes: usize,
     /// How long a client may take to send its complete HTTP upgrade request.
     /// File key `limits.handshake_timeout_ms`; default 10 s.
     pub handshake_timeout: Duration,
@@ -308,6 +332,17 @@ pub struct ServerLimits {
     pub max_connections_per_ip: u32,
 }
 
+/// Default of `limits.max_live_instances` (and its cap when derived from
+/// `limits.max_connections`).
+pub const DEFAULT_MAX_LIVE_INSTANCES: u32 = 10_000;
+/// Default of `limits.async_stack_bytes`: wasmtime's.
+pub const DEFAULT_ASYNC_STACK_BYTES: usize = 2 << 20;
+/// Bounds of `limits.async_stack_bytes`: above the 512 KiB guests may use, with room for
+/// host calls.
+const ASYNC_STACK_BYTES: std::ops::RangeInclusive<u64> = (1 << 20)..=(64 << 20);
+/// Bounds of `limits.memory_reservation`.
+pub const MEMORY_RESERVATION: std::ops::RangeInclusive<u64> = (1 << 20)..=(4 << 30);
+
 /// Bounds of `limits.read_buffer_bytes`.
 const READ_BUFFER_BYTES: std::ops::RangeInclusive<usize> = 256..=(1 << 20);
 
@@ -315,6 +350,9 @@ impl Default for ServerLimits {
     fn default() -> Self {
         ServerLimits {
             max_connections: 10_000,
+            max_live_instances: 10_000,
+            memory_reservation: None,
+            async_stack_bytes: DEFAULT_ASYNC_STACK_BYTES,
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
             read_buffer_bytes: 1024,
@@ -387,6 +425,23 @@ impl Config {
                 bail!("invalid value for limits.max_connections: must be at least 1");
             }
             limits.max_connections = max;
+        }
+        limits.max_live_instances = match file.limits.max_live_instances {
+            Some(0) => bail!("invalid value for limits.max_live_instances: must be at least 1"),
+            Some(max) => max,
+            None => limits.max_connections.min(DEFAULT_MAX_LIVE_INSTANCES),
+        };
+        if let Some(crate::policy::ByteSize(bytes)) = file.limits.memory_reservation {
+            if !MEMORY_RESERVATION.contains(&bytes) {
+                bail!("invalid value for limits.memory_reservation: {bytes} bytes; use 1MiB to 4GiB");
+            }
+            limits.memory_reservation = Some(bytes.next_multiple_of(64 << 10));
+        }
+        if let Some(crate::policy::ByteSize(bytes)) = file.limits.async_stack_bytes {
+            if !ASYNC_STACK_BYTES.contains(&bytes) {
+                bail!("invalid value for limits.async_stack_bytes: {bytes} bytes; use 1MiB to 64MiB");
+            }
+            limits.async_stack_bytes = bytes as usize;
         }
         if let Some(ms) = file.limits.handshake_timeout_ms {
             if ms == 0 {
@@ -603,6 +658,35 @@ mod tests {
         }
         let err = format!("{:#}", Config::from_toml("[limits]\nread_buffer_bytes = -1").unwrap_err());
         assert!(err.contains("read_buffer_bytes"), "{err}");
+    }
+
+    #[test]
+    fn live_instances_default_to_the_connections_up_to_ten_thousand() {
+        let limits = Config::from_toml("").unwrap().limits;
+        assert_eq!((limits.max_connections, limits.max_live_instances), (10_000, 10_000));
+        assert_eq!((limits.memory_reservation, limits.async_stack_bytes), (None, 2 << 20));
+        let limits = Config::from_toml("[limits]\nmax_connections = 500").unwrap().limits;
+        assert_eq!(limits.max_live_instances, 500);
+        let limits = Config::from_toml("[limits]\nmax_connections = 200000").unwrap().limits;
+        assert_eq!(limits.max_live_instances, 10_000);
+        let limits = Config::from_toml(
+            "[limits]\nmax_connections = 200000\nmax_live_instances = 50000\nmemory_reservation = \"100MiB\"\n\
+             async_stack_bytes = \"1MiB\"",
+        )
+        .unwrap()
+        .limits;
+        assert_eq!(limits.max_live_instances, 50_000);
+        assert_eq!(limits.memory_reservation, Some(100 << 20));
+        assert_eq!(limits.async_stack_bytes, 1 << 20);
+        for (text, key) in [
+            ("max_live_instances = 0", "limits.max_live_instances"),
+            ("memory_reservation = \"8GiB\"", "limits.memory_reservation"),
+            ("memory_reservation = 1000", "limits.memory_reservation"),
+            ("async_stack_bytes = \"64KiB\"", "limits.async_stack_bytes"),
+        ] {
+            let err = Config::from_toml(&format!("[limits]\n{text}")).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

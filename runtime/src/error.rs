@@ -47,6 +47,10 @@ pub enum FailureKind {
     Origin,
     /// The addon's or the server's connection limit was reached. HTTP 503.
     Capacity,
+    /// No instance could be made for a new connection: every slot of the instance pool
+    /// (`limits.max_live_instances`) is taken, or the system refused the memory or the
+    /// mappings it needed. HTTP 503; never counted as `addon_trap`.
+    InstanceCapacity,
     /// The request head did not arrive within the handshake timeout. HTTP 408.
     HandshakeTimeout,
     /// The request was not HTTP, or not a valid upgrade. HTTP 4xx.
@@ -55,7 +59,7 @@ pub enum FailureKind {
 
 impl FailureKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FailureKind; 17] = [
+    pub const ALL: [FailureKind; 18] = [
         FailureKind::AddonError,
         FailureKind::AddonTrap,
         FailureKind::AddonTimeout,
@@ -71,6 +75,7 @@ impl FailureKind {
         FailureKind::OrphanedCallback,
         FailureKind::Origin,
         FailureKind::Capacity,
+        FailureKind::InstanceCapacity,
         FailureKind::HandshakeTimeout,
         FailureKind::BadRequest,
     ];
@@ -93,6 +98,7 @@ impl FailureKind {
             FailureKind::OrphanedCallback => "orphaned_callback",
             FailureKind::Origin => "origin",
             FailureKind::Capacity => "capacity",
+            FailureKind::InstanceCapacity => "instance_capacity",
             FailureKind::HandshakeTimeout => "handshake_timeout",
             FailureKind::BadRequest => "bad_request",
         }

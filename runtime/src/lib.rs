@@ -10,7 +10,8 @@
 //! Module map:
 //! - [`config`]: flags, environment and `sockhost.toml` → [`Config`]; `toml_error`:
 //!   describing a file's TOML errors without quoting its text (it may hold secrets);
-//! - [`engine`]: the wasmtime engine (pooling, async, epochs);
+//! - [`engine`]: the wasmtime engine (pooling, async, epochs); [`capacity`]: what its pool
+//!   reserves and maps, against what the machine allows;
 //! - [`addons`]: scanning, checking and compiling addon files;
 //! - [`cache`]: compiled code on disk, checked before it is trusted; `private_files`:
 //!   the modes and owner checks that keep the cache and the kv file to the server's user;
@@ -34,6 +35,7 @@ mod admin;
 mod bindings;
 pub mod builtin;
 pub mod cache;
+pub mod capacity;
 pub mod channels;
 pub mod check;
 mod client_stream;
@@ -80,7 +82,11 @@ pub fn init_logging(format: LogFormat) {
 /// Returns the process's exit code.
 pub async fn main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     if let Some(Command::Check { paths }) = &cli.command {
-        return Ok(check::run(paths, &mut std::io::stdout()));
+        // The server's settings decide the pool the addons must fit and the arithmetic
+        // printed. A config file that does not parse is one more failure of the check,
+        // which goes on with the default limits.
+        let limits = Config::from_cli(cli.clone()).map(|config| config.limits);
+        return Ok(check::run(paths, limits, &mut std::io::stdout()));
     }
     let config = Config::from_cli(cli.clone())?;
     init_logging(config.log_format);

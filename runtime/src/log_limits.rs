@@ -13,7 +13,9 @@
 //!   failure kind per [`INTERVAL`], per scope (each addon has its own, so a flood on one
 //!   does not hide another's failures; the server has one for what fails before an addon
 //!   is known). The lines past that are counted, and when the interval is over one line
-//!   says how many were left out. Counting is exact: the metrics (`sockhost_failures_total`)
+//!   says how many were left out. A full instance pool (`instance_capacity`) gets one line
+//!   per interval, not ten: when it is full every new client hits it, and the line that
+//!   matters is how many (the issue that named it saw 8,638 identical lines). Counting is exact: the metrics (`sockhost_failures_total`)
 //!   still count every failure; only the log is thinned.
 
 use std::fmt;
@@ -26,6 +28,8 @@ use crate::error::FailureKind;
 pub const MAX_CLIENT_TEXT: usize = 256;
 /// Lines of one kind, in one scope, logged per [`INTERVAL`].
 pub const LINES_PER_INTERVAL: u32 = 10;
+/// Lines of `instance_capacity` per [`INTERVAL`], in one scope.
+pub const CAPACITY_LINES_PER_INTERVAL: u32 = 1;
 /// The window [`LINES_PER_INTERVAL`] applies to.
 pub const INTERVAL: Duration = Duration::from_secs(10);
 
@@ -66,6 +70,15 @@ pub(crate) struct LogLimiter {
 const KINDS: usize = FailureKind::ALL.len() + 1;
 const REFUSED: usize = FailureKind::ALL.len();
 
+/// How many lines of the kind in `slot` each window lets through.
+fn budget(slot: usize) -> u32 {
+    if slot == FailureKind::InstanceCapacity as usize {
+        CAPACITY_LINES_PER_INTERVAL
+    } else {
+        LINES_PER_INTERVAL
+    }
+}
+
 fn kind_name(slot: usize) -> &'static str {
     FailureKind::ALL.get(slot).map_or("refused", |kind| kind.code())
 }
@@ -102,7 +115,7 @@ impl LogLimiter {
                     left_out
                 }
             };
-            let admitted = window.logged < LINES_PER_INTERVAL;
+            let admitted = window.logged < budget(slot);
             if admitted {
                 window.logged += 1;
             } else {
@@ -146,9 +159,10 @@ fn report(slot: usize, scope: &str, left_out: u64) {
         scope,
         kind,
         left_out,
-        "{left_out} more `{kind}` lines ({scope}) were left out of the log in {} s (at most {LINES_PER_INTERVAL} \
+        "{left_out} more `{kind}` lines ({scope}) were left out of the log in {} s (at most {} \
          are logged per {} s; the metrics count every failure)",
         INTERVAL.as_secs(),
+        budget(slot),
         INTERVAL.as_secs(),
     );
 }
@@ -192,5 +206,17 @@ mod tests {
         assert_eq!(window(FailureKind::Origin), 2);
         assert!(limiter.admit_at(origin, "echo", start + INTERVAL * 2));
         assert_eq!(window(FailureKind::Origin), 0);
+    }
+
+    #[test]
+    fn a_full_pool_is_logged_once_per_interval_then_counted() {
+        let limiter = LogLimiter::default();
+        let start = Instant::now();
+        let slot = FailureKind::InstanceCapacity as usize;
+        let admitted = (0..100).filter(|_| limiter.admit_at(slot, "echo", start)).count();
+        assert_eq!(admitted, 1);
+        assert_eq!(limiter.windows[slot].lock().unwrap().left_out, 99);
+        assert!(limiter.admit_at(slot, "echo", start + INTERVAL));
+        assert_eq!(limiter.windows[slot].lock().unwrap().left_out, 0);
     }
 }

@@ -22,6 +22,7 @@
 //! | `sockhost_addon_reloads_total` | counter | `addon`, `result` (`ok`, `failed`, `removed`) |
 //! | `sockhost_compile_cache_total` | counter | `result` (`hit`, `miss`, `corrupt`, `untrusted`, `write_failed`) |
 //! | `sockhost_addons_mounted` | gauge | |
+//! | `sockhost_instance_slots` | gauge | the instance pool's slots (`limits.max_live_instances`): what the sum of `sockhost_addon_live_instances` can reach |
 //! | `sockhost_channel_published_total` | counter | `addon`: messages published on its channels (by instances and `/api/publish`) |
 //! | `sockhost_channel_deliveries_total` | counter | `addon`: `on-channel-message` calls made |
 //! | `sockhost_channel_subscriptions` | gauge | `addon`: subscriptions held by this node's connections now |
@@ -85,6 +86,7 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     compile_cache: Family<ResultLabel, Counter>,
     addons_mounted: Gauge,
+    instance_slots: Gauge,
     channel_published: Family<AddonLabel, Counter>,
     channel_deliveries: Family<AddonLabel, Counter>,
     channel_subscriptions: Family<AddonLabel, Gauge>,
@@ -163,6 +165,11 @@ impl Metrics {
                 "Compiled-code cache look-ups and writes, by result",
             ),
             addons_mounted: registered(r, "addons_mounted", "Addons mounted now"),
+            instance_slots: registered(
+                r,
+                "instance_slots",
+                "Slots of the instance pool (limits.max_live_instances): the most addon instances alive at once",
+            ),
             channel_published: registered(
                 r,
                 "channel_published",
@@ -270,6 +277,11 @@ impl Metrics {
     /// Records whether Redis answers (read at each scrape).
     pub fn set_cluster_up(&self, up: bool) {
         self.cluster_up.set(up as i64);
+    }
+
+    /// Sets the size of the instance pool.
+    pub fn set_instance_slots(&self, slots: u64) {
+        self.instance_slots.set(i64::try_from(slots).unwrap_or(i64::MAX));
     }
 
     /// Sets the number of mounted addons.

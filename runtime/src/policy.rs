@@ -437,7 +437,7 @@ impl AddonPolicy {
 }
 
 /// `33554432` → `"32MiB"`; sizes that are not whole KiB/MiB/GiB stay in bytes.
-fn format_size(bytes: u64) -> String {
+pub(crate) fn format_size(bytes: u64) -> String {
     for (unit, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
         if bytes >= factor && bytes.is_multiple_of(factor) {
             return format!("{}{unit}", bytes / factor);

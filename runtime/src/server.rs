@@ -14,7 +14,9 @@
 //!
 //! Before an addon connection is upgraded the server checks, in order: the request is a
 //! valid upgrade (4xx), the `Origin` is allowed (403), the addon and the server have a
-//! free connection slot (503), and an instance can be made (503). Each refusal is counted
+//! free connection slot (503), the instance pool has a free slot
+//! (`limits.max_live_instances`; 503 `instance_capacity`), and an instance can be made
+//! (503). Each refusal is counted
 //! and logged, within bounds, as the client decides how many there are and what they
 //! carry (`crate::log_limits`): text from the client (the `Origin`, a path, the error
 //! about a head) is cut to 256 bytes, and each addon (the server, for what fails before
@@ -32,6 +34,7 @@
 //! go to that process.
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -49,6 +52,7 @@ use crate::admin::Admin;
 use crate::bindings::ConnectionInfo;
 use crate::builtin::BuiltinSlots;
 use crate::cache::CompileCache;
+use crate::capacity::{Machine, Plan};
 use crate::channels::Channels;
 use crate::client_stream::ClientStream;
 use crate::cluster::RedisLink;
@@ -85,8 +89,10 @@ struct Shared {
     config: RwLock<Arc<Config>>,
     ws_config: WebSocketConfig,
     next_connection_id: AtomicU64,
-    /// Addon connections open now, against `limits.max_connections`.
+    /// WebSocket connections (addons and `/ws`) open now, against `limits.max_connections`.
     open_connections: AtomicU32,
+    /// Addon instances alive now, against `limits.max_live_instances` (the pool's slots).
+    live_instances: AtomicU32,
     /// WebSocket connections by client address, against `limits.max_connections_per_ip`.
     per_ip: IpSlots,
     /// `/ws` connections, against `[builtin] max_connections`.
@@ -144,7 +150,24 @@ impl Server {
             None => None,
         };
 
-        let (engine, _epoch) = crate::engine::build(&config.limits)?;
+        // The pool is sized and checked against the machine before it is reserved: a
+        // configuration that cannot fit stops here, naming what to change.
+        let files = addons::wasm_files(&config.addons_dir).unwrap_or_default();
+        let plan = Plan::new(&config.limits, files.iter().map(PathBuf::as_path));
+        let assessment = plan.assess(&Machine::read());
+        for line in &assessment.lines {
+            tracing::info!("capacity: {line}");
+        }
+        for warning in &assessment.warnings {
+            tracing::warn!("capacity: {warning}");
+        }
+        if !assessment.problems.is_empty() {
+            anyhow::bail!(
+                "this configuration does not fit this machine:\n  - {}",
+                assessment.problems.join("\n  - ")
+            );
+        }
+        let engine = crate::engine::build(&plan)?;
         let linkers =
             host::linker(&engine).map_err(anyhow::Error::from).context("linking host interfaces")?;
         let cache = config.cache_dir.as_deref().map(|dir| CompileCache::open(dir, &engine));
@@ -167,7 +190,7 @@ impl Server {
             })?),
             None => None,
         };
-        let loader = Arc::new(Loader::new(engine, linkers, cache, metrics.clone()));
+        let loader = Arc::new(Loader::new(engine, plan.memory_reservation, linkers, cache, metrics.clone()));
         let dir = config.addons_dir.clone();
         let scan = loader.clone();
         let outcome = tokio::task::spawn_blocking(move || scan.load_dir(&dir))
@@ -205,6 +228,7 @@ impl Server {
             tracing::warn!(dir = %config.addons_dir.display(), "no addons mounted");
         }
         metrics.set_mounted(addons.len());
+        metrics.set_instance_slots(plan.slots);
         let mounted = Arc::new(Mounted::new(addons));
         let watcher = config.reload_poll.map(|interval| Watcher {
             loader,
@@ -246,6 +270,7 @@ impl Server {
             ws_config,
             next_connection_id: AtomicU64::new(1),
             open_connections: AtomicU32::new(0),
+            live_instances: AtomicU32::new(0),
             per_ip: IpSlots::default(),
             builtin_slots: BuiltinSlots::default(),
             failures,
@@ -451,6 +476,15 @@ impl ServerHandle {
         check("server.cache_dir / server.compile_cache", new.cache_dir == current.cache_dir);
         check("server.reload_poll_ms", new.reload_poll == current.reload_poll);
         check("limits.max_connections", new.limits.max_connections == current.limits.max_connections);
+        check(
+            "limits.max_live_instances",
+            new.limits.max_live_instances == current.limits.max_live_instances,
+        );
+        check(
+            "limits.memory_reservation",
+            new.limits.memory_reservation == current.limits.memory_reservation,
+        );
+        check("limits.async_stack_bytes", new.limits.async_stack_bytes == current.limits.async_stack_bytes);
         check("limits.read_buffer_bytes", new.limits.read_buffer_bytes == current.limits.read_buffer_bytes);
         check("log.format", new.log_format == current.log_format);
         check("cluster.redis_url", new.redis_url == current.redis_url);
@@ -782,6 +816,21 @@ async fn serve_addon(
         let rejection = Rejection::new(
             503,
             format!("addon '{}' is at its limit of {max} connections; retry later", addon.name()),
+        );
+        return reject(&mut stream, rejection).await;
+    };
+
+    // A slot of the instance pool; without one, the pool would refuse anyway.
+    let slots = shared.config().limits.max_live_instances;
+    let Some(_instance_slot) = ServerSlot::reserve(&shared.live_instances, slots) else {
+        let kind = FailureKind::InstanceCapacity;
+        addon.stats().failure(kind);
+        if addon.stats().log_limits.admit(kind, addon.name()) {
+            span.in_scope(|| tracing::warn!(%peer, max = slots, kind = kind.code(), "every instance slot is taken (limits.max_live_instances); answering 503"));
+        }
+        let rejection = Rejection::new(
+            503,
+            format!("the server is at its limit of {slots} live addon instances; retry later"),
         );
         return reject(&mut stream, rejection).await;
     };

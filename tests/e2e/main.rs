@@ -11,6 +11,7 @@ mod loading;
 mod ops;
 mod process;
 mod reload;
+mod scale;
 mod stress;
 mod support;
 mod tls;
