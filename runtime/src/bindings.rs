@@ -1,7 +1,8 @@
-//! Host-side bindings generated from `wit/addon.wit` (world `sockhost:addon/addon`).
+//! Host-side bindings generated from `wit/addon.wit` (world `sockhost:addon/hibernating`,
+//! the one with every export).
 //!
-//! The world's two exports are bound apart: `handler` is required, `channel-handler`
-//! optional ([`crate::addons`] looks each up in the component; a component built against
+//! The world's exports are bound apart: `handler` is required, `channel-handler` and
+//! `hibernation` optional ([`crate::addons`] looks each up in the component; a component built against
 //! 0.1.0 or 0.1.1 has only `handler`). So this module uses the per-interface
 //! `GuestIndices`, not the world's `AddonPre`, which would require both.
 //!
@@ -15,7 +16,7 @@
 //! wasmtime-wasi-http's own bindings, which [`crate::host::linker`] adds.
 
 wasmtime::component::bindgen!({
-    world: "addon",
+    world: "hibernating",
     path: "../wit",
     imports: {
         "sockhost:addon/session.send-text": async,

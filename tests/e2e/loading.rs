@@ -113,3 +113,15 @@ async fn a_component_built_against_wit_0_1_0_still_loads_and_serves() {
     client.send_text("still here").await;
     assert_eq!(client.recv_text().await, "still here");
 }
+
+/// `tests/fixtures/echo-wit-0.1.2.wasm` is the echo addon as built for
+/// `sockhost:addon@0.1.2` (channels, no hibernation): it mounts, serves and streams.
+#[tokio::test]
+async fn a_component_built_against_wit_0_1_2_still_loads_and_serves() {
+    let old = std::fs::read(repo_root().join("tests/fixtures/echo-wit-0.1.2.wasm")).unwrap();
+    let server = TestServer::start(&[("old.wasm", &old)]).await;
+    assert_eq!(server.addon_names, ["old"]);
+    let mut client = server.connect("/ws/old").await;
+    client.send_text("still here").await;
+    assert_eq!(client.recv_text().await, "still here");
+}
