@@ -23,7 +23,9 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre};
 use wasmtime::{Engine, Store};
 
-use crate::bindings::{ChannelHandler, ChannelHandlerIndices, Handler, HandlerIndices};
+use crate::bindings::{
+    ChannelHandler, ChannelHandlerIndices, Handler, HandlerIndices, Hibernation, HibernationIndices,
+};
 use crate::cache::CompileCache;
 use crate::error::FailureKind;
 use crate::file_stamp::FileStamp;
@@ -74,6 +76,8 @@ pub struct LoadedAddon {
     handler: HandlerIndices,
     /// Where `channel-handler`'s function is, when the component exports it.
     channel_handler: Option<ChannelHandlerIndices>,
+    /// Where `hibernation`'s functions are, when the component exports them.
+    hibernation: Option<HibernationIndices>,
     /// Shared with every connection of this version, so a connection costs no copy of it.
     policy: Arc<AddonPolicy>,
     /// SHA-256 of the wasm bytes: names the version in logs.
@@ -152,6 +156,12 @@ impl LoadedAddon {
         self.stats.try_open(self.policy.max_connections).then(|| AddonSlot(self.stats.clone()))
     }
 
+    /// How long its connections idle before they are hibernated; `None` when never (the
+    /// component does not export `hibernation`, or the manifest says 0).
+    pub fn hibernate_after(&self) -> Option<std::time::Duration> {
+        self.policy.hibernate_after(self.hibernation.is_some())
+    }
+
     /// Whether the component exports `channel-handler`, so it can receive channel messages.
     pub fn receives_channel_messages(&self) -> bool {
         self.channel_handler.is_some()
@@ -160,8 +170,17 @@ impl LoadedAddon {
     /// A fresh instance of the addon with its own store and limits, for one connection.
     pub async fn instantiate(
         &self,
-        mut state: HostState,
+        state: HostState,
     ) -> Result<(Store<HostState>, AddonInstance), InstantiateError> {
+        self.instantiate_keeping(state).await.map_err(|(err, _)| err)
+    }
+
+    /// [`LoadedAddon::instantiate`], giving the state back on failure: a hibernated
+    /// connection that cannot wake still has its socket to say so on.
+    pub(crate) async fn instantiate_keeping(
+        &self,
+        mut state: HostState,
+    ) -> Result<(Store<HostState>, AddonInstance), (InstantiateError, HostState)> {
         state.channels.can_receive = self.channel_handler.is_some();
         let mut store = Store::new(self.pre.engine(), state);
         // The guest's own handle tables (handles to host resources, and to resources it
@@ -178,7 +197,11 @@ impl LoadedAddon {
                     Some(indices) => Some(indices.load(&mut store, &instance)?),
                     None => None,
                 };
-                wasmtime::Result::Ok(AddonInstance { handler, channel_handler })
+                let hibernation = match &self.hibernation {
+                    Some(indices) => Some(indices.load(&mut store, &instance)?),
+                    None => None,
+                };
+                wasmtime::Result::Ok(AddonInstance { handler, channel_handler, hibernation })
             })
             .await;
         match made {
@@ -188,7 +211,7 @@ impl LoadedAddon {
                     Some(cause) => (FailureKind::InstanceCapacity, cause),
                     None => sandbox::classify(&mut store, &self.policy, &err),
                 };
-                Err(InstantiateError { kind, cause })
+                Err((InstantiateError { kind, cause }, store.into_data()))
             }
         }
     }
@@ -220,6 +243,7 @@ fn capacity_cause(err: &wasmtime::Error) -> Option<String> {
 pub struct AddonInstance {
     pub(crate) handler: Handler,
     pub(crate) channel_handler: Option<ChannelHandler>,
+    pub(crate) hibernation: Option<Hibernation>,
 }
 
 /// Why a new instance could not be made: its initial memory is over `memory_limit`, its
@@ -436,6 +460,28 @@ impl Loader {
                 None
             }
         };
+        let hibernation = match HibernationIndices::new(&pre) {
+            Ok(indices) => Some(indices),
+            Err(err) => {
+                let exported = component
+                    .component_type()
+                    .exports(&self.engine)
+                    .any(|(name, _)| name.starts_with("sockhost:addon/hibernation"));
+                if exported {
+                    return Err(LoadError::WrongWorld(
+                        anyhow::Error::from(err).context("its sockhost:addon/hibernation export"),
+                    ));
+                }
+                if policy.hibernate_after_ms.is_some_and(|ms| ms > 0) {
+                    tracing::warn!(
+                        addon = %stem,
+                        "hibernate_after_ms is set but the component does not export sockhost:addon/hibernation \
+                         (the SDK's `export_addon!(T, hibernate)`): its connections stay live"
+                    );
+                }
+                None
+            }
+        };
         let elapsed = started.elapsed();
         self.metrics.compiled(&stem, elapsed);
         tracing::debug!(addon = %stem, elapsed_ms = elapsed.as_millis() as u64, "compiled");
@@ -446,6 +492,7 @@ impl Loader {
             pre,
             handler,
             channel_handler,
+            hibernation,
             policy: Arc::new(policy),
             sha256,
             fingerprint,

@@ -41,4 +41,7 @@ pub use self::exports::sockhost::addon::channel_handler::{
     Guest as ChannelHandler, GuestIndices as ChannelHandlerIndices,
 };
 pub use self::exports::sockhost::addon::handler::{Guest as Handler, GuestIndices as HandlerIndices};
+pub use self::exports::sockhost::addon::hibernation::{
+    Guest as Hibernation, GuestIndices as HibernationIndices,
+};
 pub use self::sockhost::addon::types::{CloseFrame, ConnectionInfo, Message};

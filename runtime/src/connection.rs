@@ -27,6 +27,14 @@
 //! 1006 when the peer vanished. It does not run after `on-open` refused the connection or
 //! after the instance failed (a trapped instance cannot be entered again).
 //!
+//! Hibernation: a connection of an addon that exports `hibernation` and has had no
+//! callback running for `hibernate_after_ms` gives up its instance. The task calls
+//! `hibernate`, keeps the bytes with the host's part of the store ([`ParkedHost`]: the
+//! session, subscriptions, limits) and drops the instance, whose pool slot goes back. The
+//! next client message, channel delivery or close makes a fresh instance of the same
+//! version, calls `wake(state)` and then delivers the event. The socket, its reader, the
+//! inbox and the timers stay with the task the whole time.
+//!
 //! Each failure is counted, and logged unless this addon already logged its share of that
 //! kind for now: a client can fail connections in a loop (`crate::log_limits`).
 
@@ -34,6 +42,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -44,15 +53,15 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use wasmtime::Store;
 
-use crate::addons::AddonInstance;
+use crate::addons::{AddonInstance, InstantiateError, LoadedAddon};
 use crate::bindings::Message;
 use crate::channels::{Delivery, Inbox};
 use crate::client_stream::ClientStream;
 use crate::error::{Envelope, FailureKind, close_code};
-use crate::host::HostState;
-use crate::host::session::Outbox;
+use crate::host::session::{Outbox, Session};
+use crate::host::{HostState, ParkedHost};
 use crate::log_limits::client_text;
-use crate::metrics::AddonStats;
+use crate::metrics::{AddonStats, LiveInstance};
 use crate::policy::AddonPolicy;
 use crate::sandbox::{self, CpuMeter, TokenBucket};
 use crate::shutdown::ShutdownListener;
@@ -160,10 +169,91 @@ enum Wake {
     Shutdown,
 }
 
+/// A connection's addon instance, while it is live.
+pub(crate) struct Live {
+    pub(crate) store: Store<HostState>,
+    pub(crate) exports: AddonInstance,
+    /// Its slot of the instance pool.
+    pub(crate) lease: InstanceLease,
+}
+
+/// A hibernated connection: its instance's state in bytes and the host's part of its store.
+struct Asleep {
+    state: Vec<u8>,
+    host: ParkedHost,
+}
+
+/// The connection's instance: live or hibernated. `Gone` stands in only while one turns
+/// into the other.
+enum Guest {
+    Live(Live),
+    // Boxed: a live connection would otherwise carry the parked state's room.
+    Asleep(Box<Asleep>),
+    Gone,
+}
+
+/// Why a hibernated connection could not be woken.
+enum Unwoken {
+    /// Every slot of the instance pool is taken.
+    NoSlot,
+    /// No instance could be made (see [`InstantiateError`]).
+    NotMade(InstantiateError),
+    /// `wake` trapped or ran past a limit.
+    Trapped(wasmtime::Error),
+    /// The client left while `wake` ran, and it ran past the grace period.
+    Orphaned,
+}
+
+/// The instance pool's slots (`limits.max_live_instances`): a live instance holds one, a
+/// hibernated connection none.
+#[derive(Debug)]
+pub(crate) struct InstanceSlots {
+    live: AtomicU32,
+    max: u32,
+}
+
+impl InstanceSlots {
+    pub(crate) fn new(max: u32) -> InstanceSlots {
+        InstanceSlots { live: AtomicU32::new(0), max }
+    }
+
+    /// The pool's size.
+    pub(crate) fn max(&self) -> u32 {
+        self.max
+    }
+
+    /// A slot for an instance of the addon `stats` counts, if one is free.
+    pub(crate) fn lease(self: &Arc<Self>, stats: &Arc<AddonStats>) -> Option<InstanceLease> {
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
+            .ok()?;
+        Some(InstanceLease { slots: self.clone(), _live: LiveInstance::new(stats.clone()) })
+    }
+}
+
+/// One slot of the instance pool, held while an instance is live; counted in
+/// `sockhost_addon_live_instances`.
+pub(crate) struct InstanceLease {
+    slots: Arc<InstanceSlots>,
+    _live: LiveInstance,
+}
+
+impl Drop for InstanceLease {
+    fn drop(&mut self) {
+        self.slots.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A connection served by its own addon instance.
 pub(crate) struct AddonConnection {
-    store: Store<HostState>,
-    instance: AddonInstance,
+    /// The instance, live or hibernated.
+    guest: Guest,
+    /// The version this connection started on: a hibernated connection wakes on it.
+    addon: Arc<LoadedAddon>,
+    /// Where a waking connection takes its instance slot from.
+    slots: Arc<InstanceSlots>,
+    /// How long the connection idles before it hibernates; `None`: never.
+    hibernate_after: Option<Duration>,
     /// Books the instance's running time; every callback is polled through it.
     meter: CpuMeter,
     /// The socket's write half, which the instance's sends queue into; flushed whenever
@@ -199,23 +289,30 @@ pub(crate) struct AddonConnection {
 impl AddonConnection {
     /// Joins an instance (made before the upgrade) with the upgraded socket.
     pub(crate) fn new(
-        mut store: Store<HostState>,
-        instance: AddonInstance,
+        mut live: Live,
         ws: WebSocketStream<ClientStream>,
-        policy: Arc<AddonPolicy>,
-        stats: Arc<AddonStats>,
+        addon: Arc<LoadedAddon>,
+        slots: Arc<InstanceSlots>,
         shutdown: ShutdownListener,
         orphan_grace: Duration,
     ) -> Self {
         let (sink, stream) = ws.split();
-        let outbox = store.data_mut().session.attach(sink, stats.clone());
+        let stats = addon.stats().clone();
+        let policy = addon.policy().clone();
+        let outbox = live.store.data_mut().session.attach(sink, stats.clone());
         let now = Instant::now();
-        let first_deadline = now + policy.ping_interval.min(policy.idle_timeout);
+        let hibernate_after = addon.hibernate_after();
+        let mut first_deadline = now + policy.ping_interval.min(policy.idle_timeout);
+        if let Some(after) = hibernate_after {
+            first_deadline = first_deadline.min(now + after);
+        }
         AddonConnection {
-            meter: store.data().limits.meter(),
+            meter: live.store.data().limits.meter(),
             outbox,
-            store,
-            instance,
+            guest: Guest::Live(live),
+            addon,
+            slots,
+            hibernate_after,
             inbox: None,
             reader: Reader { stream, finished: false, last_frame: now },
             // Empty until a message arrives while a callback runs: most connections,
@@ -235,16 +332,26 @@ impl AddonConnection {
         }
     }
 
+    /// The session (socket, close state), live or hibernated.
+    fn session(&mut self) -> &mut Session {
+        match &mut self.guest {
+            Guest::Live(live) => &mut live.store.data_mut().session,
+            Guest::Asleep(asleep) => &mut asleep.host.session,
+            Guest::Gone => unreachable!("the guest is only gone inside a transition"),
+        }
+    }
+
     /// Runs the connection to its end.
     pub(crate) async fn serve(mut self) {
-        let info = self.store.data().session.info().clone();
-        sandbox::start_callback(&mut self.store, None);
-        let handler = &self.instance.handler;
+        let Guest::Live(live) = &mut self.guest else { unreachable!("a connection starts live") };
+        let info = live.store.data().session.info().clone();
+        sandbox::start_callback(&mut live.store, None);
+        let handler = &live.exports.handler;
         let call = guest_turn(
             &self.meter,
             &self.outbox,
             self.policy.send_timeout,
-            handler.call_on_open(&mut self.store, &info),
+            handler.call_on_open(&mut live.store, &info),
         );
         let Ok(opened) = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
         else {
@@ -255,11 +362,10 @@ impl AddonConnection {
             Ok(Ok(())) => {}
             Ok(Err(refusal)) => {
                 // Clients can be refused in a loop (a bad token on every try): bounded too.
-                let addon = &self.store.data().session.info().addon;
-                if self.stats.log_limits.admit_refused(addon) {
+                if self.stats.log_limits.admit_refused(self.addon.name()) {
                     tracing::info!(code = refusal.code, reason = %refusal.reason, "addon refused the connection");
                 }
-                self.store.data_mut().session.close(refusal.code, &refusal.reason).await;
+                self.session().close(refusal.code, &refusal.reason).await;
                 self.finish_close().await;
                 return;
             }
@@ -270,6 +376,9 @@ impl AddonConnection {
             let event = match self.wake().await {
                 Wake::Event(event) => event,
                 Wake::Delivery(delivery) => {
+                    if let Err(unwoken) = self.awaken().await {
+                        return self.not_woken(unwoken).await;
+                    }
                     match self.deliver(&delivery).await {
                         Ok(Ok(())) => {}
                         Ok(Err(err)) => return self.failed("on-channel-message", err).await,
@@ -289,16 +398,27 @@ impl AddonConnection {
                 }
                 Wake::Timer => {
                     self.keep_alive().await;
+                    if self.hibernate_due()
+                        && let Err(stop) = self.hibernate().await
+                    {
+                        return match stop {
+                            Unwoken::Orphaned => self.orphaned("hibernate").await,
+                            Unwoken::Trapped(err) => self.failed("hibernate", err).await,
+                            Unwoken::NoSlot | Unwoken::NotMade(_) => {
+                                unreachable!("hibernating makes no instance")
+                            }
+                        };
+                    }
                     continue;
                 }
                 Wake::Shutdown => {
-                    self.store.data_mut().session.close(close_code::GOING_AWAY, "server shutting down").await;
+                    self.session().close(close_code::GOING_AWAY, "server shutting down").await;
                     continue;
                 }
             };
             match event {
                 Inbound::Message(message) => {
-                    if self.store.data_mut().session.close_sent().is_some() {
+                    if self.session().close_sent().is_some() {
                         // After a close frame went out, data from the client is discarded (RFC 6455 §5.5.1).
                         continue;
                     }
@@ -320,15 +440,19 @@ impl AddonConnection {
                         self.fail_client(FailureKind::RateLimited, close_code::POLICY, &reason).await;
                         continue;
                     }
+                    if let Err(unwoken) = self.awaken().await {
+                        return self.not_woken(unwoken).await;
+                    }
+                    let Guest::Live(live) = &mut self.guest else { unreachable!("woken above") };
                     // The callback starts now, as far as the clock can tell.
                     let started = self.last_message.max(self.last_callback_end);
-                    sandbox::start_callback(&mut self.store, Some(started.into_std()));
-                    let handler = &self.instance.handler;
+                    sandbox::start_callback(&mut live.store, Some(started.into_std()));
+                    let handler = &live.exports.handler;
                     let call = guest_turn(
                         &self.meter,
                         &self.outbox,
                         self.policy.send_timeout,
-                        handler.call_on_message(&mut self.store, &message),
+                        handler.call_on_message(&mut live.store, &message),
                     );
                     let outcome =
                         read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
@@ -359,15 +483,32 @@ impl AddonConnection {
         };
 
         // Flushes tungstenite's reply to the client's close frame before running on-close.
-        self.store.data_mut().session.shutdown().await;
+        self.session().shutdown().await;
         tracing::debug!(code, reason = %client_text(&reason), "connection closed");
-        sandbox::start_callback(&mut self.store, None);
-        let handler = &self.instance.handler;
+        // A hibernated connection wakes for its close too, so on-close sees its state.
+        if let Err(unwoken) = self.awaken().await {
+            let (kind, cause) = match unwoken {
+                Unwoken::NoSlot => (FailureKind::InstanceCapacity, "no free instance slot".to_owned()),
+                Unwoken::NotMade(err) => (err.kind, err.cause),
+                Unwoken::Trapped(err) => self.classify(&err),
+                Unwoken::Orphaned => {
+                    (FailureKind::OrphanedCallback, "wake outlived the grace period".to_owned())
+                }
+            };
+            self.stats.failure(kind);
+            if self.may_log(kind) {
+                tracing::warn!(stage = "wake for on-close", kind = kind.code(), cause = %cause, "on-close skipped");
+            }
+            return;
+        }
+        let Guest::Live(live) = &mut self.guest else { unreachable!("woken above") };
+        sandbox::start_callback(&mut live.store, None);
+        let handler = &live.exports.handler;
         if let Err(err) = guest_turn(
             &self.meter,
             &self.outbox,
             self.policy.send_timeout,
-            handler.call_on_close(&mut self.store, code, &reason),
+            handler.call_on_close(&mut live.store, code, &reason),
         )
         .await
         {
@@ -386,7 +527,7 @@ impl AddonConnection {
         if let Some(event) = self.pending.pop_front() {
             return Wake::Event(event);
         }
-        let session = &mut self.store.data_mut().session;
+        let session = self.session();
         if let Some((code, reason)) = session.close_sent() {
             let gone = Inbound::Closed { code: *code, reason: reason.clone() };
             if session.stalled() {
@@ -429,24 +570,27 @@ impl AddonConnection {
     /// After a callback: the first `subscribe` made the inbox, which this task polls from
     /// now on. (Made lazily, so connections that never subscribe carry none.)
     fn pick_up_inbox(&mut self) {
-        if self.inbox.is_none() {
-            self.inbox = self.store.data_mut().channels.take_inbox();
+        if self.inbox.is_none()
+            && let Guest::Live(live) = &mut self.guest
+        {
+            self.inbox = live.store.data_mut().channels.take_inbox();
         }
     }
 
     /// Runs `on-channel-message` for one delivery, reading the socket meanwhile.
     async fn deliver(&mut self, delivery: &Delivery) -> Result<wasmtime::Result<()>, Orphaned> {
-        let Some(channel_handler) = &self.instance.channel_handler else {
+        let Guest::Live(live) = &mut self.guest else { unreachable!("woken before a delivery") };
+        let Some(channel_handler) = &live.exports.channel_handler else {
             // Unreachable in practice: such an instance's subscribe answers `denied`.
             return Ok(Ok(()));
         };
         self.stats.channel_delivery();
-        sandbox::start_callback(&mut self.store, None);
+        sandbox::start_callback(&mut live.store, None);
         let call = guest_turn(
             &self.meter,
             &self.outbox,
             self.policy.send_timeout,
-            channel_handler.call_on_channel_message(&mut self.store, &delivery.channel, &delivery.payload),
+            channel_handler.call_on_channel_message(&mut live.store, &delivery.channel, &delivery.payload),
         );
         let outcome = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
         self.last_callback_end = Instant::now();
@@ -465,7 +609,7 @@ impl AddonConnection {
             "the client is gone and the callback was still running after the grace period \
              (limits.orphan_callback_grace_ms); abandoned it and dropped the instance; on-close skipped"
         );
-        self.store.data_mut().session.shutdown().await;
+        self.session().shutdown().await;
     }
 
     /// The next keep-alive deadline: idle timeout, ping due, or pong overdue.
@@ -475,7 +619,11 @@ impl AddonConnection {
             Some(sent) => sent + self.policy.ping_interval,
             None => self.reader.last_frame + self.policy.ping_interval,
         };
-        idle.min(ping)
+        let deadline = idle.min(ping);
+        match (self.hibernate_after, &self.guest) {
+            (Some(after), Guest::Live(_)) => deadline.min(self.last_activity() + after),
+            _ => deadline,
+        }
     }
 
     /// Handles a keep-alive timer: closes an idle connection, drops one whose ping went
@@ -509,7 +657,7 @@ impl AddonConnection {
             }
         }
         if self.ping_sent.is_none() && now >= self.reader.last_frame + self.policy.ping_interval {
-            self.store.data_mut().session.ping().await;
+            self.session().ping().await;
             self.ping_sent = Some(now);
         }
         let next = self.next_deadline();
@@ -523,25 +671,28 @@ impl AddonConnection {
             // The cause may carry what the client sent (a protocol error's text).
             tracing::info!(kind = kind.code(), code, cause = %client_text(reason), "closing the connection");
         }
-        self.store.data_mut().session.close(code, reason).await;
+        self.session().close(code, reason).await;
     }
 
     async fn send_error(&mut self, kind: FailureKind, message: &str) {
         let frame = Envelope::Error { message, code: kind.code() }.to_json();
         // A failed send means the client is gone; the reader will report it.
-        let _ = self.store.data_mut().session.send(WsMessage::text(frame)).await;
+        let _ = self.session().send(WsMessage::text(frame)).await;
     }
 
     /// Whether a failure line of `kind` may be logged now: clients decide how many
     /// connections fail, so each addon logs a bounded number per kind
     /// (`crate::log_limits`). The failure is counted either way.
     fn may_log(&self, kind: FailureKind) -> bool {
-        self.stats.log_limits.admit(kind, &self.store.data().session.info().addon)
+        self.stats.log_limits.admit(kind, self.addon.name())
     }
 
-    /// Names why a call into the instance failed.
+    /// Names why a call into the live instance failed.
     fn classify(&mut self, err: &wasmtime::Error) -> (FailureKind, String) {
-        sandbox::classify(&mut self.store, &self.policy, err)
+        match &mut self.guest {
+            Guest::Live(live) => sandbox::classify(&mut live.store, &self.policy, err),
+            _ => (FailureKind::AddonTrap, format!("crashed: {}", sandbox::describe(err))),
+        }
     }
 
     /// The instance failed (trap, CPU or memory limit): tell the client, close with
@@ -552,10 +703,158 @@ impl AddonConnection {
         if self.may_log(kind) {
             tracing::error!(stage, kind = kind.code(), cause = %cause, detail = %sandbox::describe(&err), "addon failed; closing with 1011");
         }
-        let addon = self.store.data().session.info().addon.clone();
-        self.send_error(kind, &format!("addon '{addon}' {cause}")).await;
-        self.store.data_mut().session.close(close_code::INTERNAL_ERROR, kind.code()).await;
+        let addon = self.addon.clone();
+        self.send_error(kind, &format!("addon '{}' {cause}", addon.name())).await;
+        self.session().close(close_code::INTERNAL_ERROR, kind.code()).await;
         self.finish_close().await;
+    }
+
+    /// Makes a hibernated connection's instance live again: a slot, a fresh instance of
+    /// the version the connection started on, then `wake(state)`. Nothing to do when the
+    /// instance is live.
+    async fn awaken(&mut self) -> Result<(), Unwoken> {
+        if !matches!(self.guest, Guest::Asleep(_)) {
+            return Ok(());
+        }
+        let Guest::Asleep(asleep) = std::mem::replace(&mut self.guest, Guest::Gone) else { unreachable!() };
+        let Some(lease) = self.slots.lease(&self.stats) else {
+            self.guest = Guest::Asleep(asleep);
+            return Err(Unwoken::NoSlot);
+        };
+        let Asleep { state, host } = *asleep;
+        let host = HostState::unpark(host, &self.policy);
+        let (store, exports) = match self.addon.instantiate_keeping(host).await {
+            Ok(made) => made,
+            Err((err, host)) => {
+                self.guest = Guest::Asleep(Box::new(Asleep { state, host: host.park() }));
+                return Err(Unwoken::NotMade(err));
+            }
+        };
+        self.stats.hibernated.dec();
+        self.stats.wakes.inc();
+        self.guest = Guest::Live(Live { store, exports, lease });
+        // The hibernation deadline is back, and may come before the armed one.
+        let next = self.next_deadline();
+        self.keep_alive_timer.as_mut().reset(next);
+        let Guest::Live(live) = &mut self.guest else { unreachable!() };
+        let hibernation =
+            live.exports.hibernation.as_ref().expect("only a version that exports hibernation hibernates");
+        sandbox::start_callback(&mut live.store, None);
+        let call = guest_turn(
+            &self.meter,
+            &self.outbox,
+            self.policy.send_timeout,
+            hibernation.call_wake(&mut live.store, &state),
+        );
+        let outcome = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
+        self.pick_up_inbox();
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(Unwoken::Trapped(err)),
+            Err(Orphaned) => Err(Unwoken::Orphaned),
+        }
+    }
+
+    /// The connection could not be woken: the client is told, and the connection closes.
+    async fn not_woken(mut self, unwoken: Unwoken) {
+        let (kind, cause, code) = match unwoken {
+            Unwoken::Trapped(err) => return self.failed("wake", err).await,
+            Unwoken::Orphaned => return self.orphaned("wake").await,
+            Unwoken::NoSlot => (
+                FailureKind::InstanceCapacity,
+                format!(
+                    "cannot wake this connection: every one of the {} instance slots is taken \
+                     (limits.max_live_instances); reconnect later",
+                    self.slots.max()
+                ),
+                close_code::TRY_AGAIN_LATER,
+            ),
+            Unwoken::NotMade(InstantiateError { kind, cause }) => {
+                let code = match kind {
+                    FailureKind::InstanceCapacity => close_code::TRY_AGAIN_LATER,
+                    _ => close_code::INTERNAL_ERROR,
+                };
+                (kind, format!("addon '{}' cannot wake this connection: it {cause}", self.addon.name()), code)
+            }
+        };
+        self.stats.failure(kind);
+        if self.may_log(kind) {
+            tracing::error!(stage = "wake", kind = kind.code(), cause = %cause, "cannot wake a hibernated connection; closing");
+        }
+        self.send_error(kind, &cause).await;
+        self.session().close(code, kind.code()).await;
+        self.finish_close().await;
+    }
+
+    /// Whether the live instance has idled for `hibernate_after` with nothing waiting.
+    fn hibernate_due(&mut self) -> bool {
+        let Some(after) = self.hibernate_after else { return false };
+        matches!(self.guest, Guest::Live(_))
+            && self.pending.is_empty()
+            && Instant::now() >= self.last_activity() + after
+            && self.session().close_sent().is_none()
+    }
+
+    /// When the connection last did something: a client message or a callback's end.
+    fn last_activity(&self) -> Instant {
+        self.last_message.max(self.last_callback_end)
+    }
+
+    /// Hibernates the idle instance: `hibernate()`, keep the bytes, drop the instance so
+    /// its memory and slot go back. A state over `hibernate_max_state_bytes` keeps it
+    /// live (`hibernate_failed`); a trap ends the connection, as in any callback, since
+    /// a trapped instance cannot be entered again.
+    async fn hibernate(&mut self) -> Result<(), Unwoken> {
+        let Guest::Live(live) = &mut self.guest else { return Ok(()) };
+        let Some(hibernation) = live.exports.hibernation.as_ref() else { return Ok(()) };
+        sandbox::start_callback(&mut live.store, None);
+        let call = guest_turn(
+            &self.meter,
+            &self.outbox,
+            self.policy.send_timeout,
+            hibernation.call_hibernate(&mut live.store),
+        );
+        let outcome = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
+        self.last_callback_end = Instant::now();
+        self.pick_up_inbox();
+        let mut state = match outcome {
+            Ok(Ok(state)) => state,
+            Ok(Err(err)) => return Err(Unwoken::Trapped(err)),
+            Err(Orphaned) => return Err(Unwoken::Orphaned),
+        };
+        let max = self.policy.hibernate_max_state_bytes;
+        if state.len() > max {
+            let kind = FailureKind::HibernateFailed;
+            self.stats.failure(kind);
+            if self.may_log(kind) {
+                tracing::warn!(
+                    kind = kind.code(),
+                    bytes = state.len(),
+                    max,
+                    "hibernate returned more than hibernate_max_state_bytes; the instance stays live"
+                );
+            }
+            return Ok(());
+        }
+        if !self.pending.is_empty() {
+            // The client spoke while the state was taken: it would wake at once.
+            return Ok(());
+        }
+        let Guest::Live(Live { store, exports: _, lease }) = std::mem::replace(&mut self.guest, Guest::Gone)
+        else {
+            unreachable!()
+        };
+        // Dropping the store drops the instance; the lease gives its slot back.
+        let host = store.into_data().park();
+        drop(lease);
+        state.shrink_to_fit();
+        self.guest = Guest::Asleep(Box::new(Asleep { state, host }));
+        self.stats.hibernated.inc();
+        self.stats.hibernations.inc();
+        let next = self.next_deadline();
+        self.keep_alive_timer.as_mut().reset(next);
+        tracing::debug!("hibernated");
+        Ok(())
     }
 
     /// After the host sent a close frame: waits for the client's close (bounded) so the
@@ -567,7 +866,7 @@ impl AddonConnection {
                 _ => continue,
             }
         }
-        self.store.data_mut().session.shutdown().await;
+        self.session().shutdown().await;
     }
 }
 

@@ -43,6 +43,9 @@ pub enum FailureKind {
     /// A callback still ran `limits.orphan_callback_grace_ms` after its client had gone: it
     /// was abandoned and the instance dropped, without `on-close`.
     OrphanedCallback,
+    /// `hibernate` returned more than the manifest's `hibernate_max_state_bytes`: the
+    /// instance stays live, and the host tries again after the next idle period.
+    HibernateFailed,
     /// `Origin` not in the addon's `allowed_origins`. HTTP 403 before the upgrade.
     Origin,
     /// The addon's or the server's connection limit was reached. HTTP 503.
@@ -59,7 +62,7 @@ pub enum FailureKind {
 
 impl FailureKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FailureKind; 18] = [
+    pub const ALL: [FailureKind; 19] = [
         FailureKind::AddonError,
         FailureKind::AddonTrap,
         FailureKind::AddonTimeout,
@@ -73,6 +76,7 @@ impl FailureKind {
         FailureKind::SlowClient,
         FailureKind::SlowSubscriber,
         FailureKind::OrphanedCallback,
+        FailureKind::HibernateFailed,
         FailureKind::Origin,
         FailureKind::Capacity,
         FailureKind::InstanceCapacity,
@@ -96,6 +100,7 @@ impl FailureKind {
             FailureKind::SlowClient => "slow_client",
             FailureKind::SlowSubscriber => "slow_subscriber",
             FailureKind::OrphanedCallback => "orphaned_callback",
+            FailureKind::HibernateFailed => "hibernate_failed",
             FailureKind::Origin => "origin",
             FailureKind::Capacity => "capacity",
             FailureKind::InstanceCapacity => "instance_capacity",
@@ -156,10 +161,12 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
     /// The addon failed in a way that ends the connection.
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// The server cannot serve the connection now; the client should reconnect later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 
     /// Whether a server may put `code` in a close frame (RFC 6455 §7.4).
     pub fn is_sendable(code: u16) -> bool {
-        matches!(code, 1000 | 1001 | 1002 | 1003 | 1007..=1011 | 3000..=4999)
+        matches!(code, 1000 | 1001 | 1002 | 1003 | 1007..=1014 | 3000..=4999)
     }
 }
 
@@ -213,7 +220,7 @@ mod tests {
 
     #[test]
     fn only_sendable_close_codes_pass() {
-        for ok in [1000, 1001, 1008, 1011, 3000, 4999] {
+        for ok in [1000, 1001, 1008, 1011, 1013, 3000, 4999] {
             assert!(close_code::is_sendable(ok), "{ok}");
         }
         for bad in [0, 999, 1004, 1005, 1006, 1015, 2000, 5000] {

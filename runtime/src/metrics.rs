@@ -15,6 +15,8 @@
 //! | `sockhost_addon_open_connections` | gauge | `addon` |
 //! | `sockhost_addon_connections_total` | counter | `addon` |
 //! | `sockhost_addon_live_instances` | gauge | `addon` |
+//! | `sockhost_addon_hibernated_connections` | gauge | `addon`: connections whose instance is hibernated now |
+//! | `sockhost_addon_hibernations_total`, `_wakes_total` | counter | `addon` |
 //! | `sockhost_addon_messages_in_total`, `_out_total` | counter | `addon` |
 //! | `sockhost_addon_bytes_in_total`, `_out_total` | counter | `addon` |
 //! | `sockhost_addon_callback_seconds` | histogram | `addon` |
@@ -27,6 +29,7 @@
 //! | `sockhost_channel_deliveries_total` | counter | `addon`: `on-channel-message` calls made |
 //! | `sockhost_channel_subscriptions` | gauge | `addon`: subscriptions held by this node's connections now |
 //! | `sockhost_cluster_up` | gauge | 1 while Redis answers, 0 while not; absent without `redis_url` |
+//! | `sockhost_socket_writes_total` | counter | writes to client sockets (corked frames leave in one) |
 //! | `sockhost_failures_total` | counter | `kind` (the [`FailureKind`] codes) |
 //! | `sockhost_addon_failures_total` | counter | `addon`, `kind`: the same failures, for the addon whose connection (or upgrade) failed |
 
@@ -90,6 +93,9 @@ pub struct Metrics {
     channel_published: Family<AddonLabel, Counter>,
     channel_deliveries: Family<AddonLabel, Counter>,
     channel_subscriptions: Family<AddonLabel, Gauge>,
+    hibernated: Family<AddonLabel, Gauge>,
+    hibernations: Family<AddonLabel, Counter>,
+    wakes: Family<AddonLabel, Counter>,
     /// Registered only in a cluster.
     cluster_up: Gauge,
     /// Writes to client sockets (system calls, or TLS records handed to rustls).
@@ -185,6 +191,21 @@ impl Metrics {
                 "channel_subscriptions",
                 "Channel subscriptions held by this node's connections to the addon now",
             ),
+            hibernated: registered(
+                r,
+                "addon_hibernated_connections",
+                "Connections to the addon whose instance is hibernated now (no live instance)",
+            ),
+            hibernations: registered(
+                r,
+                "addon_hibernations",
+                "Idle connections whose instance was hibernated",
+            ),
+            wakes: registered(
+                r,
+                "addon_wakes",
+                "Hibernated connections woken by a message, a delivery or a close",
+            ),
             cluster_up: Gauge::default(),
             socket_writes: registered(
                 r,
@@ -226,6 +247,9 @@ impl Metrics {
                     channel_published: self.channel_published.get_or_create(&label).clone(),
                     channel_deliveries: self.channel_deliveries.get_or_create(&label).clone(),
                     channel_subscriptions: self.channel_subscriptions.get_or_create(&label).clone(),
+                    hibernated: self.hibernated.get_or_create(&label).clone(),
+                    hibernations: self.hibernations.get_or_create(&label).clone(),
+                    wakes: self.wakes.get_or_create(&label).clone(),
                     failures: FailureCounts::default(),
                     server_failures: self.failures.clone(),
                     log_limits: LogLimiter::default(),
@@ -315,6 +339,10 @@ pub struct AddonStats {
     pub(crate) channel_published: Counter,
     pub(crate) channel_deliveries: Counter,
     pub(crate) channel_subscriptions: Gauge,
+    /// Connections hibernated now (no live instance), and hibernations and wakes so far.
+    pub(crate) hibernated: Gauge,
+    pub(crate) hibernations: Counter,
+    pub(crate) wakes: Counter,
     /// This addon's share of the server-wide failure counts.
     pub(crate) failures: FailureCounts,
     server_failures: Arc<FailureCounts>,

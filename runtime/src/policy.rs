@@ -21,6 +21,8 @@
 //! | `idle_timeout_s` | `600` | time without a client message before the host closes |
 //! | `ping_interval_s` | `30` | silence before the host pings; a ping unanswered as long again means the peer is gone |
 //! | `send_timeout_s` | `10` | how long one `send` may wait for a client that does not read |
+//! | `hibernate_after_ms` | `30000` for a component that exports `hibernation`; never without it (`0` = never) | time with no callback running before an idle connection's instance is hibernated (`crate::connection`) |
+//! | `hibernate_max_state_bytes` | `"16KiB"` | largest state `hibernate` may return; a larger one keeps the instance live |
 //! | `allowed_origins` | `[]` (any) | `Origin` header allow-list for browser clients |
 //!
 //! Grants (capabilities beyond the session and log), all off by default:
@@ -61,6 +63,8 @@ struct ManifestFile {
     idle_timeout_s: Option<u64>,
     ping_interval_s: Option<u64>,
     send_timeout_s: Option<u64>,
+    hibernate_after_ms: Option<u64>,
+    hibernate_max_state_bytes: Option<ByteSize>,
     allowed_origins: Option<Vec<String>>,
     kv: Option<bool>,
     kv_max_keys: Option<u64>,
@@ -144,6 +148,11 @@ pub struct AddonPolicy {
     pub ping_interval: Duration,
     /// How long one `send` may wait for a client that does not read.
     pub send_timeout: Duration,
+    /// `hibernate_after_ms` as the manifest sets it; the loader resolves it against the
+    /// component's exports ([`AddonPolicy::hibernate_after`]).
+    pub hibernate_after_ms: Option<u64>,
+    /// Largest state `hibernate` may return.
+    pub hibernate_max_state_bytes: usize,
     /// Allowed `Origin` values; empty means any.
     pub allowed_origins: Vec<String>,
     /// Whether the addon may use the kv store.
@@ -172,6 +181,8 @@ impl Default for AddonPolicy {
             idle_timeout: Duration::from_secs(600),
             ping_interval: Duration::from_secs(30),
             send_timeout: Duration::from_secs(10),
+            hibernate_after_ms: None,
+            hibernate_max_state_bytes: DEFAULT_HIBERNATE_STATE,
             allowed_origins: Vec::new(),
             kv: false,
             kv_quota: crate::host::kv::Quota::default(),
@@ -182,6 +193,17 @@ impl Default for AddonPolicy {
         }
     }
 }
+
+/// How long a connection of an addon that exports `hibernation` idles before it is
+/// hibernated, unless its manifest says otherwise: long enough that a chat between
+/// turns stays live, short enough that a page left open does not hold an instance.
+const DEFAULT_HIBERNATE_AFTER_MS: u64 = 30_000;
+/// Largest `hibernate_after_ms`: a day.
+const MAX_HIBERNATE_AFTER_MS: u64 = 86_400_000;
+/// `hibernate_max_state_bytes` by default, and its largest value: what a hibernated
+/// connection keeps is meant to be far smaller than a live instance.
+const DEFAULT_HIBERNATE_STATE: usize = 16 << 10;
+const MAX_HIBERNATE_STATE: u64 = 1 << 20;
 
 /// Largest memory limit a manifest may set (the pool reserves 4 GiB per slot).
 const MAX_MEMORY_LIMIT: u64 = 4 << 30;
@@ -316,6 +338,21 @@ impl AddonPolicy {
                 *target = Duration::from_secs(seconds);
             }
         }
+        if let Some(ms) = file.hibernate_after_ms {
+            if ms > MAX_HIBERNATE_AFTER_MS {
+                return Err(bad(
+                    "hibernate_after_ms",
+                    format!("{ms} is outside 0..={MAX_HIBERNATE_AFTER_MS} (0 = never)"),
+                ));
+            }
+            policy.hibernate_after_ms = Some(ms);
+        }
+        if let Some(size) = file.hibernate_max_state_bytes {
+            if size.0 > MAX_HIBERNATE_STATE {
+                return Err(bad("hibernate_max_state_bytes", "is over 1MiB".to_owned()));
+            }
+            policy.hibernate_max_state_bytes = size.0 as usize;
+        }
         if let Some(origins) = file.allowed_origins {
             for origin in &origins {
                 let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
@@ -402,6 +439,15 @@ impl AddonPolicy {
 }
 
 impl AddonPolicy {
+    /// How long a connection idles before it is hibernated, for a component that
+    /// exports `hibernation` (`None`: never). Without the export, never.
+    pub fn hibernate_after(&self, exports_hibernation: bool) -> Option<Duration> {
+        match (exports_hibernation, self.hibernate_after_ms) {
+            (false, _) | (true, Some(0)) => None,
+            (true, ms) => Some(Duration::from_millis(ms.unwrap_or(DEFAULT_HIBERNATE_AFTER_MS))),
+        }
+    }
+
     /// The policy as `(manifest key, value)` pairs, for `sockhost check` and operators:
     /// every limit and every grant, defaults included. A new manifest key adds its line
     /// here.
@@ -426,6 +472,15 @@ impl AddonPolicy {
             ("idle_timeout_s", self.idle_timeout.as_secs().to_string()),
             ("ping_interval_s", self.ping_interval.as_secs().to_string()),
             ("send_timeout_s", self.send_timeout.as_secs().to_string()),
+            (
+                "hibernate_after_ms",
+                match self.hibernate_after_ms {
+                    Some(0) => "0 (never)".to_owned(),
+                    Some(ms) => ms.to_string(),
+                    None => format!("{DEFAULT_HIBERNATE_AFTER_MS} if the addon exports hibernation"),
+                },
+            ),
+            ("hibernate_max_state_bytes", format_size(self.hibernate_max_state_bytes as u64)),
             ("allowed_origins", origins),
             ("kv_max_keys", self.kv_quota.max_keys.to_string()),
             ("kv_max_bytes", format_size(self.kv_quota.max_bytes)),

@@ -57,14 +57,14 @@ use crate::channels::Channels;
 use crate::client_stream::ClientStream;
 use crate::cluster::RedisLink;
 use crate::config::Config;
-use crate::connection::AddonConnection;
+use crate::connection::{AddonConnection, InstanceSlots, Live};
 use crate::error::{FailureCounts, FailureKind};
 use crate::handshake::{self, HeadError, Rejection, RequestHead};
 use crate::host::kv::KvStore;
 use crate::host::kv_redis::RedisKvBackend;
 use crate::host::{self, HostServices, HostState};
 use crate::log_limits::{LogLimiter, client_text};
-use crate::metrics::{LiveInstance, Metrics};
+use crate::metrics::Metrics;
 use crate::reload::{Mounted, Watcher};
 use crate::shutdown::Shutdown;
 use crate::tls::Tls;
@@ -92,7 +92,7 @@ struct Shared {
     /// WebSocket connections (addons and `/ws`) open now, against `limits.max_connections`.
     open_connections: AtomicU32,
     /// Addon instances alive now, against `limits.max_live_instances` (the pool's slots).
-    live_instances: AtomicU32,
+    live_instances: Arc<InstanceSlots>,
     /// WebSocket connections by client address, against `limits.max_connections_per_ip`.
     per_ip: IpSlots,
     /// `/ws` connections, against `[builtin] max_connections`.
@@ -263,6 +263,7 @@ impl Server {
             _ => None,
         };
         let metrics_on_admin = admin.is_some();
+        let live_instances = Arc::new(InstanceSlots::new(config.limits.max_live_instances));
         let shared = Shared {
             addons: mounted,
             services,
@@ -270,7 +271,7 @@ impl Server {
             ws_config,
             next_connection_id: AtomicU64::new(1),
             open_connections: AtomicU32::new(0),
-            live_instances: AtomicU32::new(0),
+            live_instances,
             per_ip: IpSlots::default(),
             builtin_slots: BuiltinSlots::default(),
             failures,
@@ -821,8 +822,8 @@ async fn serve_addon(
     };
 
     // A slot of the instance pool; without one, the pool would refuse anyway.
-    let slots = shared.config().limits.max_live_instances;
-    let Some(_instance_slot) = ServerSlot::reserve(&shared.live_instances, slots) else {
+    let slots = shared.live_instances.max();
+    let Some(lease) = shared.live_instances.lease(addon.stats()) else {
         let kind = FailureKind::InstanceCapacity;
         addon.stats().failure(kind);
         if addon.stats().log_limits.admit(kind, addon.name()) {
@@ -870,15 +871,13 @@ async fn serve_addon(
         .ws_config
         .max_message_size(Some(policy.max_message_bytes))
         .max_frame_size(Some(policy.max_message_bytes));
-    let _live = LiveInstance::new(addon.stats().clone());
     let ws = upgrade(stream, &key, leftover, ws_config).await?;
     addon.stats().connections.inc();
     AddonConnection::new(
-        store,
-        instance,
+        Live { store, exports: instance, lease },
         ws,
-        policy.clone(),
-        addon.stats().clone(),
+        addon.clone(),
+        shared.live_instances.clone(),
         shared.shutdown.listen(),
         shared.config().limits.orphan_callback_grace,
     )

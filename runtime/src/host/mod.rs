@@ -78,6 +78,19 @@ pub struct HostState {
     table: ResourceTable,
 }
 
+/// A hibernated connection's host-side state: [`HostState`] without what belongs to
+/// the instance. The session (socket, counters), channel subscriptions and limits stay.
+pub(crate) struct ParkedHost {
+    pub(crate) session: session::Session,
+    log: log::LogContext,
+    limits: InstanceLimits,
+    kv: kv::KvAccess,
+    config: config::ConfigHandle,
+    auth: Option<Arc<auth::JwtVerifier>>,
+    channels: channels::ChannelAccess,
+    outbound: outbound::OutboundHooks,
+}
+
 /// What the server shares with every instance it creates.
 #[derive(Clone)]
 pub struct HostServices {
@@ -100,20 +113,8 @@ impl HostState {
             conn: info.id,
             open: Arc::default(),
         };
-        let wasi = WasiCtx::builder()
-            .stdout(log.guest_stdout())
-            .stderr(log.guest_stderr())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let mut table = ResourceTable::new();
-        table.set_max_capacity(policy.max_host_resources);
-        let mut http = WasiHttpCtx::new();
-        http.set_field_size_limit(FIELD_SIZE_LIMIT);
-        HostState {
+        let parked = ParkedHost {
             session: session::Session::new(info, policy.send_timeout),
-            log,
             limits: InstanceLimits::new(policy),
             kv: kv::KvAccess {
                 store: policy.kv.then(|| services.kv.clone()),
@@ -128,11 +129,36 @@ impl HostState {
                 conn,
                 policy.channels.clone(),
             ),
-            wasi,
-            http,
             outbound,
-            table,
-        }
+            log,
+        };
+        HostState::unpark(parked, policy)
+    }
+
+    /// What outlives the instance when its connection hibernates: everything but WASI's
+    /// context, wasi:http's and the resource table, which belong to the instance (their
+    /// handles mean nothing to a new one).
+    pub(crate) fn park(self) -> ParkedHost {
+        let HostState { session, log, limits, kv, config, auth, channels, outbound, .. } = self;
+        ParkedHost { session, log, limits, kv, config, auth, channels, outbound }
+    }
+
+    /// State for a fresh instance of a hibernated connection (or a new one): what was
+    /// parked, with a new WASI context and an empty resource table.
+    pub(crate) fn unpark(parked: ParkedHost, policy: &AddonPolicy) -> HostState {
+        let ParkedHost { session, log, limits, kv, config, auth, channels, outbound } = parked;
+        let wasi = WasiCtx::builder()
+            .stdout(log.guest_stdout())
+            .stderr(log.guest_stderr())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(policy.max_host_resources);
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(FIELD_SIZE_LIMIT);
+        HostState { session, log, limits, kv, config, auth, channels, wasi, http, outbound, table }
     }
 
     /// Whether the instance holds `max_host_resources` resources: one more fails.
