@@ -492,6 +492,18 @@ impl From<session::ConnectionInfo> for ConnectionInfo {
 ///
 /// sockhost_addon_sdk::export_addon!(Counter, hibernate);
 /// ```
+///
+/// A type without serde's traits does not compile with `hibernate` (the error names
+/// `Serialize` or `Deserialize`):
+///
+/// ```compile_fail
+/// #[derive(Default)]
+/// struct Unsaved;
+///
+/// impl sockhost_addon_sdk::Addon for Unsaved {}
+///
+/// sockhost_addon_sdk::export_addon!(Unsaved, hibernate);
+/// ```
 #[macro_export]
 macro_rules! export_addon {
     ($addon:ty) => {
