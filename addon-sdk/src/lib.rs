@@ -42,6 +42,8 @@
 //! - [`log`] writes to the host's log, tagged with the addon and connection; so do
 //!   `println!` (info) and `eprintln!` (warn).
 //! - [`protocol`] has typed helpers for the JSON chat envelope that clients speak.
+//! - With `export_addon!(MyAddon, hibernate)`, an idle connection's instance may be
+//!   swapped out and back in; see [Hibernation](#hibernation).
 //!
 //! # Host capabilities
 //!
@@ -55,6 +57,65 @@
 //!   on every node, and receive server pushes from the shop's backend;
 //! - [`http`]: outbound HTTP to the manifest's `outbound_hosts`, with a streaming body,
 //!   and [`sse`] to parse event streams from it.
+//!
+//! # Hibernation
+//!
+//! A connection that is open but idle (a chat waiting for its user) holds a whole instance:
+//! its memory and a slot of the server's pool. An addon exported with
+//! `export_addon!(MyAddon, hibernate)` lets the host hibernate such a connection after the
+//! manifest's `hibernate_after_ms` with no callback (default 30 s): the SDK saves the
+//! addon value, the host drops the instance, and the next client message, channel message
+//! or close creates a fresh instance into which the SDK restores the value before the
+//! callback runs. `on_open` is not called again, and the client notices nothing.
+//!
+//! ```
+//! use serde::{Deserialize, Serialize};
+//! use sockhost_addon_sdk::{Addon, Error, Message, export_addon, send_text};
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! #[serde(default)] // a field added in a later build wakes with its default
+//! struct Tally {
+//!     seen: u64,
+//! }
+//!
+//! impl Addon for Tally {
+//!     fn on_message(&mut self, _msg: Message) -> Result<(), Error> {
+//!         self.seen += 1; // counts on across hibernations
+//!         Ok(send_text(&self.seen.to_string())?)
+//!     }
+//! }
+//!
+//! export_addon!(Tally, hibernate);
+//! ```
+//!
+//! - **What survives: the addon value**, written as JSON with serde, so its type must
+//!   implement `Serialize` and `Deserialize` (derive them). The host keeps at most the
+//!   manifest's `hibernate_max_state_bytes` of it (default 16 KiB); a larger state is not
+//!   hibernated, and the instance stays live.
+//! - **The host's things survive too**: the connection and its [`connection_info`], [`kv`],
+//!   [`config`], and [`channels`] subscriptions (deliveries that arrive meanwhile wake the
+//!   connection).
+//! - **What does not survive**: anything the value does not hold (other globals and
+//!   thread-locals, caches in `static`s), and host resources: an open [`http`] response,
+//!   a pollable. Mark such fields `#[serde(skip)]` (they wake as their `Default`) and load
+//!   them again when they are missing. Hibernation never happens during a callback, so a
+//!   response read to its end within one callback is never cut.
+//! - Fields that are cheap to recompute, or secrets that should not sit in the host's
+//!   memory as bytes (an API key read from [`config`]), are better `#[serde(skip)]`ped too
+//!   and read again after a wake.
+//! - `#[serde(default)]` on the type lets a state saved by an older build of the addon
+//!   wake in a newer one that added fields.
+//! - A value that cannot be written as JSON (a map whose keys are not strings or numbers,
+//!   a float that is NaN or infinite, which JSON cannot carry) panics in `hibernate`: the
+//!   SDK reads the JSON back before handing it over, so a state that could not wake is
+//!   never handed over. Bytes that are not this addon's state panic in `wake` with a
+//!   message that names the addon type. A panic is a trap, as anywhere.
+//! - Before `on_open` succeeded there is no value: `hibernate` returns no bytes and `wake`
+//!   restores none, so the next callback starts from `Default`, as it would without
+//!   hibernation.
+//!
+//! Without `hibernate`, `export_addon!(MyAddon)` does not export the `hibernation`
+//! interface and the host never hibernates the addon, whatever its manifest says.
 
 pub mod auth;
 pub mod channels;
@@ -410,9 +471,71 @@ impl From<session::ConnectionInfo> for ConnectionInfo {
 ///
 /// sockhost_addon_sdk::export_addon!(Silent);
 /// ```
+///
+/// `export_addon!(MyAddon, hibernate)` also exports `sockhost:addon/hibernation`, so the
+/// host may hibernate the connection while it is idle (see [Hibernation](crate#hibernation)):
+/// the addon value is saved as JSON with serde and restored into a fresh instance, so
+/// `MyAddon` must implement [`Serialize`] and [`Deserialize`](serde::Deserialize) (derive
+/// them; `#[serde(skip)]` the fields that must not be saved). Without `hibernate` the
+/// component has no such export and the host never hibernates it.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Default, Serialize, Deserialize)]
+/// #[serde(default)]
+/// struct Counter {
+///     count: u64,
+/// }
+///
+/// impl sockhost_addon_sdk::Addon for Counter {}
+///
+/// sockhost_addon_sdk::export_addon!(Counter, hibernate);
+/// ```
+///
+/// A type without serde's traits does not compile with `hibernate` (the error names
+/// `Serialize` or `Deserialize`):
+///
+/// ```compile_fail
+/// #[derive(Default)]
+/// struct Unsaved;
+///
+/// impl sockhost_addon_sdk::Addon for Unsaved {}
+///
+/// sockhost_addon_sdk::export_addon!(Unsaved, hibernate);
+/// ```
 #[macro_export]
 macro_rules! export_addon {
     ($addon:ty) => {
+        $crate::__export_addon_with!($addon, {});
+    };
+    ($addon:ty, hibernate) => {
+        $crate::__export_addon_with!($addon, {
+            impl $crate::__private::hibernation_bindings::exports::sockhost::addon::hibernation::Guest
+                for __SockhostAddonExport
+            {
+                fn hibernate() -> ::std::vec::Vec<u8> {
+                    $crate::__private::hibernate(&__SOCKHOST_ADDON_STATE)
+                }
+
+                fn wake(state: ::std::vec::Vec<u8>) {
+                    $crate::__private::wake(&__SOCKHOST_ADDON_STATE, state)
+                }
+            }
+
+            $crate::__private::hibernation_bindings::export_hibernation!(
+                __SockhostAddonExport with_types_in $crate::__private::hibernation_bindings
+            );
+        });
+    };
+}
+
+/// The body of [`export_addon!`]: the addon's state, the exports of the world `addon`
+/// (`handler`, `channel-handler`), and `$extra` items that may use both. Not a public API.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_addon_with {
+    ($addon:ty, { $($extra:tt)* }) => {
         const _: () = {
             use $crate::__private::bindings::exports::sockhost::addon::channel_handler as __channel_handler;
             use $crate::__private::bindings::exports::sockhost::addon::handler as __handler;
@@ -446,6 +569,8 @@ macro_rules! export_addon {
                 }
             }
 
+            $($extra)*
+
             $crate::__private::bindings::export!(
                 __SockhostAddonExport with_types_in $crate::__private::bindings
             );
@@ -459,6 +584,9 @@ pub mod __private {
     use std::cell::RefCell;
     use std::thread::LocalKey;
 
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
     use crate::Addon;
     use bindings::exports::sockhost::addon::handler;
 
@@ -469,6 +597,34 @@ pub mod __private {
             pub_export_macro: true,
             export_macro_name: "export",
             generate_all,
+        });
+    }
+
+    /// The `hibernation` export alone, for `export_addon!(T, hibernate)`, which uses it
+    /// beside [`bindings`]: the component then exports what the world `hibernating` has
+    /// (`addon` plus `hibernation`), as `wit-component` unions the worlds of the two.
+    ///
+    /// Why not `world: "hibernating"` with `with` mapping its imports onto [`bindings`]:
+    /// wit-bindgen 0.61 cannot remap exports, so it would generate `handler` and
+    /// `channel-handler` again, and their `#[macro_export]` export macros have fixed names
+    /// that clash with the ones of [`bindings`] at the crate root. This world has no
+    /// imports at all, so it duplicates nothing. With `pub_export_macro`, the exports'
+    /// type information is emitted by `export_hibernation!` in the addon's crate, not by
+    /// this crate, so a component built with plain `export_addon!(T)` does not export
+    /// `hibernation`.
+    pub mod hibernation_bindings {
+        wit_bindgen::generate!({
+            inline: "
+                package sockhost:addon-sdk;
+
+                world hibernation-export {
+                    export sockhost:addon/hibernation@0.1.3;
+                }
+            ",
+            path: "../wit",
+            world: "sockhost:addon-sdk/hibernation-export",
+            pub_export_macro: true,
+            export_macro_name: "export_hibernation",
         });
     }
 
@@ -517,10 +673,185 @@ pub mod __private {
         state.with_borrow_mut(|addon| addon.get_or_insert_with(T::default).on_message(msg).map_err(|e| e.0))
     }
 
+    /// `hibernation.hibernate`: the addon value as JSON, or no bytes when there is no value
+    /// (before `on-open` succeeded, after `on-close`), which [`wake`] restores as no value.
+    ///
+    /// The JSON is parsed back before it is returned, so a state that could not wake (a
+    /// NaN or infinite float, which JSON writes as `null`; a `Serialize` and a
+    /// `Deserialize` that disagree) fails here, while the host still has the live
+    /// instance, rather than in `wake`, where it would cost the connection.
+    ///
+    /// # Panics
+    ///
+    /// (a trap, which keeps the instance live) If the value cannot be written as JSON or
+    /// read back.
+    pub fn hibernate<T: Addon + Serialize + DeserializeOwned>(state: &'static LocalKey<State<T>>) -> Vec<u8> {
+        state.with_borrow(|addon| match addon {
+            None => Vec::new(),
+            Some(addon) => save(addon).unwrap_or_else(|err| panic!("{err}")),
+        })
+    }
+
+    /// `hibernation.wake`: restores what [`hibernate`] returned into this (fresh) instance.
+    ///
+    /// # Panics
+    ///
+    /// (a trap, which closes the connection) If `bytes` is not this addon's state.
+    pub fn wake<T: Addon + Serialize + DeserializeOwned>(state: &'static LocalKey<State<T>>, bytes: Vec<u8>) {
+        let addon = restore::<T>(&bytes).unwrap_or_else(|err| panic!("{err}"));
+        state.set(addon);
+    }
+
+    /// The addon value as hibernation bytes: its JSON, checked to read back as a `T`.
+    pub fn save<T: Serialize + DeserializeOwned>(addon: &T) -> Result<Vec<u8>, String> {
+        let name = std::any::type_name::<T>();
+        let bytes = serde_json::to_vec(addon).map_err(|err| {
+            format!("hibernate: the state of addon `{name}` cannot be serialised as JSON: {err}")
+        })?;
+        if let Err(err) = serde_json::from_slice::<T>(&bytes) {
+            return Err(format!(
+                "hibernate: the state of addon `{name}` would not wake: its JSON does not deserialise back ({err}); \
+                 a NaN or infinite float is written as null, for one"
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Hibernation bytes back as the addon value: no bytes are no value.
+    pub fn restore<T: DeserializeOwned>(bytes: &[u8]) -> Result<Option<T>, String> {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(bytes).map(Some).map_err(|err| {
+            let name = std::any::type_name::<T>();
+            let start = String::from_utf8_lossy(&bytes[..bytes.len().min(64)]).into_owned();
+            format!(
+                "wake: {} bytes are not a state of addon `{name}` ({err}); they start with {start:?}. \
+                 Were they hibernated by another build of the addon?",
+                bytes.len()
+            )
+        })
+    }
+
     pub fn on_close<T: Addon>(state: &'static LocalKey<State<T>>, code: u16, reason: String) {
         // Taken out, so the value is dropped when the connection is over even if the host
         // keeps the instance around a little longer.
         let mut addon = state.take().unwrap_or_default();
         addon.on_close(code, &reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use crate::__private::{State, hibernate, restore, save, wake};
+    use crate::Addon;
+
+    #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(default)]
+    struct Counter {
+        count: u64,
+        name: String,
+        #[serde(skip)]
+        cache: Option<String>,
+    }
+
+    impl Addon for Counter {}
+
+    thread_local! {
+        static STATE: State<Counter> = const { std::cell::RefCell::new(None) };
+    }
+
+    #[test]
+    fn the_addon_value_survives_a_hibernation() {
+        STATE.set(Some(Counter { count: 7, name: "小明".into(), cache: Some("derived".into()) }));
+        let bytes = hibernate(&STATE);
+        assert_eq!(String::from_utf8(bytes.clone()).unwrap(), r#"{"count":7,"name":"小明"}"#);
+        // Hibernating keeps the value: the host may keep the instance live after all.
+        assert_eq!(STATE.with_borrow(|s| s.as_ref().map(|c| c.count)), Some(7));
+
+        // A fresh instance: nothing in the thread-local until wake.
+        STATE.set(None);
+        wake(&STATE, bytes);
+        let woken = STATE.take().unwrap();
+        // Skipped fields wake as their default.
+        assert_eq!(woken, Counter { count: 7, name: "小明".into(), cache: None });
+    }
+
+    #[test]
+    fn no_value_hibernates_as_no_bytes_and_wakes_as_no_value() {
+        STATE.set(None);
+        let bytes = hibernate(&STATE);
+        assert!(bytes.is_empty());
+        STATE.set(Some(Counter::default()));
+        wake(&STATE, bytes);
+        assert!(STATE.with_borrow(Option::is_none));
+    }
+
+    #[test]
+    fn a_unit_state_round_trips() {
+        #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+        struct Stateless;
+        let bytes = save(&Stateless).unwrap();
+        // `null`: not empty, so it is not mistaken for "no value".
+        assert_eq!(bytes, b"null");
+        assert_eq!(restore::<Stateless>(&bytes).unwrap(), Some(Stateless));
+    }
+
+    #[test]
+    fn state_from_an_older_build_wakes_with_defaults() {
+        let woken = restore::<Counter>(br#"{"count":3,"gone":true}"#).unwrap().unwrap();
+        assert_eq!(woken, Counter { count: 3, ..Counter::default() });
+    }
+
+    #[test]
+    fn bytes_that_are_not_the_state_are_refused_naming_the_addon() {
+        let err = restore::<Counter>(b"{\"count\":\"many\"").unwrap_err();
+        assert!(err.contains("addon `sockhost_addon_sdk::tests::Counter`"), "{err}");
+        assert!(err.contains("wake: 15 bytes"), "{err}");
+    }
+
+    #[test]
+    #[should_panic(expected = "wake: 3 bytes are not a state of addon `sockhost_addon_sdk::tests::Counter`")]
+    fn wake_with_bad_bytes_panics() {
+        wake(&STATE, b"\"x\"".to_vec());
+    }
+
+    #[test]
+    fn a_state_that_json_cannot_carry_fails_at_hibernate() {
+        #[derive(Default, Serialize, Deserialize)]
+        struct Keyed {
+            by_pair: HashMap<(u8, u8), u8>,
+        }
+        let err = save(&Keyed { by_pair: HashMap::from([((1, 2), 3)]) }).err().unwrap();
+        assert!(err.contains("cannot be serialised as JSON"), "{err}");
+        assert!(err.contains("Keyed"), "{err}");
+
+        #[derive(Default, Serialize, Deserialize)]
+        struct Ratio {
+            value: f64,
+        }
+        // JSON writes NaN as null, which would not read back: caught before it is handed over.
+        let err = save(&Ratio { value: f64::NAN }).err().unwrap();
+        assert!(err.contains("would not wake"), "{err}");
+        assert!(save(&Ratio { value: 0.5 }).is_ok());
+    }
+
+    #[test]
+    #[should_panic(expected = "hibernate: the state of addon")]
+    fn hibernate_panics_on_a_state_that_cannot_be_saved() {
+        #[derive(Default, Serialize, Deserialize)]
+        struct Ratio {
+            value: f64,
+        }
+        impl Addon for Ratio {}
+        thread_local! {
+            static RATIO: State<Ratio> = const { std::cell::RefCell::new(None) };
+        }
+        RATIO.set(Some(Ratio { value: f64::INFINITY }));
+        hibernate(&RATIO);
     }
 }

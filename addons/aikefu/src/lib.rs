@@ -36,6 +36,7 @@ mod settings;
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use sockhost_addon_sdk::auth::{self, AuthError};
 use sockhost_addon_sdk::protocol::{ChatStream, ClientMessage, send_error, send_system};
 use sockhost_addon_sdk::{Addon, ConnectionInfo, Error, Message, Refusal, channels, export_addon, log};
@@ -69,11 +70,21 @@ const MAX_KV_KEY_BYTES: usize = 512;
 /// Characters per chunk when streaming an offline answer.
 const OFFLINE_CHUNK_CHARS: usize = 6;
 
-#[derive(Default)]
+/// Hibernates as `{"push_channel":"user:<id>"}` or `{"push_channel":null}` (well under
+/// 200 bytes), so an idle chat costs the server no instance.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(default)]
 struct Aikefu {
+    /// Not saved: it is read again from the manifest on the first message after a wake
+    /// (`on_message` loads it when absent). Saving it would put the model's `api_key`, a
+    /// secret, into the host's hibernation bytes, and a long FAQ could push the state
+    /// past the host's size limit, which would keep the connection from hibernating.
+    #[serde(skip)]
     settings: Option<Settings>,
     /// The push channel this connection is subscribed to (`user:<id>`), once a token
-    /// was verified.
+    /// was verified. Saved: the subscription itself is the host's and survives a
+    /// hibernation, and this is how the connection knows to leave it when the client
+    /// signs in as someone else.
     push_channel: Option<String>,
 }
 
@@ -248,4 +259,44 @@ impl ChatRequest {
     }
 }
 
-export_addon!(Aikefu);
+export_addon!(Aikefu, hibernate);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            greeting: "hi".into(),
+            history_turns: 10,
+            history_ttl_hours: 1,
+            max_sessions_per_user: 20,
+            dev_accept_any_token: false,
+            llm: Some(settings::LlmSettings {
+                base_url: "https://api.example.com".into(),
+                model: "m".into(),
+                api_key: Some("sk-secret".into()),
+                system_prompt: String::new(),
+                temperature: None,
+            }),
+            faq: Vec::new(),
+            fallback: "?".into(),
+        }
+    }
+
+    #[test]
+    fn hibernation_keeps_the_push_channel_and_never_the_settings() {
+        let live = Aikefu { settings: Some(settings()), push_channel: Some("user:42".into()) };
+        let saved = serde_json::to_string(&live).unwrap();
+        assert_eq!(saved, r#"{"push_channel":"user:42"}"#);
+        assert!(!saved.contains("sk-secret"));
+        let woken: Aikefu = serde_json::from_str(&saved).unwrap();
+        assert_eq!(woken.push_channel.as_deref(), Some("user:42"));
+        // Loaded again from the manifest by the next on_message.
+        assert!(woken.settings.is_none());
+
+        let fresh = serde_json::to_string(&Aikefu::default()).unwrap();
+        assert_eq!(fresh, r#"{"push_channel":null}"#);
+        assert!(serde_json::from_str::<Aikefu>(&fresh).unwrap().push_channel.is_none());
+    }
+}

@@ -12,7 +12,7 @@
 //! `room:*` for subscribing and publishing. The addon keeps no state beyond its own
 //! connection: the bus knows the members.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sockhost_addon_sdk::protocol::{send_error, send_system};
 use sockhost_addon_sdk::{Addon, ConnectionInfo, Error, Message, Refusal, channels, export_addon, send_text};
 
@@ -21,12 +21,16 @@ const MAX_NAME_CHARS: usize = 32;
 /// Longest chat message, in characters.
 const MAX_MESSAGE_CHARS: usize = 2000;
 
-#[derive(Default)]
+/// Hibernates as `{"member":{"room":...,"name":...}}` (under 100 bytes): an idle member
+/// costs no instance, and the room subscription is the host's, so it survives as is.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(default)]
 struct Chatroom {
     /// Set once the member has joined.
     member: Option<Member>,
 }
 
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct Member {
     room: String,
     name: String,
@@ -151,7 +155,7 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-export_addon!(Chatroom);
+export_addon!(Chatroom, hibernate);
 
 #[cfg(test)]
 mod tests {
@@ -167,6 +171,19 @@ mod tests {
         for bad in ["", " alice", "a<b>", "\u{7}", &"x".repeat(33)] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_member_survives_a_hibernation() {
+        let live = Chatroom { member: Some(Member { room: "lobby".into(), name: "小明".into() }) };
+        let saved = serde_json::to_string(&live).unwrap();
+        assert_eq!(saved, r#"{"member":{"room":"lobby","name":"小明"}}"#);
+        let woken: Chatroom = serde_json::from_str(&saved).unwrap();
+        assert_eq!(woken.member, live.member);
+        assert_eq!(woken.member.unwrap().channel(), "room:lobby");
+        // Not yet joined (or already left): nothing to restore.
+        let saved = serde_json::to_string(&Chatroom::default()).unwrap();
+        assert!(serde_json::from_str::<Chatroom>(&saved).unwrap().member.is_none());
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The example addon: echoes every frame back, and answers chat messages with a reply
 //! streamed in chunks, the way a chat backend would.
 
+use serde::{Deserialize, Serialize};
 use sockhost_addon_sdk::protocol::{ChatStream, ClientMessage, ProtocolError, send_error};
 use sockhost_addon_sdk::{Addon, Error, Message, SendError, export_addon, send_binary, send_text};
 
-#[derive(Default)]
+/// Echo keeps no state: it hibernates as `null`, and an idle echo connection costs the
+/// server no instance.
+#[derive(Default, Serialize, Deserialize)]
 struct Echo;
 
 impl Addon for Echo {
@@ -38,4 +41,4 @@ fn reply(msg: ClientMessage) -> Result<(), SendError> {
     chat.finish()
 }
 
-export_addon!(Echo);
+export_addon!(Echo, hibernate);

@@ -15,6 +15,8 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use sockhost_addon_sdk::__private::bindings::wasi::http::types::{Fields, OutgoingRequest};
 use sockhost_addon_sdk::http::{Request, Response};
 use sockhost_addon_sdk::{
@@ -22,7 +24,11 @@ use sockhost_addon_sdk::{
     send_json, send_text,
 };
 
-#[derive(Default)]
+/// Hibernates whole: `count` is what the host's tests watch to prove that the state
+/// survives a hibernation, and `slow_ms` and `tag` come from the query, which `on_open`
+/// (not called again on wake) read.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(default)]
 struct Testkit {
     count: u64,
     /// `?slow=<ms>`: how long each channel delivery takes.
@@ -243,4 +249,4 @@ fn hold_requests(args: &str) -> Result<(), Error> {
     Ok(send_text(&format!("refused after release: {err}"))?)
 }
 
-export_addon!(Testkit);
+export_addon!(Testkit, hibernate);
