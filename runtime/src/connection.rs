@@ -38,15 +38,16 @@
 //! Each failure is counted, and logged unless this addon already logged its share of that
 //! kind for now: a client can fail connections in a loop (`crate::log_limits`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
@@ -166,6 +167,9 @@ enum Wake {
     InboxOverflow,
     /// A keep-alive deadline (idle, ping, pong) passed.
     Timer,
+    /// Another connection needs an instance slot, and this one is the least recently
+    /// active that can hibernate.
+    MakeRoom,
     Shutdown,
 }
 
@@ -205,16 +209,98 @@ enum Unwoken {
 }
 
 /// The instance pool's slots (`limits.max_live_instances`): a live instance holds one, a
-/// hibernated connection none.
+/// hibernated connection none. When every slot is taken, the least recently active
+/// connection that can hibernate is asked to, to make room (as Durable Objects evict
+/// idle objects); only when none can is a new connection refused.
 #[derive(Debug)]
 pub(crate) struct InstanceSlots {
     live: AtomicU32,
     max: u32,
+    /// Live connections that can hibernate, by connection id.
+    sleepers: std::sync::Mutex<HashMap<u64, Arc<Sleeper>>>,
+    /// One permit per slot given back, for whoever waits for one.
+    freed: Notify,
+    /// Where [`Sleeper::last_active`] counts milliseconds from.
+    origin: std::time::Instant,
 }
+
+/// A live connection that can hibernate, as the slots see it.
+#[derive(Debug)]
+struct Sleeper {
+    /// When it last did something, in ms since [`InstanceSlots::origin`]. Written at the
+    /// end of each callback: one relaxed store.
+    last_active: AtomicU64,
+    /// Set once it was asked to make room, so the next ask picks another.
+    asked: AtomicBool,
+    /// Tells its task to hibernate now.
+    make_room: Notify,
+}
+
+/// How long a connection that needs a slot waits for the one it asked to hibernate.
+const MAKE_ROOM_WAIT: Duration = Duration::from_secs(2);
 
 impl InstanceSlots {
     pub(crate) fn new(max: u32) -> InstanceSlots {
-        InstanceSlots { live: AtomicU32::new(0), max }
+        InstanceSlots {
+            live: AtomicU32::new(0),
+            max,
+            sleepers: Default::default(),
+            freed: Notify::new(),
+            origin: std::time::Instant::now(),
+        }
+    }
+
+    /// A slot, hibernating the least recently active hibernatable connection to free
+    /// one when none is free. `None` when every slot is held by a connection that
+    /// cannot hibernate (or none gave its slot up in time).
+    pub(crate) async fn lease_or_make_room(
+        self: &Arc<Self>,
+        stats: &Arc<AddonStats>,
+    ) -> Option<InstanceLease> {
+        loop {
+            if let Some(lease) = self.lease(stats) {
+                return Some(lease);
+            }
+            if !self.ask_least_recent() {
+                return None;
+            }
+            // A slot given back meanwhile left a permit, so none is missed.
+            if tokio::time::timeout(MAKE_ROOM_WAIT, self.freed.notified()).await.is_err() {
+                // It did not (its state was too large, or it got busy): try the next one.
+                continue;
+            }
+        }
+    }
+
+    /// Asks the least recently active live connection that can hibernate, and was not
+    /// asked yet, to hibernate now. False when there is none.
+    fn ask_least_recent(&self) -> bool {
+        let sleepers = self.sleepers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let victim = sleepers
+            .values()
+            .filter(|sleeper| !sleeper.asked.load(Ordering::Relaxed))
+            .min_by_key(|sleeper| sleeper.last_active.load(Ordering::Relaxed));
+        match victim {
+            Some(victim) => {
+                victim.asked.store(true, Ordering::Relaxed);
+                victim.make_room.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Lists a live connection that can hibernate; it leaves the list when the
+    /// registration drops (it hibernated or ended).
+    fn register(self: &Arc<Self>, id: u64) -> SleeperRegistration {
+        let sleeper = Arc::new(Sleeper {
+            last_active: AtomicU64::new(self.origin.elapsed().as_millis() as u64),
+            asked: AtomicBool::new(false),
+            make_room: Notify::new(),
+        });
+        let mut sleepers = self.sleepers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        sleepers.insert(id, sleeper.clone());
+        SleeperRegistration { slots: self.clone(), id, sleeper }
     }
 
     /// The pool's size.
@@ -241,6 +327,30 @@ pub(crate) struct InstanceLease {
 impl Drop for InstanceLease {
     fn drop(&mut self) {
         self.slots.live.fetch_sub(1, Ordering::AcqRel);
+        self.slots.freed.notify_one();
+    }
+}
+
+/// A live connection's place in [`InstanceSlots`]'s list of connections that can
+/// hibernate.
+struct SleeperRegistration {
+    slots: Arc<InstanceSlots>,
+    id: u64,
+    sleeper: Arc<Sleeper>,
+}
+
+impl SleeperRegistration {
+    /// The connection just did something.
+    fn touch(&self, at: Instant) {
+        let ms = at.into_std().saturating_duration_since(self.slots.origin).as_millis() as u64;
+        self.sleeper.last_active.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl Drop for SleeperRegistration {
+    fn drop(&mut self) {
+        let mut sleepers = self.slots.sleepers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        sleepers.remove(&self.id);
     }
 }
 
@@ -254,6 +364,9 @@ pub(crate) struct AddonConnection {
     slots: Arc<InstanceSlots>,
     /// How long the connection idles before it hibernates; `None`: never.
     hibernate_after: Option<Duration>,
+    /// While live and able to hibernate: its entry in the slots' list, through which a
+    /// connection that needs a slot can ask it to hibernate.
+    sleeper: Option<SleeperRegistration>,
     /// Books the instance's running time; every callback is polled through it.
     meter: CpuMeter,
     /// The socket's write half, which the instance's sends queue into; flushed whenever
@@ -306,6 +419,7 @@ impl AddonConnection {
         if let Some(after) = hibernate_after {
             first_deadline = first_deadline.min(now + after);
         }
+        let sleeper = hibernate_after.map(|_| slots.register(live.store.data().session.info().id));
         AddonConnection {
             meter: live.store.data().limits.meter(),
             outbox,
@@ -313,6 +427,7 @@ impl AddonConnection {
             addon,
             slots,
             hibernate_after,
+            sleeper,
             inbox: None,
             reader: Reader { stream, finished: false, last_frame: now },
             // Empty until a message arrives while a callback runs: most connections,
@@ -396,11 +511,14 @@ impl AddonConnection {
                     self.fail_client(FailureKind::SlowSubscriber, close_code::POLICY, &reason).await;
                     continue;
                 }
-                Wake::Timer => {
-                    self.keep_alive().await;
-                    if self.hibernate_due()
-                        && let Err(stop) = self.hibernate().await
-                    {
+                wake @ (Wake::Timer | Wake::MakeRoom) => {
+                    let asked = matches!(wake, Wake::MakeRoom);
+                    if !asked {
+                        self.keep_alive().await;
+                    }
+                    let due =
+                        if asked { self.session().close_sent().is_none() } else { self.hibernate_due() };
+                    if due && let Err(stop) = self.hibernate().await {
                         return match stop {
                             Unwoken::Orphaned => self.orphaned("hibernate").await,
                             Unwoken::Trapped(err) => self.failed("hibernate", err).await,
@@ -461,6 +579,9 @@ impl AddonConnection {
                     };
                     self.pick_up_inbox();
                     self.last_callback_end = Instant::now();
+                    if let Some(sleeper) = &self.sleeper {
+                        sleeper.touch(self.last_callback_end);
+                    }
                     self.stats.callback_seconds.observe(self.last_callback_end - started);
                     match outcome {
                         Ok(Ok(())) => {}
@@ -564,6 +685,7 @@ impl AddonConnection {
                 None => Wake::InboxOverflow,
             },
             _ = self.keep_alive_timer.as_mut() => Wake::Timer,
+            _ = asked_to_make_room(&self.sleeper) => Wake::MakeRoom,
         }
     }
 
@@ -594,6 +716,9 @@ impl AddonConnection {
         );
         let outcome = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
         self.last_callback_end = Instant::now();
+        if let Some(sleeper) = &self.sleeper {
+            sleeper.touch(self.last_callback_end);
+        }
         outcome
     }
 
@@ -717,7 +842,7 @@ impl AddonConnection {
             return Ok(());
         }
         let Guest::Asleep(asleep) = std::mem::replace(&mut self.guest, Guest::Gone) else { unreachable!() };
-        let Some(lease) = self.slots.lease(&self.stats) else {
+        let Some(lease) = self.slots.lease_or_make_room(&self.stats).await else {
             self.guest = Guest::Asleep(asleep);
             return Err(Unwoken::NoSlot);
         };
@@ -732,7 +857,9 @@ impl AddonConnection {
         };
         self.stats.hibernated.dec();
         self.stats.wakes.inc();
+        let id = store.data().session.info().id;
         self.guest = Guest::Live(Live { store, exports, lease });
+        self.sleeper = Some(self.slots.register(id));
         // The hibernation deadline is back, and may come before the armed one.
         let next = self.next_deadline();
         self.keep_alive_timer.as_mut().reset(next);
@@ -816,6 +943,9 @@ impl AddonConnection {
         );
         let outcome = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
         self.last_callback_end = Instant::now();
+        if let Some(sleeper) = &self.sleeper {
+            sleeper.touch(self.last_callback_end);
+        }
         self.pick_up_inbox();
         let mut state = match outcome {
             Ok(Ok(state)) => state,
@@ -849,6 +979,7 @@ impl AddonConnection {
         drop(lease);
         state.shrink_to_fit();
         self.guest = Guest::Asleep(Box::new(Asleep { state, host }));
+        self.sleeper = None;
         self.stats.hibernated.inc();
         self.stats.hibernations.inc();
         let next = self.next_deadline();
@@ -884,6 +1015,14 @@ async fn guest_turn<F: Future>(
     let out = meter.run_with(call, |cx| outbox.poll_flush_queued(cx)).await;
     outbox.flush(send_timeout).await;
     out
+}
+
+/// Resolves when the slots ask this connection to hibernate; never when it is not listed.
+async fn asked_to_make_room(sleeper: &Option<SleeperRegistration>) {
+    match sleeper {
+        Some(registration) => registration.sleeper.make_room.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next delivery from `inbox`, or never when there is none. `None` means it overflowed.

@@ -823,7 +823,7 @@ async fn serve_addon(
 
     // A slot of the instance pool; without one, the pool would refuse anyway.
     let slots = shared.live_instances.max();
-    let Some(lease) = shared.live_instances.lease(addon.stats()) else {
+    let Some(lease) = shared.live_instances.lease_or_make_room(addon.stats()).await else {
         let kind = FailureKind::InstanceCapacity;
         addon.stats().failure(kind);
         if addon.stats().log_limits.admit(kind, addon.name()) {

@@ -6,6 +6,7 @@ mod core;
 mod fake_llm;
 mod hardening;
 mod hardening_files;
+mod hibernation;
 mod limits;
 mod loading;
 mod ops;

@@ -84,7 +84,9 @@ fn a_pool_larger_than_the_address_space_is_refused_at_start_up_naming_the_settin
 #[tokio::test]
 async fn a_full_pool_answers_503_named_instance_capacity_while_healthz_and_ws_work() {
     let testkit = test_addon("testkit");
-    let server = TestServer::start_with(&[("testkit.wasm", &testkit)], |config| {
+    // testkit can hibernate; with hibernation off, nothing can make room.
+    let files: &[(&str, &[u8])] = &[("testkit.wasm", &testkit), ("testkit.toml", b"hibernate_after_ms = 0")];
+    let server = TestServer::start_with(files, |config| {
         config.limits.max_live_instances = 3;
     })
     .await;
@@ -103,7 +105,7 @@ async fn a_full_pool_answers_503_named_instance_capacity_while_healthz_and_ws_wo
     for _ in 0..4 {
         assert_eq!(upgrade_status(server.addr, "/ws/testkit").await.0, 503);
     }
-    assert_eq!(log_lines(&["every instance slot is taken"]).len(), 1);
+    assert_eq!(log_lines(&["every instance slot is taken", "addon=\"testkit\""]).len(), 1);
     assert_eq!(server.failures.get(FailureKind::InstanceCapacity), 5);
     assert_eq!(server.failures.get(FailureKind::AddonTrap), 0);
     assert_eq!(server.metric("sockhost_failures_total{kind=\"instance_capacity\"}").await, Some(5.0));
