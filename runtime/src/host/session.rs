@@ -25,6 +25,7 @@
 //! reading (and answering pings) during callbacks.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -60,95 +61,132 @@ pub const CORK_BYTES: usize = 64 * 1024;
 /// The socket's write half, shared by the instance's session (which queues frames) and
 /// the connection task (which flushes them whenever the guest stops running). The lock
 /// is only ever taken inside one poll, never across an `await`, and only by the one
-/// task that owns the connection, so it is never contended.
-pub struct Outbox(Mutex<OutboxState>);
-
-struct OutboxState {
-    sink: Option<WsSink>,
+/// task that owns the connection, so it is never contended. What is checked on every
+/// message (anything queued? socket lost?) sits beside it in atomics, so an echo takes
+/// the lock twice: to queue its frame and to flush it.
+pub struct Outbox {
+    sink: Mutex<Option<WsSink>>,
     /// Frames were queued since the last completed flush.
-    corked: bool,
-    /// Why the socket can take no more frames, once it cannot.
-    lost: Option<Lost>,
+    corked: AtomicBool,
+    /// Why the socket can take no more frames, once it cannot: [`Lost`] as a `u8`.
+    lost: AtomicU8,
 }
 
 /// How the write side was lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 enum Lost {
     /// A write failed: the connection is gone.
-    Broken,
+    Broken = 1,
     /// The client did not read for `send_timeout`; the socket was dropped.
-    Stalled,
+    Stalled = 2,
 }
 
 impl Outbox {
     fn new() -> Outbox {
-        Outbox(Mutex::new(OutboxState { sink: None, corked: false, lost: None }))
+        Outbox { sink: Mutex::new(None), corked: AtomicBool::new(false), lost: AtomicU8::new(0) }
     }
 
-    fn state(&self) -> MutexGuard<'_, OutboxState> {
-        // A panic while holding it cannot leave the state torn: every update is one field.
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn sink(&self) -> MutexGuard<'_, Option<WsSink>> {
+        // A panic while holding it cannot leave anything torn: the sink is one value.
+        self.sink.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lost(&self) -> Option<Lost> {
+        match self.lost.load(Ordering::Relaxed) {
+            0 => None,
+            1 => Some(Lost::Broken),
+            _ => Some(Lost::Stalled),
+        }
+    }
+
+    /// Records the first way the socket was lost; a stalled one is dropped.
+    fn lose(&self, how: Lost, sink: &mut Option<WsSink>) {
+        let _ = self.lost.compare_exchange(0, how as u8, Ordering::Relaxed, Ordering::Relaxed);
+        self.corked.store(false, Ordering::Relaxed);
+        if how == Lost::Stalled {
+            *sink = None;
+        }
     }
 
     /// Starts writing what is queued, without waiting: for the moments the guest is not
     /// running. A write error marks the outbox broken; the next `send` reports it.
     pub(crate) fn poll_flush_queued(&self, cx: &mut Context<'_>) {
-        let mut state = self.state();
-        if !state.corked {
-            return;
+        if self.corked.load(Ordering::Relaxed) {
+            let _ = self.poll_flush(cx);
         }
-        let _ = state.poll_flush(cx);
     }
 
     /// Writes out everything queued, waiting up to `timeout` for a slow client; past it
     /// the socket is dropped.
     pub(crate) async fn flush(&self, timeout: Duration) {
-        if !self.state().corked {
+        if !self.corked.load(Ordering::Relaxed) {
             return;
         }
-        let mut flush = std::pin::pin!(std::future::poll_fn(|cx| self.state().poll_flush(cx)));
+        let mut flush = std::pin::pin!(std::future::poll_fn(|cx| self.poll_flush(cx)));
         // Most flushes complete at once: only one that has to wait pays for a timer.
         if std::future::poll_fn(|cx| Poll::Ready(flush.as_mut().poll(cx))).await.is_pending()
             && tokio::time::timeout(timeout, flush).await.is_err()
         {
-            self.state().stall();
+            self.stall();
         }
     }
-}
 
-impl OutboxState {
     /// Polls the sink's flush; `Ready` once nothing is queued or the socket is lost.
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(sink) = self.sink.as_mut() else {
-            self.corked = false;
+    fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut sink = self.sink();
+        let Some(open) = sink.as_mut() else {
+            self.corked.store(false, Ordering::Relaxed);
             return Poll::Ready(());
         };
-        match sink.poll_flush_unpin(cx) {
+        match open.poll_flush_unpin(cx) {
             Poll::Ready(Ok(())) => {
-                self.corked = false;
+                self.corked.store(false, Ordering::Relaxed);
                 Poll::Ready(())
             }
             Poll::Ready(Err(err)) => {
                 tracing::debug!(error = %err, "flush failed; the connection is gone");
-                self.lose(Lost::Broken);
+                self.lose(Lost::Broken, &mut sink);
                 Poll::Ready(())
             }
             Poll::Pending => Poll::Pending,
         }
     }
 
-    fn lose(&mut self, how: Lost) {
-        self.lost.get_or_insert(how);
-        self.corked = false;
-        if how == Lost::Stalled {
-            self.sink = None;
+    /// Queues `message` if the socket has room now; `Pending` (with `message` back)
+    /// when it must wait for the client to read. Errors mean the socket is lost.
+    fn try_queue(&self, cx: &mut Context<'_>, message: &mut Option<WsMessage>) -> Poll<Result<(), ()>> {
+        if self.lost().is_some() {
+            return Poll::Ready(Err(()));
+        }
+        let mut sink = self.sink();
+        let Some(open) = sink.as_mut() else { return Poll::Ready(Err(())) };
+        let outcome = match open.poll_ready_unpin(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(())) => {
+                let message = message.take().expect("queued once");
+                std::pin::Pin::new(open).start_send(message)
+            }
+            Poll::Ready(Err(err)) => Err(err),
+        };
+        match outcome {
+            Ok(()) => {
+                self.corked.store(true, Ordering::Relaxed);
+                Poll::Ready(Ok(()))
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "send failed; the connection is gone");
+                self.lose(Lost::Broken, &mut sink);
+                Poll::Ready(Err(()))
+            }
         }
     }
 
     /// The client has not read for `send_timeout`: its buffers are full. Dropping the
     /// socket is the only way out; a close frame would not get through.
-    fn stall(&mut self) {
-        self.lose(Lost::Stalled);
+    fn stall(&self) {
+        let mut sink = self.sink();
+        self.lose(Lost::Stalled, &mut sink);
     }
 }
 
@@ -187,7 +225,7 @@ impl Session {
     /// Gives the session the socket's write half, once the upgrade has succeeded, and
     /// returns the outbox the connection task flushes.
     pub(crate) fn attach(&mut self, sink: WsSink, stats: Arc<AddonStats>) -> Arc<Outbox> {
-        self.outbox.state().sink = Some(sink);
+        *self.outbox.sink() = Some(sink);
         self.stats = Some(stats);
         self.outbox.clone()
     }
@@ -207,7 +245,7 @@ impl Session {
         if self.close_sent.is_some() {
             return;
         }
-        match self.outbox.state().lost {
+        match self.outbox.lost() {
             None => {}
             Some(Lost::Broken) => self.close_sent = Some((close_code::ABNORMAL, String::new())),
             Some(Lost::Stalled) => {
@@ -230,53 +268,22 @@ impl Session {
             _ => None,
         };
         let outbox = &*self.outbox;
-        let ready = |cx: &mut Context<'_>| -> Poll<Result<(), ()>> {
-            let mut state = outbox.state();
-            if state.lost.is_some() {
-                return Poll::Ready(Err(()));
-            }
-            let Some(sink) = state.sink.as_mut() else { return Poll::Ready(Err(())) };
-            match sink.poll_ready_unpin(cx) {
-                Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
-                Poll::Ready(Err(err)) => {
-                    tracing::debug!(error = %err, "send failed; the connection is gone");
-                    state.lose(Lost::Broken);
-                    Poll::Ready(Err(()))
-                }
-                Poll::Pending => Poll::Pending,
-            }
-        };
+        let mut message = Some(message);
         // Most sends find room at once (the socket is not backed up): only one that has to
         // wait pays for a timer.
-        let mut wait = std::pin::pin!(std::future::poll_fn(ready));
-        let room = match std::future::poll_fn(|cx| Poll::Ready(wait.as_mut().poll(cx))).await {
-            Poll::Ready(room) => room,
-            Poll::Pending => match tokio::time::timeout(self.send_timeout, wait).await {
-                Ok(room) => room,
+        let mut queue = std::pin::pin!(std::future::poll_fn(|cx| outbox.try_queue(cx, &mut message)));
+        let queued = match std::future::poll_fn(|cx| Poll::Ready(queue.as_mut().poll(cx))).await {
+            Poll::Ready(queued) => queued,
+            Poll::Pending => match tokio::time::timeout(self.send_timeout, queue).await {
+                Ok(queued) => queued,
                 Err(_) => {
-                    outbox.state().stall();
+                    outbox.stall();
                     Err(())
                 }
             },
         };
-        if room.is_err() {
+        if queued.is_err() {
             self.absorb_lost();
-            return Err(SendError::Closed);
-        }
-        {
-            let mut state = outbox.state();
-            let OutboxState { sink, corked, lost } = &mut *state;
-            let sink = sink.as_mut().expect("checked above, under the same task");
-            match std::pin::Pin::new(sink).start_send(message) {
-                Ok(()) => *corked = true,
-                Err(err) => {
-                    tracing::debug!(error = %err, "send failed; the connection is gone");
-                    lost.get_or_insert(Lost::Broken);
-                }
-            }
-        }
-        self.absorb_lost();
-        if self.close_sent.is_some() {
             return Err(SendError::Closed);
         }
         if let (Some(bytes), Some(stats)) = (data_bytes, &self.stats) {
@@ -328,7 +335,7 @@ impl Session {
 
     /// Flushes what is queued (briefly) and shuts the write side down.
     pub(crate) async fn shutdown(&mut self) {
-        let sink = self.outbox.state().sink.take();
+        let sink = self.outbox.sink().take();
         if let Some(mut sink) = sink {
             let _ = tokio::time::timeout(SHUTDOWN_FLUSH_TIMEOUT, sink.close()).await;
         }
