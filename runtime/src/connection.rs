@@ -358,6 +358,9 @@ impl Drop for SleeperRegistration {
 pub(crate) struct AddonConnection {
     /// The instance, live or hibernated.
     guest: Guest,
+    /// `conn{addon, conn}`: entered only around this task's log lines, not on every
+    /// poll, which would cost a subscriber call per message.
+    span: tracing::Span,
     /// The version this connection started on: a hibernated connection wakes on it.
     addon: Arc<LoadedAddon>,
     /// Where a waking connection takes its instance slot from.
@@ -403,6 +406,7 @@ impl AddonConnection {
     /// Joins an instance (made before the upgrade) with the upgraded socket.
     pub(crate) fn new(
         mut live: Live,
+        span: tracing::Span,
         ws: WebSocketStream<ClientStream>,
         addon: Arc<LoadedAddon>,
         slots: Arc<InstanceSlots>,
@@ -424,6 +428,7 @@ impl AddonConnection {
             meter: live.store.data().limits.meter(),
             outbox,
             guest: Guest::Live(live),
+            span,
             addon,
             slots,
             hibernate_after,
@@ -445,6 +450,13 @@ impl AddonConnection {
             orphan_grace,
             keep_alive_timer: Box::pin(tokio::time::sleep_until(first_deadline)),
         }
+    }
+
+    /// Whether the instance is hibernated (checked before each event, so inline: most
+    /// connections are live).
+    #[inline]
+    fn asleep(&self) -> bool {
+        matches!(self.guest, Guest::Asleep(_))
     }
 
     /// The session (socket, close state), live or hibernated.
@@ -478,7 +490,7 @@ impl AddonConnection {
             Ok(Err(refusal)) => {
                 // Clients can be refused in a loop (a bad token on every try): bounded too.
                 if self.stats.log_limits.admit_refused(self.addon.name()) {
-                    tracing::info!(code = refusal.code, reason = %refusal.reason, "addon refused the connection");
+                    self.span.in_scope(|| tracing::info!(code = refusal.code, reason = %refusal.reason, "addon refused the connection"));
                 }
                 self.session().close(refusal.code, &refusal.reason).await;
                 self.finish_close().await;
@@ -491,7 +503,9 @@ impl AddonConnection {
             let event = match self.wake().await {
                 Wake::Event(event) => event,
                 Wake::Delivery(delivery) => {
-                    if let Err(unwoken) = self.awaken().await {
+                    if self.asleep()
+                        && let Err(unwoken) = self.awaken().await
+                    {
                         return self.not_woken(unwoken).await;
                     }
                     match self.deliver(&delivery).await {
@@ -536,7 +550,7 @@ impl AddonConnection {
             };
             match event {
                 Inbound::Message(message) => {
-                    if self.session().close_sent().is_some() {
+                    if self.session().closing() {
                         // After a close frame went out, data from the client is discarded (RFC 6455 §5.5.1).
                         continue;
                     }
@@ -558,7 +572,9 @@ impl AddonConnection {
                         self.fail_client(FailureKind::RateLimited, close_code::POLICY, &reason).await;
                         continue;
                     }
-                    if let Err(unwoken) = self.awaken().await {
+                    if self.asleep()
+                        && let Err(unwoken) = self.awaken().await
+                    {
                         return self.not_woken(unwoken).await;
                     }
                     let Guest::Live(live) = &mut self.guest else { unreachable!("woken above") };
@@ -588,7 +604,7 @@ impl AddonConnection {
                         Ok(Err(reason)) => {
                             self.stats.failure(FailureKind::AddonError);
                             if self.may_log(FailureKind::AddonError) {
-                                tracing::warn!(kind = FailureKind::AddonError.code(), cause = %reason, "on-message returned an error");
+                                self.span.in_scope(|| tracing::warn!(kind = FailureKind::AddonError.code(), cause = %reason, "on-message returned an error"));
                             }
                             self.send_error(FailureKind::AddonError, &reason).await;
                         }
@@ -605,9 +621,11 @@ impl AddonConnection {
 
         // Flushes tungstenite's reply to the client's close frame before running on-close.
         self.session().shutdown().await;
-        tracing::debug!(code, reason = %client_text(&reason), "connection closed");
+        self.span.in_scope(|| tracing::debug!(code, reason = %client_text(&reason), "connection closed"));
         // A hibernated connection wakes for its close too, so on-close sees its state.
-        if let Err(unwoken) = self.awaken().await {
+        if self.asleep()
+            && let Err(unwoken) = self.awaken().await
+        {
             let (kind, cause) = match unwoken {
                 Unwoken::NoSlot => (FailureKind::InstanceCapacity, "no free instance slot".to_owned()),
                 Unwoken::NotMade(err) => (err.kind, err.cause),
@@ -618,7 +636,7 @@ impl AddonConnection {
             };
             self.stats.failure(kind);
             if self.may_log(kind) {
-                tracing::warn!(stage = "wake for on-close", kind = kind.code(), cause = %cause, "on-close skipped");
+                self.span.in_scope(|| tracing::warn!(stage = "wake for on-close", kind = kind.code(), cause = %cause, "on-close skipped"));
             }
             return;
         }
@@ -636,7 +654,7 @@ impl AddonConnection {
             let (kind, cause) = self.classify(&err);
             self.stats.failure(kind);
             if self.may_log(kind) {
-                tracing::error!(stage = "on-close", kind = kind.code(), cause = %cause, "addon failed");
+                self.span.in_scope(|| tracing::error!(stage = "on-close", kind = kind.code(), cause = %cause, "addon failed"));
             }
         }
     }
@@ -649,16 +667,20 @@ impl AddonConnection {
             return Wake::Event(event);
         }
         let session = self.session();
-        if let Some((code, reason)) = session.close_sent() {
+        if session.closing()
+            && let Some((code, reason)) = session.close_sent()
+        {
             let gone = Inbound::Closed { code: *code, reason: reason.clone() };
             if session.stalled() {
                 self.stats.failure(FailureKind::SlowClient);
                 if self.may_log(FailureKind::SlowClient) {
-                    tracing::warn!(
-                        kind = FailureKind::SlowClient.code(),
-                        timeout_s = self.policy.send_timeout.as_secs(),
-                        "client stopped reading; socket dropped"
-                    );
+                    self.span.in_scope(|| {
+                        tracing::warn!(
+                            kind = FailureKind::SlowClient.code(),
+                            timeout_s = self.policy.send_timeout.as_secs(),
+                            "client stopped reading; socket dropped"
+                        )
+                    });
                 }
                 return Wake::Event(gone);
             }
@@ -670,7 +692,9 @@ impl AddonConnection {
             return match tokio::time::timeout_at(deadline, self.reader.next()).await {
                 Ok(event) => Wake::Event(event),
                 Err(_) => {
-                    tracing::debug!("no close frame from the client in time; socket dropped");
+                    self.span.in_scope(|| {
+                        tracing::debug!("no close frame from the client in time; socket dropped")
+                    });
                     self.reader.finished = true;
                     Wake::Event(gone)
                 }
@@ -727,13 +751,15 @@ impl AddonConnection {
     /// dropping the store gives its memory and slot back.
     async fn orphaned(mut self, stage: &'static str) {
         self.stats.failure(FailureKind::OrphanedCallback);
-        tracing::warn!(
-            stage,
-            kind = FailureKind::OrphanedCallback.code(),
-            grace_ms = self.orphan_grace.as_millis() as u64,
-            "the client is gone and the callback was still running after the grace period \
+        self.span.in_scope(|| {
+            tracing::warn!(
+                stage,
+                kind = FailureKind::OrphanedCallback.code(),
+                grace_ms = self.orphan_grace.as_millis() as u64,
+                "the client is gone and the callback was still running after the grace period \
              (limits.orphan_callback_grace_ms); abandoned it and dropped the instance; on-close skipped"
-        );
+            )
+        });
         self.session().shutdown().await;
     }
 
@@ -771,10 +797,12 @@ impl AddonConnection {
             } else if now >= sent + self.policy.ping_interval {
                 self.stats.failure(FailureKind::Unresponsive);
                 if self.may_log(FailureKind::Unresponsive) {
-                    tracing::info!(
-                        kind = FailureKind::Unresponsive.code(),
-                        "ping unanswered; dropping the connection"
-                    );
+                    self.span.in_scope(|| {
+                        tracing::info!(
+                            kind = FailureKind::Unresponsive.code(),
+                            "ping unanswered; dropping the connection"
+                        )
+                    });
                 }
                 self.pending.push_back(Inbound::Closed { code: close_code::ABNORMAL, reason: String::new() });
                 self.reader.finished = true;
@@ -794,7 +822,7 @@ impl AddonConnection {
         self.stats.failure(kind);
         if self.may_log(kind) {
             // The cause may carry what the client sent (a protocol error's text).
-            tracing::info!(kind = kind.code(), code, cause = %client_text(reason), "closing the connection");
+            self.span.in_scope(|| tracing::info!(kind = kind.code(), code, cause = %client_text(reason), "closing the connection"));
         }
         self.session().close(code, reason).await;
     }
@@ -826,7 +854,7 @@ impl AddonConnection {
         let (kind, cause) = self.classify(&err);
         self.stats.failure(kind);
         if self.may_log(kind) {
-            tracing::error!(stage, kind = kind.code(), cause = %cause, detail = %sandbox::describe(&err), "addon failed; closing with 1011");
+            self.span.in_scope(|| tracing::error!(stage, kind = kind.code(), cause = %cause, detail = %sandbox::describe(&err), "addon failed; closing with 1011"));
         }
         let addon = self.addon.clone();
         self.send_error(kind, &format!("addon '{}' {cause}", addon.name())).await;
@@ -906,7 +934,7 @@ impl AddonConnection {
         };
         self.stats.failure(kind);
         if self.may_log(kind) {
-            tracing::error!(stage = "wake", kind = kind.code(), cause = %cause, "cannot wake a hibernated connection; closing");
+            self.span.in_scope(|| tracing::error!(stage = "wake", kind = kind.code(), cause = %cause, "cannot wake a hibernated connection; closing"));
         }
         self.send_error(kind, &cause).await;
         self.session().close(code, kind.code()).await;
@@ -957,12 +985,14 @@ impl AddonConnection {
             let kind = FailureKind::HibernateFailed;
             self.stats.failure(kind);
             if self.may_log(kind) {
-                tracing::warn!(
-                    kind = kind.code(),
-                    bytes = state.len(),
-                    max,
-                    "hibernate returned more than hibernate_max_state_bytes; the instance stays live"
-                );
+                self.span.in_scope(|| {
+                    tracing::warn!(
+                        kind = kind.code(),
+                        bytes = state.len(),
+                        max,
+                        "hibernate returned more than hibernate_max_state_bytes; the instance stays live"
+                    )
+                });
             }
             return Ok(());
         }
@@ -984,7 +1014,7 @@ impl AddonConnection {
         self.stats.hibernations.inc();
         let next = self.next_deadline();
         self.keep_alive_timer.as_mut().reset(next);
-        tracing::debug!("hibernated");
+        self.span.in_scope(|| tracing::debug!("hibernated"));
         Ok(())
     }
 

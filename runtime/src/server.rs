@@ -875,6 +875,7 @@ async fn serve_addon(
     addon.stats().connections.inc();
     AddonConnection::new(
         Live { store, exports: instance, lease },
+        span,
         ws,
         addon.clone(),
         shared.live_instances.clone(),
@@ -882,7 +883,6 @@ async fn serve_addon(
         shared.config().limits.orphan_callback_grace,
     )
     .serve()
-    .instrument(span)
     .await;
     Ok(())
 }

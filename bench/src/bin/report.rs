@@ -54,6 +54,7 @@ const SERVERS: &[(&str, &str)] = &[
     ("sockhost-wasm", "**sockhost, wasm addon**"),
     ("sockhost-mirror", "sockhost, smallest guest (`mirror` test addon)"),
     ("sockhost-builtin", "sockhost `/ws` built-in (no wasm)"),
+    ("sockhost-hibernated", "sockhost, `echo` hibernated (`hibernate_after_ms = 1000`)"),
     ("uws", "uWebSockets.js"),
     ("node-ws", "Node `ws`"),
     ("python-websockets", "Python `websockets`"),
@@ -334,6 +335,13 @@ fn targets(md: &mut String, r: &Results) {
             fmt(r.median("idle", "sockhost-mirror", "rss_kb_per_conn"), 1)
         ),
         verdict(idle_kb.map(|kb| kb <= 32.0)).into(),
+    ]);
+
+    let hibernated_kb = r.median("idle", "sockhost-hibernated", "rss_kb_per_conn");
+    t.row(&[
+        "≤ 8 KB per idle hibernated connection (issue 14)".into(),
+        format!("`echo` hibernated {} KB (VmRSS delta / {} connections)", fmt(hibernated_kb, 1), fmt(idle_conns, 0)),
+        verdict(hibernated_kb.map(|kb| kb <= 8.0)).into(),
     ]);
 
     let storm_cap = r.median("storm", "sockhost-wasm", "server_conns_per_core_s");

@@ -205,7 +205,7 @@ impl ChannelAccess {
 
     fn deny(&mut self, op: &str, channel: &str, why: &str) -> ChannelError {
         if self.denials_logged.len() < 64 && self.denials_logged.insert(channel.into()) {
-            tracing::warn!(channel, "{op} denied: {why}");
+            tracing::warn!(addon = &*self.addon, conn = self.conn, channel, "{op} denied: {why}");
         }
         ChannelError::Denied
     }
@@ -271,7 +271,7 @@ impl ChannelAccess {
         match self.bus.publish(&self.addon, &channel, msg).await {
             Ok(_) => Ok(()),
             Err(err) => {
-                tracing::warn!(channel, "publish failed: {err}");
+                tracing::warn!(addon = &*self.addon, conn = self.conn, channel, "publish failed: {err}");
                 Err(ChannelError::Unavailable(err.to_string()))
             }
         }

@@ -240,6 +240,12 @@ impl Session {
         self.close_sent.as_ref()
     }
 
+    /// Whether a close frame went out or the socket was lost: sending is over.
+    #[inline]
+    pub(crate) fn closing(&self) -> bool {
+        self.close_sent.is_some() || self.outbox.lost.load(Ordering::Relaxed) != 0
+    }
+
     /// Takes over what the connection task's flushes learnt about the socket.
     fn absorb_lost(&mut self) {
         if self.close_sent.is_some() {
@@ -259,7 +265,8 @@ impl Session {
     /// room (a client that reads slowly). Fails with `closed` once a close frame went
     /// out or the socket broke.
     pub(crate) async fn queue(&mut self, message: WsMessage) -> Result<(), SendError> {
-        if self.close_sent().is_some() {
+        if self.closing() {
+            self.absorb_lost();
             return Err(SendError::Closed);
         }
         let data_bytes = match &message {
@@ -319,7 +326,13 @@ impl Session {
         let code = if close_code::is_sendable(code) {
             code
         } else {
-            tracing::warn!(code, "addon asked for a close code a server may not send; using 1008");
+            let (addon, conn) = (&*self.info.addon, self.info.id);
+            tracing::warn!(
+                addon,
+                conn,
+                code,
+                "addon asked for a close code a server may not send; using 1008"
+            );
             close_code::POLICY
         };
         let reason = truncate_close_reason(reason).to_owned();
