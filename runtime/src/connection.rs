@@ -474,14 +474,12 @@ impl AddonConnection {
         let info = live.store.data().session.info().clone();
         sandbox::start_callback(&mut live.store, None);
         let handler = &live.exports.handler;
-        let call = guest_turn(
-            &self.meter,
-            &self.outbox,
-            self.policy.send_timeout,
-            handler.call_on_open(&mut live.store, &info),
-        );
-        let Ok(opened) = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
-        else {
+        let opened = {
+            let guest_call = std::pin::pin!(handler.call_on_open(&mut live.store, &info));
+            let call = guest_turn(&self.meter, &self.outbox, self.policy.send_timeout, guest_call);
+            read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
+        };
+        let Ok(opened) = opened else {
             return self.orphaned("on-open").await;
         };
         self.pick_up_inbox();
@@ -582,14 +580,12 @@ impl AddonConnection {
                     let started = self.last_message.max(self.last_callback_end);
                     sandbox::start_callback(&mut live.store, Some(started.into_std()));
                     let handler = &live.exports.handler;
-                    let call = guest_turn(
-                        &self.meter,
-                        &self.outbox,
-                        self.policy.send_timeout,
-                        handler.call_on_message(&mut live.store, &message),
-                    );
-                    let outcome =
-                        read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
+                    let outcome = {
+                        let guest_call = std::pin::pin!(handler.call_on_message(&mut live.store, &message));
+                        let call =
+                            guest_turn(&self.meter, &self.outbox, self.policy.send_timeout, guest_call);
+                        read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
+                    };
                     let Ok(outcome) = outcome else {
                         return self.orphaned("on-message").await;
                     };
@@ -643,14 +639,11 @@ impl AddonConnection {
         let Guest::Live(live) = &mut self.guest else { unreachable!("woken above") };
         sandbox::start_callback(&mut live.store, None);
         let handler = &live.exports.handler;
-        if let Err(err) = guest_turn(
-            &self.meter,
-            &self.outbox,
-            self.policy.send_timeout,
-            handler.call_on_close(&mut live.store, code, &reason),
-        )
-        .await
-        {
+        let closed = {
+            let call = std::pin::pin!(handler.call_on_close(&mut live.store, code, &reason));
+            guest_turn(&self.meter, &self.outbox, self.policy.send_timeout, call).await
+        };
+        if let Err(err) = closed {
             let (kind, cause) = self.classify(&err);
             self.stats.failure(kind);
             if self.may_log(kind) {
@@ -732,13 +725,15 @@ impl AddonConnection {
         };
         self.stats.channel_delivery();
         sandbox::start_callback(&mut live.store, None);
-        let call = guest_turn(
-            &self.meter,
-            &self.outbox,
-            self.policy.send_timeout,
-            channel_handler.call_on_channel_message(&mut live.store, &delivery.channel, &delivery.payload),
-        );
-        let outcome = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
+        let outcome = {
+            let guest_call = std::pin::pin!(channel_handler.call_on_channel_message(
+                &mut live.store,
+                &delivery.channel,
+                &delivery.payload
+            ));
+            let call = guest_turn(&self.meter, &self.outbox, self.policy.send_timeout, guest_call);
+            read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
+        };
         self.last_callback_end = Instant::now();
         if let Some(sleeper) = &self.sleeper {
             sleeper.touch(self.last_callback_end);
@@ -895,13 +890,11 @@ impl AddonConnection {
         let hibernation =
             live.exports.hibernation.as_ref().expect("only a version that exports hibernation hibernates");
         sandbox::start_callback(&mut live.store, None);
-        let call = guest_turn(
-            &self.meter,
-            &self.outbox,
-            self.policy.send_timeout,
-            hibernation.call_wake(&mut live.store, &state),
-        );
-        let outcome = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
+        let outcome = {
+            let guest_call = std::pin::pin!(hibernation.call_wake(&mut live.store, &state));
+            let call = guest_turn(&self.meter, &self.outbox, self.policy.send_timeout, guest_call);
+            read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
+        };
         self.pick_up_inbox();
         match outcome {
             Ok(Ok(())) => Ok(()),
@@ -963,13 +956,11 @@ impl AddonConnection {
         let Guest::Live(live) = &mut self.guest else { return Ok(()) };
         let Some(hibernation) = live.exports.hibernation.as_ref() else { return Ok(()) };
         sandbox::start_callback(&mut live.store, None);
-        let call = guest_turn(
-            &self.meter,
-            &self.outbox,
-            self.policy.send_timeout,
-            hibernation.call_hibernate(&mut live.store),
-        );
-        let outcome = read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await;
+        let outcome = {
+            let guest_call = std::pin::pin!(hibernation.call_hibernate(&mut live.store));
+            let call = guest_turn(&self.meter, &self.outbox, self.policy.send_timeout, guest_call);
+            read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
+        };
         self.last_callback_end = Instant::now();
         if let Some(sleeper) = &self.sleeper {
             sleeper.touch(self.last_callback_end);
@@ -1031,7 +1022,10 @@ impl AddonConnection {
     }
 }
 
-/// One callback as the connection task runs it. Every poll resumes the guest (the meter
+/// One callback as the connection task runs it; `call` is pinned where it is made (the
+/// call sites `pin!` it), so the layers here and in [`read_while`] move a pointer, not
+/// wasmtime's call future (about a kilobyte, copied once per layer otherwise). Every
+/// poll resumes the guest (the meter
 /// books its running time); every `Pending` is a moment the guest is not running, so the
 /// frames it queued start on their way then; when it returns, the rest are flushed. So
 /// frames an addon sends in one go leave in one write, and none waits behind guest

@@ -16,6 +16,8 @@
 //!   instance, against `vm.max_map_count`): see [`crate::capacity`].
 //! - **Async stacks**: one per live instance, `limits.async_stack_bytes` (default 2 MiB),
 //!   of which guest code may use 512 KiB (`max_wasm_stack`); the rest is for host calls.
+//!   A stack is reset when its instance goes (`async_stack_zeroing`), which gives its
+//!   pages back to the system.
 //! - **Async**: host calls such as `session.send-*` await the socket without blocking a
 //!   worker thread; guest code runs on a fiber.
 //! - **Epoch interruption**: a ticker bumps the epoch every [`EPOCH_TICK`]; a guest that
@@ -71,7 +73,12 @@ pub fn build(plan: &Plan) -> anyhow::Result<Engine> {
         // Pooled memories never move, so there is nothing to grow into.
         .memory_reservation_for_growth(0)
         .max_wasm_stack(MAX_WASM_STACK)
-        .async_stack_size(usize::try_from(plan.stack_bytes).unwrap_or(usize::MAX));
+        .async_stack_size(usize::try_from(plan.stack_bytes).unwrap_or(usize::MAX))
+        // A freed stack is reset (madvise), so its pages leave the resident set: without
+        // it every slot an instance ever ran in keeps its touched stack pages, and idle or
+        // hibernated connections cost the high-water mark. It also means no guest can read
+        // what another left on a reused stack.
+        .async_stack_zeroing(true);
 
     let engine = Engine::new(&config).map_err(anyhow::Error::from).with_context(|| {
         format!(

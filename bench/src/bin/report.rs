@@ -340,7 +340,11 @@ fn targets(md: &mut String, r: &Results) {
     let hibernated_kb = r.median("idle", "sockhost-hibernated", "rss_kb_per_conn");
     t.row(&[
         "≤ 8 KB per idle hibernated connection (issue 14)".into(),
-        format!("`echo` hibernated {} KB (VmRSS delta / {} connections)", fmt(hibernated_kb, 1), fmt(idle_conns, 0)),
+        format!(
+            "`echo` hibernated {} KB (VmRSS delta / {} connections)",
+            fmt(hibernated_kb, 1),
+            fmt(idle_conns, 0)
+        ),
         verdict(hibernated_kb.map(|kb| kb <= 8.0)).into(),
     ]);
 
