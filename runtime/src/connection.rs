@@ -236,6 +236,38 @@ struct Sleeper {
     make_room: Notify,
 }
 
+/// Instances dropped by hibernation since the allocator was last asked to give freed
+/// memory back ([`give_back_freed_memory`]).
+static HIBERNATED_SINCE_TRIM: AtomicU64 = AtomicU64::new(0);
+
+/// How often the freed memory of hibernated instances is given back to the system.
+const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Gives the memory of hibernated connections' instances back to the system, once a
+/// second while connections hibernate. An instance's host side (its store, WASI
+/// context, tables: 10-20 KB) is freed to the C allocator when it hibernates, and glibc
+/// keeps freed memory in its arenas; without this a burst of connections that all
+/// hibernate would keep the process at its high-water mark. `malloc_trim` walks the
+/// arenas (a few ms at worst), on the blocking pool, never on a connection's path.
+pub(crate) async fn give_back_freed_memory(stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(TRIM_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if HIBERNATED_SINCE_TRIM.swap(0, Ordering::Relaxed) > 0 {
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            let _ = tokio::task::spawn_blocking(|| {
+                // SAFETY: malloc_trim only touches the allocator's own state, under its locks.
+                unsafe { libc::malloc_trim(0) };
+            })
+            .await;
+        }
+    }
+}
+
 /// How long a connection that needs a slot waits for the one it asked to hibernate.
 const MAKE_ROOM_WAIT: Duration = Duration::from_secs(2);
 
@@ -1001,6 +1033,7 @@ impl AddonConnection {
         state.shrink_to_fit();
         self.guest = Guest::Asleep(Box::new(Asleep { state, host }));
         self.sleeper = None;
+        HIBERNATED_SINCE_TRIM.fetch_add(1, Ordering::Relaxed);
         self.stats.hibernated.inc();
         self.stats.hibernations.inc();
         let next = self.next_deadline();

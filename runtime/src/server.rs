@@ -330,6 +330,7 @@ impl Server {
         if let Some(tls) = &shared.tls {
             tokio::spawn(tls.clone().watch(shared.shutdown.token().clone()));
         }
+        tokio::spawn(crate::connection::give_back_freed_memory(shared.shutdown.token().clone()));
         tokio::pin!(shutdown);
         let mut accept_errors = AcceptErrors::default();
         let mut purge = tokio::time::interval(KV_PURGE_INTERVAL);
