@@ -162,6 +162,11 @@ impl LoadedAddon {
         self.policy.hibernate_after(self.hibernation.is_some())
     }
 
+    /// Whether the component exports `hibernation`.
+    pub fn exports_hibernation(&self) -> bool {
+        self.hibernation.is_some()
+    }
+
     /// Whether the component exports `channel-handler`, so it can receive channel messages.
     pub fn receives_channel_messages(&self) -> bool {
         self.channel_handler.is_some()

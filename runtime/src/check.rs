@@ -86,12 +86,22 @@ fn check(paths: &[PathBuf], limits: &ServerLimits, out: &mut impl Write) -> anyh
                     addon.version()
                 )?;
                 writeln!(out, "      imports: {}", addon.imports().join(", "))?;
-                let receives = if addon.receives_channel_messages() {
-                    "handler, channel-handler"
+                let mut exports = vec!["handler"];
+                exports.push(if addon.receives_channel_messages() {
+                    "channel-handler"
                 } else {
-                    "handler (no channel-handler: it cannot subscribe to channels)"
+                    "no channel-handler (it cannot subscribe to channels)"
+                });
+                let hibernation = match addon.hibernate_after() {
+                    Some(after) => {
+                        format!("hibernation (idle connections hibernate after {} ms)", after.as_millis())
+                    }
+                    None if addon.exports_hibernation() => {
+                        "hibernation (off: hibernate_after_ms = 0)".to_owned()
+                    }
+                    None => "no hibernation (its idle connections keep their instance)".to_owned(),
                 };
-                writeln!(out, "      exports: {receives}")?;
+                writeln!(out, "      exports: {}, {hibernation}", exports.join(", "))?;
                 writeln!(out, "      manifest: {}", manifest_note(file))?;
                 write_policy(out, addon.policy())?;
             }

@@ -106,6 +106,8 @@ fn check_validates_addons_and_exits_non_zero_on_a_problem() {
         "memory_limit         16MiB",
         "cpu_limit_ms         1000",
         "allowed_origins      https://shop.example",
+        "exports: handler, channel-handler, hibernation (idle connections hibernate after 30000 ms)",
+        "hibernate_max_state_bytes 16KiB",
         "1 checked: 1 ok, 0 failed",
     ] {
         assert!(output.contains(needle), "missing {needle:?} in:\n{output}");
@@ -132,7 +134,7 @@ fn check_validates_addons_and_exits_non_zero_on_a_problem() {
         "grant: config api_key = <from $CHECK_KEY>",
         "grant: channels: subscribe user:*; publish none",
         "channels.inbox       32",
-        "exports: handler, channel-handler",
+        "exports: handler, channel-handler, hibernation",
         "wasi:http/outgoing-handler",
     ] {
         assert!(output.contains(needle), "missing {needle:?} in:\n{output}");
