@@ -202,9 +202,15 @@ enum Unwoken {
     NoSlot,
     /// No instance could be made (see [`InstantiateError`]).
     NotMade(InstantiateError),
-    /// `wake` trapped or ran past a limit.
+    /// `wake` failed.
+    Failed(CallFailed),
+}
+
+/// How a call into the instance ended that leaves it unusable.
+enum CallFailed {
+    /// It trapped or ran past a limit.
     Trapped(wasmtime::Error),
-    /// The client left while `wake` ran, and it ran past the grace period.
+    /// The client left while it ran, and it ran past the grace period.
     Orphaned,
 }
 
@@ -562,14 +568,8 @@ impl AddonConnection {
                     }
                     let due =
                         if asked { self.session().close_sent().is_none() } else { self.hibernate_due() };
-                    if due && let Err(stop) = self.hibernate().await {
-                        return match stop {
-                            Unwoken::Orphaned => self.orphaned("hibernate").await,
-                            Unwoken::Trapped(err) => self.failed("hibernate", err).await,
-                            Unwoken::NoSlot | Unwoken::NotMade(_) => {
-                                unreachable!("hibernating makes no instance")
-                            }
-                        };
+                    if due && let Err(ended) = self.hibernate().await {
+                        return self.call_failed("hibernate", ended).await;
                     }
                     continue;
                 }
@@ -622,10 +622,7 @@ impl AddonConnection {
                         return self.orphaned("on-message").await;
                     };
                     self.pick_up_inbox();
-                    self.last_callback_end = Instant::now();
-                    if let Some(sleeper) = &self.sleeper {
-                        sleeper.touch(self.last_callback_end);
-                    }
+                    self.callback_ended();
                     self.stats.callback_seconds.observe(self.last_callback_end - started);
                     match outcome {
                         Ok(Ok(())) => {}
@@ -657,8 +654,8 @@ impl AddonConnection {
             let (kind, cause) = match unwoken {
                 Unwoken::NoSlot => (FailureKind::InstanceCapacity, "no free instance slot".to_owned()),
                 Unwoken::NotMade(err) => (err.kind, err.cause),
-                Unwoken::Trapped(err) => self.classify(&err),
-                Unwoken::Orphaned => {
+                Unwoken::Failed(CallFailed::Trapped(err)) => self.classify(&err),
+                Unwoken::Failed(CallFailed::Orphaned) => {
                     (FailureKind::OrphanedCallback, "wake outlived the grace period".to_owned())
                 }
             };
@@ -766,10 +763,7 @@ impl AddonConnection {
             let call = guest_turn(&self.meter, &self.outbox, self.policy.send_timeout, guest_call);
             read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
         };
-        self.last_callback_end = Instant::now();
-        if let Some(sleeper) = &self.sleeper {
-            sleeper.touch(self.last_callback_end);
-        }
+        self.callback_ended();
         outcome
     }
 
@@ -930,16 +924,23 @@ impl AddonConnection {
         self.pick_up_inbox();
         match outcome {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(Unwoken::Trapped(err)),
-            Err(Orphaned) => Err(Unwoken::Orphaned),
+            Ok(Err(err)) => Err(Unwoken::Failed(CallFailed::Trapped(err))),
+            Err(Orphaned) => Err(Unwoken::Failed(CallFailed::Orphaned)),
+        }
+    }
+
+    /// Ends the connection after a call that left the instance unusable.
+    async fn call_failed(self, stage: &'static str, ended: CallFailed) {
+        match ended {
+            CallFailed::Trapped(err) => self.failed(stage, err).await,
+            CallFailed::Orphaned => self.orphaned(stage).await,
         }
     }
 
     /// The connection could not be woken: the client is told, and the connection closes.
     async fn not_woken(mut self, unwoken: Unwoken) {
         let (kind, cause, code) = match unwoken {
-            Unwoken::Trapped(err) => return self.failed("wake", err).await,
-            Unwoken::Orphaned => return self.orphaned("wake").await,
+            Unwoken::Failed(ended) => return self.call_failed("wake", ended).await,
             Unwoken::NoSlot => (
                 FailureKind::InstanceCapacity,
                 format!(
@@ -975,6 +976,15 @@ impl AddonConnection {
             && self.session().close_sent().is_none()
     }
 
+    /// Stamps the end of a callback: callback timing, the idle deadline, and the
+    /// connection's place in the least-recently-active order.
+    fn callback_ended(&mut self) {
+        self.last_callback_end = Instant::now();
+        if let Some(sleeper) = &self.sleeper {
+            sleeper.touch(self.last_callback_end);
+        }
+    }
+
     /// When the connection last did something: a client message or a callback's end.
     fn last_activity(&self) -> Instant {
         self.last_message.max(self.last_callback_end)
@@ -984,7 +994,7 @@ impl AddonConnection {
     /// its memory and slot go back. A state over `hibernate_max_state_bytes` keeps it
     /// live (`hibernate_failed`); a trap ends the connection, as in any callback, since
     /// a trapped instance cannot be entered again.
-    async fn hibernate(&mut self) -> Result<(), Unwoken> {
+    async fn hibernate(&mut self) -> Result<(), CallFailed> {
         let Guest::Live(live) = &mut self.guest else { return Ok(()) };
         let Some(hibernation) = live.exports.hibernation.as_ref() else { return Ok(()) };
         sandbox::start_callback(&mut live.store, None);
@@ -993,15 +1003,12 @@ impl AddonConnection {
             let call = guest_turn(&self.meter, &self.outbox, self.policy.send_timeout, guest_call);
             read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
         };
-        self.last_callback_end = Instant::now();
-        if let Some(sleeper) = &self.sleeper {
-            sleeper.touch(self.last_callback_end);
-        }
+        self.callback_ended();
         self.pick_up_inbox();
         let mut state = match outcome {
             Ok(Ok(state)) => state,
-            Ok(Err(err)) => return Err(Unwoken::Trapped(err)),
-            Err(Orphaned) => return Err(Unwoken::Orphaned),
+            Ok(Err(err)) => return Err(CallFailed::Trapped(err)),
+            Err(Orphaned) => return Err(CallFailed::Orphaned),
         };
         let max = self.policy.hibernate_max_state_bytes;
         if state.len() > max {
