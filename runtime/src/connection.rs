@@ -47,6 +47,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::WebSocketStream;
@@ -238,8 +239,10 @@ struct Sleeper {
     last_active: AtomicU64,
     /// Set once it was asked to make room, so the next ask picks another.
     asked: AtomicBool,
-    /// Tells its task to hibernate now.
-    make_room: Notify,
+    /// The ask itself, taken by its task; with the waker below it replaces a `Notify`,
+    /// whose waiter list would take a lock on every event the connection waits for.
+    make_room_now: AtomicBool,
+    waker: AtomicWaker,
 }
 
 /// Instances dropped by hibernation since the allocator was last asked to give freed
@@ -321,7 +324,8 @@ impl InstanceSlots {
         match victim {
             Some(victim) => {
                 victim.asked.store(true, Ordering::Relaxed);
-                victim.make_room.notify_one();
+                victim.make_room_now.store(true, Ordering::Release);
+                victim.waker.wake();
                 true
             }
             None => false,
@@ -334,7 +338,8 @@ impl InstanceSlots {
         let sleeper = Arc::new(Sleeper {
             last_active: AtomicU64::new(self.origin.elapsed().as_millis() as u64),
             asked: AtomicBool::new(false),
-            make_room: Notify::new(),
+            make_room_now: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
         });
         let mut sleepers = self.sleepers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         sleepers.insert(id, sleeper.clone());
@@ -1083,10 +1088,18 @@ async fn guest_turn<F: Future>(
 
 /// Resolves when the slots ask this connection to hibernate; never when it is not listed.
 async fn asked_to_make_room(sleeper: &Option<SleeperRegistration>) {
-    match sleeper {
-        Some(registration) => registration.sleeper.make_room.notified().await,
-        None => std::future::pending().await,
-    }
+    let Some(registration) = sleeper else { return std::future::pending().await };
+    let sleeper = &registration.sleeper;
+    std::future::poll_fn(|cx| {
+        // Registered before the flag is read, so an ask between the two still wakes us.
+        sleeper.waker.register(cx.waker());
+        if sleeper.make_room_now.swap(false, Ordering::Acquire) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 /// The next delivery from `inbox`, or never when there is none. `None` means it overflowed.
