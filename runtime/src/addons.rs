@@ -222,6 +222,31 @@ impl LoadedAddon {
     }
 }
 
+/// An optional export's indices: `None` when the component does not export the interface,
+/// an error when it exports it with the wrong shape (refused, rather than treated as
+/// absent).
+fn optional_export<T>(
+    component: &Component,
+    engine: &wasmtime::Engine,
+    interface: &str,
+    found: wasmtime::Result<T>,
+) -> Result<Option<T>, LoadError> {
+    match found {
+        Ok(indices) => Ok(Some(indices)),
+        Err(err) => {
+            let name = format!("sockhost:addon/{interface}");
+            let exported =
+                component.component_type().exports(engine).any(|(export, _)| export.starts_with(&name));
+            if exported {
+                return Err(LoadError::WrongWorld(
+                    anyhow::Error::from(err).context(format!("its {name} export")),
+                ));
+            }
+            Ok(None)
+        }
+    }
+}
+
 /// Whether making an instance failed for want of room rather than by the addon's doing:
 /// the pool had no free slot of some kind, or the system refused memory or a mapping
 /// (`ENOMEM`, e.g. past `vm.max_map_count`). Returns the cause for the log and the answer.
@@ -450,43 +475,17 @@ impl Loader {
         let handler = HandlerIndices::new(&pre).map_err(|e| LoadError::WrongWorld(e.into()))?;
         // Optional: components built against 0.1.0 and 0.1.1 do not have it. One that has
         // it with the wrong shape is refused rather than treated as not subscribing.
-        let channel_handler = match ChannelHandlerIndices::new(&pre) {
-            Ok(indices) => Some(indices),
-            Err(err) => {
-                let exported = component
-                    .component_type()
-                    .exports(&self.engine)
-                    .any(|(name, _)| name.starts_with("sockhost:addon/channel-handler"));
-                if exported {
-                    return Err(LoadError::WrongWorld(
-                        anyhow::Error::from(err).context("its sockhost:addon/channel-handler export"),
-                    ));
-                }
-                None
-            }
-        };
-        let hibernation = match HibernationIndices::new(&pre) {
-            Ok(indices) => Some(indices),
-            Err(err) => {
-                let exported = component
-                    .component_type()
-                    .exports(&self.engine)
-                    .any(|(name, _)| name.starts_with("sockhost:addon/hibernation"));
-                if exported {
-                    return Err(LoadError::WrongWorld(
-                        anyhow::Error::from(err).context("its sockhost:addon/hibernation export"),
-                    ));
-                }
-                if policy.hibernate_after_ms.is_some_and(|ms| ms > 0) {
-                    tracing::warn!(
-                        addon = %stem,
-                        "hibernate_after_ms is set but the component does not export sockhost:addon/hibernation \
-                         (the SDK's `export_addon!(T, hibernate)`): its connections stay live"
-                    );
-                }
-                None
-            }
-        };
+        let channel_handler =
+            optional_export(&component, &self.engine, "channel-handler", ChannelHandlerIndices::new(&pre))?;
+        let hibernation =
+            optional_export(&component, &self.engine, "hibernation", HibernationIndices::new(&pre))?;
+        if hibernation.is_none() && policy.hibernate_after_ms.is_some_and(|ms| ms > 0) {
+            tracing::warn!(
+                addon = %stem,
+                "hibernate_after_ms is set but the component does not export sockhost:addon/hibernation \
+                 (the SDK's `export_addon!(T, hibernate)`): its connections stay live"
+            );
+        }
         let elapsed = started.elapsed();
         self.metrics.compiled(&stem, elapsed);
         tracing::debug!(addon = %stem, elapsed_ms = elapsed.as_millis() as u64, "compiled");

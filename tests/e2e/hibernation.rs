@@ -229,12 +229,7 @@ async fn with_nothing_that_can_hibernate_a_full_pool_still_answers_503() {
         assert_eq!(client.recv_text().await, "hi");
         held.push(client);
     }
-    let (status, text) = http_request(
-        server.addr,
-        "GET /ws/mirror HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await;
+    let (status, text) = upgrade_status(server.addr, "/ws/mirror", None).await;
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("live addon instances"), "{text}");
     assert_eq!(server.failures.get(FailureKind::InstanceCapacity), 1);

@@ -324,31 +324,6 @@ async fn a_slow_or_silent_handshake_is_dropped() {
     assert_eq!(server.failures.get(FailureKind::HandshakeTimeout), 2);
 }
 
-/// Sends an upgrade request by hand and returns the status and the response text
-/// (only the head for a 101, whose connection stays open).
-async fn upgrade_status(server: &TestServer, path: &str, origin: Option<&str>) -> (u16, String) {
-    let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{origin}\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !response.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n =
-            tokio::time::timeout(PATIENCE, stream.read(&mut chunk)).await.expect("response in time").unwrap();
-        assert!(n > 0, "connection closed before a response head");
-        response.extend_from_slice(&chunk[..n]);
-    }
-    if !response.starts_with(b"HTTP/1.1 101") {
-        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response)).await.unwrap().unwrap();
-    }
-    let text = String::from_utf8_lossy(&response).into_owned();
-    (text[9..12].parse().unwrap(), text)
-}
-
 /// An instance that cannot be made (here: the echo addon's initial linear memory, 17
 /// pages, is over a 1 MiB `memory_limit`) is an HTTP 503 naming the cause before any
 /// upgrade, counted as `addon_oom` for that addon; the server's other addons go on.
@@ -362,7 +337,7 @@ async fn an_instance_over_its_memory_limit_at_start_is_a_503_counted_as_addon_oo
         ("testkit.wasm", &testkit),
     ])
     .await;
-    let (status, text) = upgrade_status(&server, "/ws/echo", None).await;
+    let (status, text) = upgrade_status(server.addr, "/ws/echo", None).await;
     assert_eq!(status, 503, "{text}");
     assert!(
         text.contains("cannot take a connection now: it exceeded its memory limit of 1048576 bytes"),
@@ -384,7 +359,7 @@ async fn an_addon_over_max_connections_answers_503_before_upgrading() {
     let mut b = server.connect("/ws/testkit").await;
     assert_eq!(a.recv_text().await, "open");
     assert_eq!(b.recv_text().await, "open");
-    let (status, text) = upgrade_status(&server, "/ws/testkit", None).await;
+    let (status, text) = upgrade_status(server.addr, "/ws/testkit", None).await;
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("limit of 2 connections"), "{text}");
     wait_for_log(&["addon connection limit reached", "addon=\"testkit\""]).await;
@@ -414,7 +389,7 @@ async fn the_server_wide_connection_limit_answers_503() {
     .await;
     let mut first = server.connect("/ws/testkit").await;
     assert_eq!(first.recv_text().await, "open");
-    let (status, text) = upgrade_status(&server, "/ws/echo", None).await;
+    let (status, text) = upgrade_status(server.addr, "/ws/echo", None).await;
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("server is at its limit of 1"), "{text}");
     assert_eq!(server.failures.get(FailureKind::Capacity), 1);
@@ -423,11 +398,11 @@ async fn the_server_wide_connection_limit_answers_503() {
 #[tokio::test]
 async fn a_disallowed_origin_gets_403() {
     let server = testkit_server("allowed_origins = [\"https://shop.example.com\"]").await;
-    let (status, text) = upgrade_status(&server, "/ws/testkit", Some("https://evil.example")).await;
+    let (status, text) = upgrade_status(server.addr, "/ws/testkit", Some("https://evil.example")).await;
     assert_eq!(status, 403, "{text}");
-    let (status, _) = upgrade_status(&server, "/ws/testkit", Some("https://shop.example.com")).await;
+    let (status, _) = upgrade_status(server.addr, "/ws/testkit", Some("https://shop.example.com")).await;
     assert_eq!(status, 101);
-    let (status, _) = upgrade_status(&server, "/ws/testkit", None).await;
+    let (status, _) = upgrade_status(server.addr, "/ws/testkit", None).await;
     assert_eq!(status, 101, "clients without an Origin (native, mini-programs) are not browsers");
     assert_eq!(server.failures.get(FailureKind::Origin), 1);
 }

@@ -96,14 +96,14 @@ async fn a_full_pool_answers_503_named_instance_capacity_while_healthz_and_ws_wo
         assert_eq!(client.recv_text().await, "open");
         held.push(client);
     }
-    let (status, text) = upgrade_status(server.addr, "/ws/testkit").await;
+    let (status, text) = upgrade_status(server.addr, "/ws/testkit", None).await;
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("limit of 3 live addon instances"), "{text}");
     wait_for_log(&["every instance slot is taken", "kind=\"instance_capacity\"", "addon=\"testkit\""]).await;
     // Every new client is refused while the pool is full: one line per interval (then a
     // count of the rest), every refusal counted.
     for _ in 0..4 {
-        assert_eq!(upgrade_status(server.addr, "/ws/testkit").await.0, 503);
+        assert_eq!(upgrade_status(server.addr, "/ws/testkit", None).await.0, 503);
     }
     assert_eq!(log_lines(&["every instance slot is taken", "addon=\"testkit\""]).len(), 1);
     assert_eq!(server.failures.get(FailureKind::InstanceCapacity), 5);
@@ -123,7 +123,7 @@ async fn a_full_pool_answers_503_named_instance_capacity_while_healthz_and_ws_wo
 
     held.pop().unwrap().close(1000, "bye").await;
     eventually("a slot is free again", || async {
-        let (status, _) = upgrade_status(server.addr, "/ws/testkit").await;
+        let (status, _) = upgrade_status(server.addr, "/ws/testkit", None).await;
         status == 101
     })
     .await;
@@ -194,29 +194,4 @@ fn check_prints_the_capacity_arithmetic_and_refuses_an_addon_over_the_reservatio
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
-}
-
-/// Sends an upgrade request by hand and returns the status and the response head (a
-/// 101's connection is dropped).
-async fn upgrade_status(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !response.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n =
-            tokio::time::timeout(PATIENCE, stream.read(&mut chunk)).await.expect("response in time").unwrap();
-        assert!(n > 0, "connection closed before a response head");
-        response.extend_from_slice(&chunk[..n]);
-    }
-    if !response.starts_with(b"HTTP/1.1 101") {
-        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response)).await.unwrap().unwrap();
-    }
-    let text = String::from_utf8_lossy(&response).into_owned();
-    (text[9..12].parse().unwrap(), text)
 }

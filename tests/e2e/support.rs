@@ -474,3 +474,31 @@ pub fn handle_hoarder_component() -> Vec<u8> {
         .encode()
         .expect("component encodes")
 }
+
+// ---- hand-made upgrade requests --------------------------------------------------------
+
+/// Sends an upgrade request by hand and returns the status and the response text
+/// (only the head for a 101, whose connection stays open).
+pub async fn upgrade_status(addr: SocketAddr, path: &str, origin: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{origin}\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n =
+            tokio::time::timeout(PATIENCE, stream.read(&mut chunk)).await.expect("response in time").unwrap();
+        assert!(n > 0, "connection closed before a response head");
+        response.extend_from_slice(&chunk[..n]);
+    }
+    if !response.starts_with(b"HTTP/1.1 101") {
+        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response)).await.unwrap().unwrap();
+    }
+    let text = String::from_utf8_lossy(&response).into_owned();
+    (text[9..12].parse().unwrap(), text)
+}
