@@ -1664,17 +1664,33 @@ async fn soak(target: &Arc<Target>, pids: &[u32], plan: SoakPlan) -> anyhow::Res
         // Launch while there is room, unless a limit says stop.
         while stopped_by.is_none() && launched < plan.conns && in_flight.len() < plan.concurrency {
             let open = (keepers.len() + active.len() + in_flight.len()) as u64;
-            if client_fds_base + open + FD_RESERVE >= client_nofile {
-                stopped_by = Some(format!(
+            // Each connection takes one descriptor at each end: stop at the lower of the two
+            // limits, and name both when they are about equal (the other one is next).
+            let client_room = client_nofile.saturating_sub(client_fds_base + FD_RESERVE);
+            let server_room = server_nofile.map(|limit| limit.saturating_sub(server_fds_base + FD_RESERVE));
+            let client_says = || {
+                format!(
                     "the client's open-file limit (RLIMIT_NOFILE {client_nofile}, hard {client_nofile_hard})"
-                ));
-            } else if let Some(limit) = server_nofile
-                && server_fds_base + open + FD_RESERVE >= limit
-            {
-                stopped_by = Some(format!(
+                )
+            };
+            let server_says = |limit: u64| {
+                format!(
                     "the server's open-file limit (RLIMIT_NOFILE {limit}; it had {server_fds_base} files open \
                      before): one more would make accept fail and /healthz wait"
-                ));
+                )
+            };
+            let room = server_room.map_or(client_room, |s| s.min(client_room));
+            if open >= room {
+                stopped_by = Some(match (server_nofile, server_room) {
+                    (Some(limit), Some(s)) if s <= client_room && client_room - s < 1000 => {
+                        format!("{}, and {}", server_says(limit), client_says())
+                    }
+                    (Some(limit), Some(s)) if s <= client_room => server_says(limit),
+                    (Some(limit), Some(s)) if s - client_room < 1000 => {
+                        format!("{}, and {}", client_says(), server_says(limit))
+                    }
+                    _ => client_says(),
+                });
             } else if launched % 64 == 0
                 && let Some(available) = meminfo_kb("MemAvailable:")
                 && available < plan.min_available_kb
