@@ -45,6 +45,16 @@
 //!   not arrived by the time-out is lost. CPU is per delivered message, summed over every
 //!   `--pid`.
 //!
+//! - `soak` (issue 17): opens N connections (from several loopback source addresses, so
+//!   the ephemeral ports of one address are not the limit) and holds them, each read by a
+//!   small task that answers the server's pings; reports the time to open them, the
+//!   server's RSS, the kernel's socket memory (`/proc/net/sockstat`) and the client's own
+//!   memory per connection; then the echo round trip on 100 of them while the rest are
+//!   held; `/healthz` is polled throughout. It stops opening early, and says why, at the
+//!   first limit it meets: MemAvailable below a margin (so the machine never swaps or
+//!   OOM-kills other work), the client's or the server's open-file limit, EMFILE / ENFILE /
+//!   EADDRNOTAVAIL, or repeated failures (HTTP 503, time-outs).
+//!
 //! The built-in `/ws` endpoint of sockhost greets every connection with one frame before
 //! echoing: it is skipped (`--skip`, default 1 on a `/ws` path, else 0).
 //!
@@ -52,21 +62,28 @@
 //! loadgen --url ws://127.0.0.1:9001/ws/echo --pid 1234 --tag server=native closed --conns 100 --duration 5
 //! ```
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::{self, FuturesUnordered, StreamExt};
 use futures_util::{SinkExt, Stream};
 use hdrhistogram::Histogram;
 use serde_json::{Map, Value, json};
-use sockhost_bench::{ProcSample, payload, pss_kb, sample, ws_config};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use sockhost_bench::{
+    ProcSample, TcpSockstat, fd_count, map_count, meminfo_kb, open_files_limit, page_size, payload, pss_kb,
+    raise_open_files_limit, sample, soak_ws_config, source_addrs, ws_config,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch};
 use tokio::time::{MissedTickBehavior, interval_at, sleep};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::{WebSocketStream, client_async_with_config};
 
@@ -145,6 +162,67 @@ enum Mode {
         /// Do not exchange one message on each connection after opening it.
         #[arg(long)]
         no_touch: bool,
+        #[command(flatten)]
+        reply: ReplyArgs,
+    },
+    /// Issue 17: hold N connections (from several loopback source addresses), report the
+    /// memory they take and the echo round trip on a few while the rest are held; poll
+    /// /healthz throughout; stop opening at the first limit met, and name it.
+    Soak {
+        /// Connections to open (fewer if a limit is met first; the output says which).
+        #[arg(long, default_value_t = 20_000)]
+        conns: usize,
+        /// Connections being opened at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Loopback source addresses, 127.0.0.2 upwards, used round robin (about 28,000
+        /// ephemeral ports each); 0: the kernel chooses (127.0.0.1).
+        #[arg(long, default_value_t = 0)]
+        sources: u32,
+        /// Or these source addresses (comma-separated, in 127.0.0.0/8).
+        #[arg(long, value_delimiter = ',')]
+        source_addrs: Vec<Ipv4Addr>,
+        /// Do not exchange one message on each connection after opening it (no instance is
+        /// made until the first message, for an addon).
+        #[arg(long)]
+        no_touch: bool,
+        /// Seconds to wait after the last one opened before sampling memory (past the
+        /// addon's hibernate_after_ms, to measure hibernated connections).
+        #[arg(long, default_value_t = 2.0)]
+        settle: f64,
+        /// Held connections that then echo, while the others stay idle.
+        #[arg(long, default_value_t = 100)]
+        active: usize,
+        /// Their messages per second, in total (open loop, like `paced`).
+        #[arg(long, default_value_t = 1000.0)]
+        active_rate: f64,
+        /// Seconds of echo measured.
+        #[arg(long, default_value_t = 10.0)]
+        active_secs: f64,
+        /// Seconds of echo before measuring (the first message may wake a hibernated
+        /// connection).
+        #[arg(long, default_value_t = 2.0)]
+        active_warmup: f64,
+        /// Health check polled throughout [default: http://<host>:<port>/healthz of --url].
+        #[arg(long)]
+        healthz_url: Option<String>,
+        /// Milliseconds between two health checks.
+        #[arg(long, default_value_t = 500.0)]
+        healthz_every_ms: f64,
+        /// sockhost's /metrics, read once the connections are held (live instances and
+        /// hibernated connections) [default: http://<host>:<port>/metrics of --url].
+        #[arg(long)]
+        metrics_url: Option<String>,
+        /// Stop opening when the machine's MemAvailable falls below this (MiB); the hold
+        /// ends early if it falls below half of it.
+        #[arg(long, default_value_t = 1536)]
+        min_available_mib: u64,
+        /// Seconds one connection (TCP, upgrade, first message) may take.
+        #[arg(long, default_value_t = 15.0)]
+        connect_timeout: f64,
+        /// Stop opening after this many failed connections (HTTP 503, time-outs, resets).
+        #[arg(long, default_value_t = 100)]
+        max_failures: usize,
         #[command(flatten)]
         reply: ReplyArgs,
     },
@@ -245,10 +323,45 @@ impl Target {
     /// Connects, upgrades and skips the greeting frames.
     async fn connect(&self) -> anyhow::Result<Ws> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port)).await.context("TCP connect")?;
+        self.upgrade(tcp, ws_config()).await
+    }
+
+    /// Connects to `server` from `source` (any port), upgrades with `config` and skips the
+    /// greeting frames. The port is picked at connect time (IP_BIND_ADDRESS_NO_PORT), so
+    /// each source address has the whole ephemeral range for this destination.
+    async fn connect_from(
+        &self,
+        server: SocketAddr,
+        source: Option<Ipv4Addr>,
+        config: WebSocketConfig,
+    ) -> anyhow::Result<Ws> {
+        let socket = TcpSocket::new_v4().context("socket")?;
+        if let Some(source) = source {
+            let on: libc::c_int = 1;
+            // SAFETY: a valid socket, an int option of the right size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&on as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error()).context("IP_BIND_ADDRESS_NO_PORT");
+            }
+            socket.bind(SocketAddr::from((source, 0))).with_context(|| format!("bind to {source}"))?;
+        }
+        let tcp = socket.connect(server).await.context("TCP connect")?;
+        self.upgrade(tcp, config).await
+    }
+
+    async fn upgrade(&self, tcp: TcpStream, config: WebSocketConfig) -> anyhow::Result<Ws> {
         tcp.set_nodelay(true)?;
         let request = self.url.as_str().into_client_request()?;
         let (mut ws, _) =
-            client_async_with_config(request, tcp, Some(ws_config())).await.context("WebSocket upgrade")?;
+            client_async_with_config(request, tcp, Some(config)).await.context("WebSocket upgrade")?;
         for _ in 0..self.skip {
             next_data(&mut ws).await.context("reading the greeting")?;
         }
@@ -465,6 +578,47 @@ async fn run(args: &Args) -> anyhow::Result<Map<String, Value>> {
         Mode::Idle { conns, concurrency, settle, hold, no_touch, reply } => {
             let touch = (!no_touch).then_some((message, reply));
             idle(&target, pids, conns, concurrency, secs(settle), secs(hold), touch).await
+        }
+        Mode::Soak {
+            conns,
+            concurrency,
+            sources,
+            ref source_addrs,
+            no_touch,
+            settle,
+            active,
+            active_rate,
+            active_secs,
+            active_warmup,
+            ref healthz_url,
+            healthz_every_ms,
+            ref metrics_url,
+            min_available_mib,
+            connect_timeout,
+            max_failures,
+            reply,
+        } => {
+            let base = format!("http://{}:{}", target.host, target.port);
+            let plan = SoakPlan {
+                conns,
+                concurrency: concurrency.max(1),
+                sources: self::source_addrs(sources, source_addrs)?,
+                touch: !no_touch,
+                message,
+                reply,
+                settle: secs(settle),
+                active,
+                active_rate,
+                active_secs: secs(active_secs),
+                active_warmup: secs(active_warmup),
+                healthz: HttpTarget::parse(healthz_url.as_deref().unwrap_or(&format!("{base}/healthz")))?,
+                healthz_every: secs(healthz_every_ms / 1e3),
+                metrics: HttpTarget::parse(metrics_url.as_deref().unwrap_or(&format!("{base}/metrics")))?,
+                min_available_kb: min_available_mib * 1024,
+                connect_timeout: secs(connect_timeout),
+                max_failures: max_failures.max(1),
+            };
+            soak(&target, pids, plan).await
         }
         Mode::Storm { duration, warmup, concurrency, count: None } => {
             storm(&target, pids, concurrency, secs(warmup), secs(duration)).await
@@ -1237,6 +1391,541 @@ async fn settle(pids: &[u32], max: Duration) -> anyhow::Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// What a `soak` run does.
+struct SoakPlan {
+    conns: usize,
+    concurrency: usize,
+    /// Loopback source addresses, round robin; empty: the kernel chooses.
+    sources: Vec<Ipv4Addr>,
+    /// Exchange one message on each connection once it is open.
+    touch: bool,
+    message: Utf8Bytes,
+    reply: ReplyArgs,
+    settle: Duration,
+    active: usize,
+    active_rate: f64,
+    active_secs: Duration,
+    active_warmup: Duration,
+    healthz: HttpTarget,
+    healthz_every: Duration,
+    metrics: HttpTarget,
+    min_available_kb: u64,
+    connect_timeout: Duration,
+    max_failures: usize,
+}
+
+/// File descriptors kept free below an open-file limit, on the client and on the server:
+/// health checks, the metrics read, the server's own files (logs, kv, the addons' cache).
+const FD_RESERVE: u64 = 64;
+
+/// An `http://host:port/path` to GET.
+#[derive(Clone)]
+struct HttpTarget {
+    host: String,
+    port: u16,
+    path: String,
+}
+
+impl HttpTarget {
+    fn parse(url: &str) -> anyhow::Result<HttpTarget> {
+        let rest = url.strip_prefix("http://").with_context(|| format!("not an http:// URL: {url}"))?;
+        let (authority, path) = match rest.find('/') {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().with_context(|| format!("bad port in {url}"))?),
+            None => (authority, 80),
+        };
+        Ok(HttpTarget { host: host.to_owned(), port, path: path.to_owned() })
+    }
+
+    /// GET with `Connection: close`; the status code and, with `body`, the whole response.
+    async fn get(&self, body: bool) -> anyhow::Result<(u16, String)> {
+        let mut tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}:{}\r\nConnection: close\r\n\r\n",
+            self.path, self.host, self.port
+        );
+        tcp.write_all(request.as_bytes()).await?;
+        let mut buf = Vec::with_capacity(256);
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = tcp.read(&mut chunk).await?;
+            buf.extend_from_slice(&chunk[..n]);
+            // A health check needs the status line only.
+            if n == 0 || (!body && buf.windows(2).any(|w| w == b"\r\n")) {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status =
+            text.split_whitespace().nth(1).and_then(|code| code.parse().ok()).with_context(|| {
+                format!("no HTTP status line in {:?}", text.chars().take(80).collect::<String>())
+            })?;
+        Ok((status, text))
+    }
+}
+
+/// The sum over every label set of a Prometheus metric, e.g.
+/// `sockhost_addon_live_instances{addon="echo"} 5`.
+fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// What the health-check task saw, and the low-memory alarm it raises.
+#[derive(Default)]
+struct Health {
+    stop: AtomicBool,
+    /// MemAvailable fell below half the margin: end the run now.
+    low_memory: AtomicBool,
+    probes: AtomicU64,
+    failures: AtomicU64,
+    worst_us: AtomicU64,
+    lowest_available_kb: AtomicU64,
+    first_failure: Mutex<Option<String>>,
+}
+
+/// Polls `/healthz` every `every` (2 s time-out: a load balancer would give up by then) and
+/// watches MemAvailable, until told to stop.
+async fn watch_health(target: HttpTarget, every: Duration, min_available_kb: u64, health: Arc<Health>) {
+    health.lowest_available_kb.store(u64::MAX, Ordering::Relaxed);
+    while !health.stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(2), target.get(false)).await;
+        let failure = match result {
+            Ok(Ok((200, _))) => None,
+            Ok(Ok((status, _))) => Some(format!("HTTP {status}")),
+            Ok(Err(err)) => Some(format!("{err:#}")),
+            Err(_) => Some("no answer within 2 s".to_owned()),
+        };
+        health.probes.fetch_add(1, Ordering::Relaxed);
+        health.worst_us.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if let Some(failure) = failure {
+            health.failures.fetch_add(1, Ordering::Relaxed);
+            health.first_failure.lock().unwrap().get_or_insert(failure);
+        }
+        if let Some(available) = meminfo_kb("MemAvailable:") {
+            health.lowest_available_kb.fetch_min(available, Ordering::Relaxed);
+            if available < min_available_kb / 2 {
+                health.low_memory.store(true, Ordering::Relaxed);
+            }
+        }
+        sleep(every.saturating_sub(started.elapsed())).await;
+    }
+}
+
+/// Held connections that ended while held (the server closed or reset them).
+#[derive(Default)]
+struct Dropped {
+    count: AtomicUsize,
+    first: Mutex<Option<String>>,
+}
+
+/// Holds one connection: reads (so that the server's pings are answered) until the server
+/// ends it, or, for an active one, until `start` changes, when the socket is handed back.
+async fn keep(mut ws: Ws, mut start: Option<watch::Receiver<bool>>, dropped: Arc<Dropped>) -> Option<Ws> {
+    loop {
+        let frame = match start.as_mut() {
+            Some(start) => tokio::select! {
+                frame = ws.next() => frame,
+                _ = start.changed() => return Some(ws),
+            },
+            None => ws.next().await,
+        };
+        let why = match frame {
+            Some(Ok(Message::Close(frame))) => format!("server closed it: {frame:?}"),
+            Some(Ok(_)) => continue,
+            Some(Err(err)) => format!("{err}"),
+            None => "EOF".to_owned(),
+        };
+        dropped.count.fetch_add(1, Ordering::Relaxed);
+        dropped.first.lock().unwrap().get_or_insert(why);
+        return None;
+    }
+}
+
+/// The errno of an I/O error anywhere in a failed open's chain.
+fn os_error(err: &anyhow::Error) -> Option<i32> {
+    err.chain().find_map(|cause| {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error();
+        }
+        match cause.downcast_ref::<WsError>() {
+            Some(WsError::Io(io)) => io.raw_os_error(),
+            _ => None,
+        }
+    })
+}
+
+/// A failed open that means no more can be opened here: the client out of descriptors or
+/// of ports, the system out of files.
+fn fatal_open_error(err: &anyhow::Error) -> Option<&'static str> {
+    match os_error(err)? {
+        libc::EMFILE => Some("EMFILE in the client (its open-file limit)"),
+        libc::ENFILE => Some("ENFILE (the system's open-file table, fs.file-max)"),
+        libc::EADDRNOTAVAIL => Some("EADDRNOTAVAIL (out of ephemeral ports: add --sources)"),
+        libc::ENOBUFS | libc::ENOMEM => Some("ENOBUFS/ENOMEM from the kernel"),
+        _ => None,
+    }
+}
+
+/// Memory and descriptor figures at one instant.
+struct SoakSample {
+    server: Option<ProcSample>,
+    pss_kb: Option<u64>,
+    client_rss_kb: u64,
+    tcp: Option<TcpSockstat>,
+    slab_kb: Option<u64>,
+    available_kb: Option<u64>,
+}
+
+impl SoakSample {
+    fn take(pid: Option<u32>) -> SoakSample {
+        SoakSample {
+            server: pid.and_then(|pid| sample(pid).ok()),
+            pss_kb: pid.and_then(pss_kb),
+            client_rss_kb: sample(std::process::id()).map(|s| s.rss_kb).unwrap_or(0),
+            tcp: TcpSockstat::read(),
+            slab_kb: meminfo_kb("Slab:"),
+            available_kb: meminfo_kb("MemAvailable:"),
+        }
+    }
+}
+
+async fn soak(target: &Arc<Target>, pids: &[u32], plan: SoakPlan) -> anyhow::Result<Map<String, Value>> {
+    let pid = pids.first().copied();
+    let server_addr = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await?
+        .find(SocketAddr::is_ipv4)
+        .context("the server's host has no IPv4 address")?;
+    let config = soak_ws_config();
+    let (client_nofile, client_nofile_hard) = raise_open_files_limit();
+    let client_fds_base = fd_count(std::process::id()).unwrap_or(16);
+    let server_nofile = pid.and_then(open_files_limit);
+    let server_fds_base = pid.and_then(fd_count).unwrap_or(0);
+
+    let health = Arc::new(Health::default());
+    let watcher = tokio::spawn(watch_health(
+        plan.healthz.clone(),
+        plan.healthz_every,
+        plan.min_available_kb,
+        health.clone(),
+    ));
+    let open_one = |i: usize| {
+        let source = (!plan.sources.is_empty()).then(|| plan.sources[i % plan.sources.len()]);
+        let message = plan.touch.then(|| plan.message.clone());
+        let (reply, timeout) = (plan.reply, plan.connect_timeout);
+        async move {
+            let opening = async {
+                let mut ws = target.connect_from(server_addr, source, config).await?;
+                if let Some(message) = message {
+                    ws.send(Message::Text(message)).await?;
+                    read_reply(&mut ws, reply).await?;
+                }
+                anyhow::Ok(ws)
+            };
+            match tokio::time::timeout(timeout, opening).await {
+                Ok(result) => result,
+                Err(_) => {
+                    Err(anyhow::anyhow!("no upgrade (and reply) within {:.0} s", timeout.as_secs_f64()))
+                }
+            }
+        }
+    };
+    // Warm-up: one-time costs (first allocations, thread start-up) are not per connection.
+    let warm: Vec<_> =
+        stream::iter(0..plan.conns.min(100)).map(open_one).buffer_unordered(plan.concurrency).collect().await;
+    for ws in warm.into_iter().flatten() {
+        close(ws).await;
+    }
+    sleep(Duration::from_millis(500)).await;
+
+    let before = SoakSample::take(pid);
+    let opening = Instant::now();
+    let server_cpu_before = before.server.map(|s| s.cpu_us);
+    let dropped = Arc::new(Dropped::default());
+    let (start_tx, start_rx) = watch::channel(false);
+    let mut keepers = Vec::with_capacity(plan.conns);
+    let mut active = Vec::with_capacity(plan.active);
+    let mut in_flight = FuturesUnordered::new();
+    let (mut launched, mut failures) = (0usize, 0usize);
+    let mut first_failure: Option<String> = None;
+    let mut stopped_by: Option<String> = None;
+    let mut last_progress = Instant::now();
+    loop {
+        // Launch while there is room, unless a limit says stop.
+        while stopped_by.is_none() && launched < plan.conns && in_flight.len() < plan.concurrency {
+            let open = (keepers.len() + active.len() + in_flight.len()) as u64;
+            // Each connection takes one descriptor at each end: stop at the lower of the two
+            // limits, and name both when they are about equal (the other one is next).
+            let client_room = client_nofile.saturating_sub(client_fds_base + FD_RESERVE);
+            let server_room = server_nofile.map(|limit| limit.saturating_sub(server_fds_base + FD_RESERVE));
+            let client_says = || {
+                format!(
+                    "the client's open-file limit (RLIMIT_NOFILE {client_nofile}, hard {client_nofile_hard})"
+                )
+            };
+            let server_says = |limit: u64| {
+                format!(
+                    "the server's open-file limit (RLIMIT_NOFILE {limit}; it had {server_fds_base} files open \
+                     before): one more would make accept fail and /healthz wait"
+                )
+            };
+            let room = server_room.map_or(client_room, |s| s.min(client_room));
+            if open >= room {
+                stopped_by = Some(match (server_nofile, server_room) {
+                    (Some(limit), Some(s)) if s <= client_room && client_room - s < 1000 => {
+                        format!("{}, and {}", server_says(limit), client_says())
+                    }
+                    (Some(limit), Some(s)) if s <= client_room => server_says(limit),
+                    (Some(limit), Some(s)) if s - client_room < 1000 => {
+                        format!("{}, and {}", client_says(), server_says(limit))
+                    }
+                    _ => client_says(),
+                });
+            } else if launched % 64 == 0
+                && let Some(available) = meminfo_kb("MemAvailable:")
+                && available < plan.min_available_kb
+            {
+                stopped_by = Some(format!(
+                    "MemAvailable {} MiB, below the {} MiB margin",
+                    available / 1024,
+                    plan.min_available_kb / 1024
+                ));
+            } else if health.low_memory.load(Ordering::Relaxed) {
+                stopped_by = Some("MemAvailable below half the margin".to_owned());
+            } else {
+                in_flight.push(open_one(launched));
+                launched += 1;
+            }
+        }
+        let Some(result) = in_flight.next().await else { break };
+        match result {
+            Ok(ws) => {
+                let held = keepers.len() + active.len();
+                if held < plan.active {
+                    active.push(tokio::spawn(keep(ws, Some(start_rx.clone()), dropped.clone())));
+                } else {
+                    keepers.push(tokio::spawn(keep(ws, None, dropped.clone())));
+                }
+            }
+            Err(err) => {
+                failures += 1;
+                if stopped_by.is_none() {
+                    if let Some(fatal) = fatal_open_error(&err) {
+                        stopped_by = Some(format!("{fatal}: {err:#}"));
+                    } else if failures >= plan.max_failures {
+                        stopped_by = Some(format!("{failures} connections failed to open; the first: {}", {
+                            first_failure.as_deref().unwrap_or("?")
+                        }));
+                    }
+                }
+                first_failure.get_or_insert_with(|| format!("{err:#}"));
+            }
+        }
+        if last_progress.elapsed() >= Duration::from_secs(10) {
+            last_progress = Instant::now();
+            eprintln!(
+                "loadgen soak: {} open after {:.0} s, {failures} failed, MemAvailable {} MiB",
+                keepers.len() + active.len(),
+                opening.elapsed().as_secs_f64(),
+                meminfo_kb("MemAvailable:").unwrap_or(0) / 1024
+            );
+        }
+    }
+    let open_s = opening.elapsed().as_secs_f64();
+    let server_cpu_opened = pid.and_then(|pid| sample(pid).ok()).map(|s| s.cpu_us);
+    let held = keepers.len() + active.len();
+    eprintln!(
+        "loadgen soak: {held} open in {open_s:.1} s; stopped by: {}",
+        stopped_by.as_deref().unwrap_or("nothing (all asked for)")
+    );
+
+    // Settle (hibernation happens after the addon's hibernate_after_ms), watching memory.
+    let settle_end = Instant::now() + plan.settle;
+    while Instant::now() < settle_end && !health.low_memory.load(Ordering::Relaxed) {
+        sleep(Duration::from_millis(100).min(settle_end - Instant::now())).await;
+    }
+    let after = SoakSample::take(pid);
+    let metrics = match tokio::time::timeout(Duration::from_secs(10), plan.metrics.get(true)).await {
+        Ok(Ok((200, text))) => Some(text),
+        _ => None,
+    };
+    let server_maps = pid.and_then(map_count);
+    let server_fds = pid.and_then(fd_count);
+
+    let mut out = Map::new();
+    out.insert("mode".into(), "soak".into());
+    out.insert("conns_asked".into(), plan.conns.into());
+    out.insert("conns".into(), held.into());
+    out.insert(
+        "stopped_by".into(),
+        stopped_by.clone().unwrap_or_else(|| "nothing: all opened".to_owned()).into(),
+    );
+    out.insert("limited".into(), stopped_by.is_some().into());
+    out.insert("touched".into(), plan.touch.into());
+    out.insert("sources".into(), plan.sources.len().into());
+    out.insert("concurrency".into(), plan.concurrency.into());
+    out.insert("open_s".into(), json!(round(open_s, 2)));
+    out.insert("conns_per_s".into(), json!(round(held as f64 / open_s.max(1e-9), 1)));
+    if let (Some(b), Some(a)) = (server_cpu_before, server_cpu_opened)
+        && held > 0
+    {
+        out.insert(
+            "server_cpu_us_per_conn".into(),
+            json!(round(a.saturating_sub(b) as f64 / held as f64, 1)),
+        );
+    }
+    out.insert("open_failures".into(), failures.into());
+    if let Some(first) = &first_failure {
+        out.insert("first_open_failure".into(), first.clone().into());
+    }
+    let per_conn = |b: u64, a: u64| {
+        if held == 0 { Value::Null } else { json!(round((a as f64 - b as f64) / held as f64, 2)) }
+    };
+    if let (Some(b), Some(a)) = (before.server, after.server) {
+        out.insert("rss_before_kb".into(), b.rss_kb.into());
+        out.insert("rss_after_kb".into(), a.rss_kb.into());
+        out.insert("rss_kb_per_conn".into(), per_conn(b.rss_kb, a.rss_kb));
+        out.insert("rss_anon_kb_per_conn".into(), per_conn(b.rss_anon_kb, a.rss_anon_kb));
+        out.insert("rss_shared_kb_per_conn".into(), per_conn(b.rss_shared_kb, a.rss_shared_kb));
+    }
+    if let (Some(b), Some(a)) = (before.pss_kb, after.pss_kb) {
+        out.insert("pss_kb_per_conn".into(), per_conn(b, a));
+    }
+    out.insert("client_rss_kb_per_conn".into(), per_conn(before.client_rss_kb, after.client_rss_kb));
+    if let (Some(b), Some(a)) = (before.tcp, after.tcp) {
+        let page = page_size();
+        out.insert("tcp_inuse_added".into(), json!(a.inuse as i64 - b.inuse as i64));
+        out.insert("tcp_mem_pages_before".into(), b.mem_pages.into());
+        out.insert("tcp_mem_pages_after".into(), a.mem_pages.into());
+        out.insert("sock_mem_bytes_per_conn".into(), per_conn(b.mem_pages * page, a.mem_pages * page));
+    }
+    if let (Some(b), Some(a)) = (before.slab_kb, after.slab_kb) {
+        out.insert("slab_kb_per_conn".into(), per_conn(b, a));
+    }
+    if let (Some(b), Some(a)) = (before.available_kb, after.available_kb) {
+        out.insert("mem_available_before_mib".into(), (b / 1024).into());
+        out.insert("mem_available_after_mib".into(), (a / 1024).into());
+        // What the machine as a whole gave per connection (server, client and kernel);
+        // other work on the machine moves it too.
+        out.insert("mem_available_kb_per_conn".into(), per_conn(a, b));
+    }
+    out.insert("min_available_mib".into(), (plan.min_available_kb / 1024).into());
+    out.insert("client_nofile".into(), client_nofile.into());
+    if let Some(limit) = server_nofile {
+        out.insert("server_nofile".into(), limit.into());
+    }
+    if let Some(fds) = server_fds {
+        out.insert("server_fds".into(), fds.into());
+    }
+    if let Some(maps) = server_maps {
+        out.insert("server_maps".into(), maps.into());
+    }
+    if let Ok(max) = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        && let Ok(max) = max.trim().parse::<u64>()
+    {
+        out.insert("max_map_count".into(), max.into());
+    }
+    if let Some(text) = &metrics {
+        for (key, name) in [
+            ("live_instances", "sockhost_addon_live_instances"),
+            ("hibernated_connections", "sockhost_addon_hibernated_connections"),
+            ("instance_slots", "sockhost_instance_slots"),
+        ] {
+            if let Some(v) = metric_sum(text, name) {
+                out.insert(key.into(), json!(v));
+            }
+        }
+    }
+
+    // The echo round trip on `active` of the held connections (open loop at a fixed rate,
+    // as `paced`), while the others stay held.
+    let _ = start_tx.send(true);
+    let mut active_ws = Vec::with_capacity(active.len());
+    for task in active {
+        if let Ok(Some(ws)) = task.await {
+            active_ws.push(ws);
+        }
+    }
+    let n_active = active_ws.len();
+    out.insert("active_conns".into(), n_active.into());
+    out.insert("active_rate".into(), json!(plan.active_rate));
+    if n_active > 0 && plan.active_rate > 0.0 && !health.low_memory.load(Ordering::Relaxed) {
+        let flags = Arc::new(Flags::default());
+        let period = Duration::from_secs_f64(n_active as f64 / plan.active_rate);
+        let start = Instant::now() + Duration::from_millis(10);
+        let tasks: Vec<_> = active_ws
+            .into_iter()
+            .enumerate()
+            .map(|(i, ws)| {
+                let first = start + period.mul_f64(i as f64 / n_active as f64);
+                tokio::spawn(paced_conn(ws, plan.message.clone(), plan.reply, period, first, flags.clone()))
+            })
+            .collect();
+        let (before, after) = window(pids, &flags, plan.active_warmup, plan.active_secs).await?;
+        let (tally, errors, first_error) = gather(tasks, Duration::from_secs(5)).await;
+        out.insert("active_sent".into(), tally.sent.into());
+        out.insert("active_missing".into(), tally.sent.saturating_sub(tally.messages).into());
+        out.insert("active_errors".into(), errors.into());
+        if let Some(err) = first_error {
+            out.insert("active_first_error".into(), err.into());
+        }
+        if let (Some(b), Some(a)) = (before.server, after.server)
+            && tally.sent > 0
+        {
+            let us = a.cpu_us.saturating_sub(b.cpu_us) as f64;
+            out.insert("server_cpu_us_per_msg".into(), json!(round(us / tally.sent as f64, 2)));
+        }
+        percentiles(&mut out, "echo_", &tally.hist);
+    } else {
+        percentiles(&mut out, "echo_", &histogram());
+    }
+
+    health.stop.store(true, Ordering::Relaxed);
+    let _ = watcher.await;
+    out.insert("held_dropped".into(), dropped.count.load(Ordering::Relaxed).into());
+    if let Some(first) = dropped.first.lock().unwrap().clone() {
+        out.insert("held_first_drop".into(), first.into());
+    }
+    out.insert("healthz_probes".into(), health.probes.load(Ordering::Relaxed).into());
+    out.insert("healthz_failures".into(), health.failures.load(Ordering::Relaxed).into());
+    out.insert(
+        "healthz_worst_ms".into(),
+        json!(round(health.worst_us.load(Ordering::Relaxed) as f64 / 1e3, 1)),
+    );
+    if let Some(first) = health.first_failure.lock().unwrap().clone() {
+        out.insert("healthz_first_failure".into(), first.into());
+    }
+    let lowest = health.lowest_available_kb.load(Ordering::Relaxed);
+    if lowest != u64::MAX {
+        out.insert("mem_available_lowest_mib".into(), (lowest / 1024).into());
+    }
+    out.insert("ended_early_low_memory".into(), health.low_memory.load(Ordering::Relaxed).into());
+    errors_out(
+        &mut out,
+        failures + dropped.count.load(Ordering::Relaxed),
+        first_failure.or_else(|| dropped.first.lock().unwrap().clone()),
+    );
+
+    // Resets every held connection at once (a polite close of 100,000 would take minutes).
+    for task in &keepers {
+        task.abort();
+    }
+    for task in keepers {
+        let _ = task.await;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1253,6 +1942,34 @@ mod tests {
         );
         assert_eq!(publisher_url("ws://h:1/x?pub=c"), None);
         assert_eq!(publisher_url("ws://h:1/x"), None);
+    }
+
+    #[test]
+    fn http_targets_and_metric_sums() {
+        let t = HttpTarget::parse("http://127.0.0.1:9000/healthz").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("127.0.0.1", 9000, "/healthz"));
+        let t = HttpTarget::parse("http://localhost").unwrap();
+        assert_eq!((t.port, t.path.as_str()), (80, "/"));
+        assert!(HttpTarget::parse("https://x/").is_err());
+        let text = "# TYPE sockhost_addon_live_instances gauge\n\
+                    sockhost_addon_live_instances{addon=\"echo\"} 5\n\
+                    sockhost_addon_live_instances{addon=\"mirror\"} 2\n\
+                    sockhost_addon_live_instances_other 9\n\
+                    sockhost_instance_slots 12000\n";
+        assert_eq!(metric_sum(text, "sockhost_addon_live_instances"), Some(7.0));
+        assert_eq!(metric_sum(text, "sockhost_instance_slots"), Some(12000.0));
+        assert_eq!(metric_sum(text, "sockhost_nothing"), None);
+    }
+
+    #[test]
+    fn fatal_open_errors_are_named() {
+        let emfile =
+            anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EMFILE)).context("TCP connect");
+        assert!(fatal_open_error(&emfile).unwrap().starts_with("EMFILE"));
+        let ws = anyhow::Error::from(WsError::Io(std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));
+        assert!(fatal_open_error(&ws).unwrap().starts_with("EADDRNOTAVAIL"));
+        let refused = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert_eq!(fatal_open_error(&refused), None);
     }
 
     #[test]

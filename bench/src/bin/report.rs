@@ -209,6 +209,7 @@ fn main() -> anyhow::Result<()> {
     fanout(&mut md, &results);
     cross_node(&mut md, &results);
     aikefu(&mut md, &results);
+    soak(&mut md, &results);
     method(&mut md, &args);
     fs::write(&args.out, md).with_context(|| format!("writing {}", args.out.display()))?;
     Ok(())
@@ -963,6 +964,173 @@ fn aikefu(md: &mut String, r: &Results) {
         conns_of(r, "aikefu")
     );
     closed_table(md, r, "aikefu", true);
+}
+
+/// Issue 17's soak targets: connections held by one sockhost process on one 24 GiB node.
+const SOAK_LIVE_TARGET: f64 = 100_000.0;
+const SOAK_HIBERNATED_TARGET: f64 = 500_000.0;
+
+/// The pool's defaults per slot (README "Running at scale"): linear-memory reservation and
+/// its guard, async stack and its guard page, tables; and the mappings per slot and per
+/// live instance, and the files sockhost keeps besides its sockets.
+const SLOT_BYTES: f64 =
+    (64 << 20) as f64 + (64 << 10) as f64 + (2 << 20) as f64 + 4096.0 + (640 << 10) as f64;
+const MAPS_PER_SLOT_AND_INSTANCE: f64 = 6.0;
+const FILES_FOR_THE_PROCESS: f64 = 256.0;
+/// Half of the 47-bit user address space, what sockhost's start-up check allows the pool.
+const ADDRESS_SPACE_ALLOWED: f64 = (64u64 << 40) as f64;
+/// Ephemeral ports per source address here (net.ipv4.ip_local_port_range 32768–60999).
+const PORTS_PER_SOURCE: f64 = 28_232.0;
+
+fn soak(md: &mut String, r: &Results) {
+    let runs: Vec<(&str, &str, f64, &Map<String, Value>)> = [
+        ("soak-live", "live instances", SOAK_LIVE_TARGET),
+        ("soak-hibernated", "hibernated (`hibernate_after_ms = 1000`)", SOAK_HIBERNATED_TARGET),
+    ]
+    .into_iter()
+    .filter_map(|(scenario, name, target)| {
+        r.runs(scenario, "sockhost-wasm").last().map(|run| (scenario, name, target, run))
+    })
+    .collect();
+    if runs.is_empty() {
+        return;
+    }
+    let num = |run: &Map<String, Value>, key: &str| run.get(key).and_then(Value::as_f64);
+    let text =
+        |run: &Map<String, Value>, key: &str| run.get(key).and_then(Value::as_str).unwrap_or("?").to_owned();
+    let _ = writeln!(md, "## Soak: connections held by one process (issue 17)\n");
+    let _ = writeln!(
+        md,
+        "`bench/run --only soak`, never part of the full run. A fresh sockhost for each run serves \
+         `/ws/echo`; `loadgen soak` opens the connections from several loopback source addresses \
+         (127.0.0.2 up, round robin), 64 at a time, each exchanging one echo message (so each had a \
+         live instance), and holds them, each read by a task that answers the server's pings. It \
+         stops opening at the first limit it meets, and names it: MemAvailable below its margin, the \
+         client's or the server's open-file limit (keeping 64 descriptors free so `/healthz` can still \
+         be accepted), EMFILE / ENFILE / EADDRNOTAVAIL, or 100 failed opens. After settling, it \
+         samples memory; then 100 of the held connections echo at 1,000 messages/s in all (open loop, \
+         10 s after 2 s of warm-up) while the rest stay held. `/healthz` is polled every 500 ms from \
+         before the first connection to the end (a probe fails on anything but 200 within 2 s). \
+         Memory per connection is growth divided by connections held: the server's VmRSS (RssAnon); \
+         kernel socket buffers from `/proc/net/sockstat` (TCP `mem`, pages × page size) and the \
+         kernel's slab growth (`Slab:` in `/proc/meminfo`: socket, file and epoll structures), both \
+         for the two ends of each loopback connection; and the client's own VmRSS.\n"
+    );
+    let mut t = Table::new(&[
+        "run",
+        "asked",
+        "held",
+        "stopped by",
+        "time to open",
+        "server VmRSS KB/conn (RssAnon)",
+        "socket buffers B/conn",
+        "kernel slab KB/conn",
+        "client KB/conn",
+        "live / hibernated at sample",
+        "echo p50 / p99 ms on 100 active",
+        "/healthz failed / probes",
+        "held dropped",
+    ]);
+    for (_, name, _, run) in &runs {
+        t.row(&[
+            name.to_string(),
+            fmt(num(run, "conns_asked"), 0),
+            fmt(num(run, "conns"), 0),
+            text(run, "stopped_by"),
+            format!("{} s ({} /s)", fmt(num(run, "open_s"), 1), fmt(num(run, "conns_per_s"), 0)),
+            format!("{} ({})", fmt(num(run, "rss_kb_per_conn"), 1), fmt(num(run, "rss_anon_kb_per_conn"), 1)),
+            fmt(num(run, "sock_mem_bytes_per_conn"), 0),
+            fmt(num(run, "slab_kb_per_conn"), 1),
+            fmt(num(run, "client_rss_kb_per_conn"), 1),
+            format!(
+                "{} / {}",
+                fmt(num(run, "live_instances"), 0),
+                fmt(num(run, "hibernated_connections"), 0)
+            ),
+            format!("{} / {}", fmt(num(run, "echo_p50_ms"), 3), fmt(num(run, "echo_p99_ms"), 3)),
+            format!("{} / {}", fmt(num(run, "healthz_failures"), 0), fmt(num(run, "healthz_probes"), 0)),
+            fmt(num(run, "held_dropped"), 0),
+        ]);
+    }
+    md.push_str(&t.text);
+    md.push('\n');
+
+    let mut t = Table::new(&["target (issue 17)", "measured", "verdict"]);
+    let mut healthz_failures = 0.0;
+    for (_, name, target, run) in &runs {
+        let held = num(run, "conns").unwrap_or(0.0);
+        let failures = num(run, "healthz_failures").unwrap_or(0.0);
+        healthz_failures += failures;
+        t.row(&[
+            format!("{} connections with {name} on one 24 GiB node", fmt(Some(*target), 0)),
+            format!("{} held; stopped by {}", fmt(Some(held), 0), text(run, "stopped_by")),
+            verdict(Some(held >= *target)).into(),
+        ]);
+    }
+    t.row(&[
+        "`/healthz` answering throughout".into(),
+        format!("{} failed probes", fmt(Some(healthz_failures), 0)),
+        verdict(Some(healthz_failures == 0.0)).into(),
+    ]);
+    md.push_str(&t.text);
+    md.push('\n');
+    million(md, &runs.iter().map(|(s, _, _, run)| (*s, *run)).collect::<Vec<_>>());
+}
+
+/// "What 1,000,000 connections would need", from the measured per-connection figures.
+fn million(md: &mut String, runs: &[(&str, &Map<String, Value>)]) {
+    let get = |scenario: &str, key: &str| {
+        runs.iter().find(|(s, _)| *s == scenario).and_then(|(_, run)| run.get(key)).and_then(Value::as_f64)
+    };
+    let n = 1_000_000.0;
+    let gib = |kb: f64| kb * n / 1024.0 / 1024.0;
+    let _ = writeln!(md, "### What 1,000,000 connections would need\n");
+    let _ = writeln!(md, "From the per-connection figures above, times 1,000,000:\n");
+    for (scenario, name, slots) in
+        [("soak-hibernated", "hibernated", 10_000.0), ("soak-live", "each with a live instance", n)]
+    {
+        let (Some(server), Some(slab), Some(client)) = (
+            get(scenario, "rss_kb_per_conn"),
+            get(scenario, "slab_kb_per_conn"),
+            get(scenario, "client_rss_kb_per_conn"),
+        ) else {
+            continue;
+        };
+        let buffers = get(scenario, "sock_mem_bytes_per_conn").unwrap_or(0.0) / 1024.0;
+        let kernel = slab + buffers;
+        let _ = writeln!(
+            md,
+            "- **{name}** ({} live slots): server {:.1} GiB ({server:.1} KB each); kernel {:.1} GiB \
+             (slab {slab:.1} KB and socket buffers {:.0} B per connection, both ends on loopback; about \
+             half of it with the clients on other machines); client {:.1} GiB ({client:.1} KB); in all \
+             {:.1} GiB on one machine, {:.1} GiB for the server alone with its half of the kernel's. \
+             Address space {:.1} TiB of the {:.0} TiB allowed; {:.0} memory mappings (`vm.max_map_count`).",
+            fmt(Some(slots), 0),
+            gib(server),
+            gib(kernel),
+            buffers * 1024.0,
+            gib(client),
+            gib(server + kernel + client),
+            gib(server + kernel / 2.0),
+            slots * SLOT_BYTES / (1u64 << 40) as f64,
+            ADDRESS_SPACE_ALLOWED / (1u64 << 40) as f64,
+            slots * MAPS_PER_SLOT_AND_INSTANCE + 2000.0,
+        );
+    }
+    let _ = writeln!(
+        md,
+        "- **Descriptors**: {:.0} for the server (`RLIMIT_NOFILE` and `fs.nr_open` at least that: \
+         the default `fs.nr_open` is 1,048,576, just enough) and as many again for a client on \
+         the same machine, in another process; `fs.file-max` above 2,000,000 for both.",
+        n + FILES_FOR_THE_PROCESS
+    );
+    let _ = writeln!(
+        md,
+        "- **Ports**: one server port takes 1,000,000 connections from {:.0} loopback source \
+         addresses ({:.0} ephemeral ports each here); real clients bring their own addresses.\n",
+        (n / PORTS_PER_SOURCE).ceil(),
+        PORTS_PER_SOURCE
+    );
 }
 
 fn method(md: &mut String, args: &Args) {
