@@ -511,7 +511,9 @@ impl AddonConnection {
         }
     }
 
-    /// Runs the connection to its end.
+    /// Runs the connection to its end: the connection's task. Paths taken once or rarely (waking, hibernating, failing)
+    /// are boxed where they are awaited: an open connection holds this future at the size
+    /// of its largest await point, hibernated or not (`tests::the_connection_task_stays_small`).
     pub(crate) async fn serve(mut self) {
         let Guest::Live(live) = &mut self.guest else { unreachable!("a connection starts live") };
         let info = live.store.data().session.info().clone();
@@ -523,7 +525,7 @@ impl AddonConnection {
             read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
         };
         let Ok(opened) = opened else {
-            return self.orphaned("on-open").await;
+            return Box::pin(self.orphaned("on-open")).await;
         };
         self.pick_up_inbox();
         match opened {
@@ -537,7 +539,7 @@ impl AddonConnection {
                 self.finish_close().await;
                 return;
             }
-            Err(err) => return self.failed("on-open", err).await,
+            Err(err) => return Box::pin(self.failed("on-open", err)).await,
         }
 
         let (code, reason) = loop {
@@ -545,14 +547,14 @@ impl AddonConnection {
                 Wake::Event(event) => event,
                 Wake::Delivery(delivery) => {
                     if self.asleep()
-                        && let Err(unwoken) = self.awaken().await
+                        && let Err(unwoken) = Box::pin(self.awaken()).await
                     {
-                        return self.not_woken(unwoken).await;
+                        return Box::pin(self.not_woken(unwoken)).await;
                     }
                     match self.deliver(&delivery).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(err)) => return self.failed("on-channel-message", err).await,
-                        Err(Orphaned) => return self.orphaned("on-channel-message").await,
+                        Ok(Err(err)) => return Box::pin(self.failed("on-channel-message", err)).await,
+                        Err(Orphaned) => return Box::pin(self.orphaned("on-channel-message")).await,
                     }
                     continue;
                 }
@@ -573,8 +575,8 @@ impl AddonConnection {
                     }
                     let due =
                         if asked { self.session().close_sent().is_none() } else { self.hibernate_due() };
-                    if due && let Err(ended) = self.hibernate().await {
-                        return self.call_failed("hibernate", ended).await;
+                    if due && let Err(ended) = Box::pin(self.hibernate()).await {
+                        return Box::pin(self.call_failed("hibernate", ended)).await;
                     }
                     continue;
                 }
@@ -608,9 +610,9 @@ impl AddonConnection {
                         continue;
                     }
                     if self.asleep()
-                        && let Err(unwoken) = self.awaken().await
+                        && let Err(unwoken) = Box::pin(self.awaken()).await
                     {
-                        return self.not_woken(unwoken).await;
+                        return Box::pin(self.not_woken(unwoken)).await;
                     }
                     let Guest::Live(live) = &mut self.guest else { unreachable!("woken above") };
                     // The callback starts now, as far as the clock can tell.
@@ -624,7 +626,7 @@ impl AddonConnection {
                         read_while(call, &mut self.reader, &mut self.pending, self.orphan_grace).await
                     };
                     let Ok(outcome) = outcome else {
-                        return self.orphaned("on-message").await;
+                        return Box::pin(self.orphaned("on-message")).await;
                     };
                     self.pick_up_inbox();
                     self.callback_ended();
@@ -638,7 +640,7 @@ impl AddonConnection {
                             }
                             self.send_error(FailureKind::AddonError, &reason).await;
                         }
-                        Err(err) => return self.failed("on-message", err).await,
+                        Err(err) => return Box::pin(self.failed("on-message", err)).await,
                     }
                 }
                 Inbound::Closed { code, reason } => break (code, reason),
@@ -654,7 +656,7 @@ impl AddonConnection {
         self.span.in_scope(|| tracing::debug!(code, reason = %client_text(&reason), "connection closed"));
         // A hibernated connection wakes for its close too, so on-close sees its state.
         if self.asleep()
-            && let Err(unwoken) = self.awaken().await
+            && let Err(unwoken) = Box::pin(self.awaken()).await
         {
             let (kind, cause) = match unwoken {
                 Unwoken::NoSlot => (FailureKind::InstanceCapacity, "no free instance slot".to_owned()),
@@ -1151,5 +1153,25 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future an `fn(A) -> F` returns, without calling it.
+    fn future_size<A, F: Future>(_: fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every connection, hibernated or not, holds its task's future for as long as it
+    /// is open, and an async fn's future is as large as its largest await point. So the
+    /// rare paths (waking, hibernating, failing) are boxed where `serve` awaits them,
+    /// and only the per-message path is inline. Waking inline made the task 6.4 KB.
+    #[test]
+    fn the_connection_task_stays_small() {
+        let size = future_size(AddonConnection::serve);
+        assert!(size <= 4096, "the connection task's future is {size} bytes: box the path that grew it");
     }
 }
