@@ -16,3 +16,4 @@ mod scale;
 mod stress;
 mod support;
 mod tls;
+mod web;
