@@ -1,5 +1,6 @@
 mod aikefu;
 mod aikefu_process;
+mod browser;
 mod channels;
 mod cluster;
 mod core;
