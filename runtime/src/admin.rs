@@ -11,6 +11,9 @@
 //!   cluster is down.
 //! - `/metrics`: moves here from the public port when the admin listener is set, so the
 //!   internet never sees it; `/healthz` and `/readyz` stay public for load balancers.
+//! - `/dashboard` (with `/dashboard.json`, `/dashboard.js`, `/style.css`): the operators'
+//!   dashboard ([`crate::web`]) moves here too, for the same reason, whatever `[web]`
+//!   says about the public port.
 //!
 //! The key is `Authorization: Bearer <key>`, read at start-up from the environment
 //! variable `admin.api_key_env` names (default `SOCKHOST_API_KEY`). Without a key the
@@ -37,10 +40,11 @@ use tokio_util::sync::CancellationToken;
 use crate::channels::{BusError, Channels, check_name, payload_len};
 use crate::config::AdminConfig;
 use crate::error::FailureKind;
-use crate::handshake::{self, HeadError, RequestHead};
+use crate::handshake::{self, Answer, HeadError, RequestHead};
 use crate::log_limits::{LogLimiter, client_text};
 use crate::metrics::Metrics;
 use crate::reload::Mounted;
+use crate::web;
 
 /// How long a client has to send its whole request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,28 +119,23 @@ impl Admin {
             let answer_text = client_text(answer.body.trim_end());
             tracing::info!(%peer, status = answer.status, "admin request refused: {answer_text}");
         }
-        let _ = handshake::write_response(
-            &mut stream,
-            answer.status,
-            answer.content_type,
-            &answer.headers,
-            &answer.body,
-        )
-        .await;
+        let _ = answer.write(&mut stream).await;
     }
 
     async fn route(&self, head: &RequestHead, body: &[u8]) -> Answer {
+        if let Some(resource) = web::Resource::from_path(&head.path)
+            && resource.audience() != web::Audience::Chat
+        {
+            let sources =
+                web::Sources { mounted: &self.addons, metrics: &self.metrics, dashboard_here: true };
+            return web::answer(&head.method, resource, &sources);
+        }
         match (head.method.as_str(), head.path.as_str()) {
             ("GET", "/metrics") => {
                 if let Some(link) = self.channels.cluster() {
                     self.metrics.set_cluster_up(link.is_up());
                 }
-                Answer {
-                    status: 200,
-                    content_type: crate::metrics::CONTENT_TYPE,
-                    headers: Vec::new(),
-                    body: self.metrics.encode(),
-                }
+                Answer::new(200, crate::metrics::CONTENT_TYPE, self.metrics.encode())
             }
             (_, "/api/publish") if self.api_key.is_none() => Answer::error(
                 404,
@@ -144,15 +143,15 @@ impl Admin {
             ),
             ("POST", "/api/publish") => match self.authorized(head) {
                 true => self.publish(body).await,
-                false => Answer {
-                    headers: vec![("WWW-Authenticate", "Bearer")],
-                    ..Answer::error(401, "missing or wrong API key: send Authorization: Bearer <key>")
-                },
+                false => Answer::error(401, "missing or wrong API key: send Authorization: Bearer <key>")
+                    .with_header("WWW-Authenticate", "Bearer"),
             },
             (_, "/api/publish" | "/metrics") => Answer::error(405, "method not allowed"),
             (_, path) => Answer::error(
                 404,
-                &format!("nothing at {path}; the admin listener has POST /api/publish and /metrics"),
+                &format!(
+                    "nothing at {path}; the admin listener has POST /api/publish, /metrics and /dashboard"
+                ),
             ),
         }
     }
@@ -223,24 +222,6 @@ struct PublishRequest {
     addon: String,
     channel: String,
     data: serde_json::Value,
-}
-
-/// An HTTP answer.
-struct Answer {
-    status: u16,
-    content_type: &'static str,
-    headers: Vec<(&'static str, &'static str)>,
-    body: String,
-}
-
-impl Answer {
-    fn json(status: u16, value: serde_json::Value) -> Answer {
-        Answer { status, content_type: "application/json", headers: Vec::new(), body: format!("{value}\n") }
-    }
-
-    fn error(status: u16, message: &str) -> Answer {
-        Answer::json(status, json!({ "error": message }))
-    }
 }
 
 /// Reads the request head and its body (by `Content-Length`).

@@ -94,6 +94,11 @@ pub struct Cli {
     #[arg(long, env = "SOCKHOST_ADMIN_LISTEN", value_name = "IP:PORT")]
     pub admin_listen: Option<SocketAddr>,
 
+    /// Serve no web pages on the public port: no chat page at /, and no dashboard there
+    /// (an admin listener still has its dashboard) [file: web.enabled = false] [default: on]
+    #[arg(long, env = "SOCKHOST_NO_WEB")]
+    pub no_web: bool,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -138,6 +143,14 @@ struct FileConfig {
     cluster: FileCluster,
     #[serde(default)]
     admin: FileAdmin,
+    #[serde(default)]
+    web: FileWeb,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWeb {
+    enabled: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -239,6 +252,11 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// The built-in `/ws` endpoint's limits, or that it is off. Section `[builtin]`.
     pub builtin: crate::builtin::BuiltinConfig,
+    /// Whether the public port serves web pages ([`crate::web`]): the chat page at `/`,
+    /// and the dashboard at `/dashboard` unless an admin listener has it. Off, those
+    /// paths answer 404 as any unknown path does. File key `web.enabled`, flag
+    /// `--no-web`, env `SOCKHOST_NO_WEB=true`; default on.
+    pub web_enabled: bool,
 }
 
 /// The admin listener: `POST /api/publish` for the shop's backend, and `/metrics`, on an
@@ -378,6 +396,7 @@ impl Default for Config {
             redis_url: None,
             admin: None,
             builtin: crate::builtin::BuiltinConfig::default(),
+            web_enabled: true,
         }
     }
 }
@@ -516,6 +535,8 @@ impl Config {
             AdminConfig { listen, api_key_env, api_key }
         });
 
+        let web_enabled = !cli.no_web && file.web.enabled.unwrap_or(defaults.web_enabled);
+
         Ok(Config {
             listen: SocketAddr::new(listen_ip, port),
             public_host,
@@ -530,6 +551,7 @@ impl Config {
             redis_url,
             admin,
             builtin,
+            web_enabled,
         })
     }
 }
@@ -626,6 +648,20 @@ mod tests {
         ] {
             let err = format!("{:#}", Config::from_toml(text).unwrap_err());
             assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn web_pages_are_on_unless_the_file_or_the_flag_turns_them_off() {
+        assert!(Config::from_toml("").unwrap().web_enabled);
+        assert!(Config::from_toml("[web]\nenabled = true").unwrap().web_enabled);
+        assert!(!Config::from_toml("[web]\nenabled = false").unwrap().web_enabled);
+        let cli = Cli { no_web: true, ..Cli::default() };
+        let file = toml::from_str("[web]\nenabled = true").unwrap();
+        assert!(!Config::merge(cli, file).unwrap().web_enabled, "the flag wins over the file");
+        for text in ["[web]\nenabled = \"no\"", "[web]\nenable = false"] {
+            let err = format!("{:#}", Config::from_toml(text).unwrap_err());
+            assert!(err.contains("enable"), "{text}: {err}");
         }
     }
 

@@ -8,6 +8,7 @@
 //! shows. Only then is `101 Switching Protocols` written and the socket handed to
 //! tungstenite, together with any bytes the client sent after the head.
 
+use std::borrow::Cow;
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -36,6 +37,11 @@ impl RequestHead {
     /// The first value of a header, by lowercase name.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the request asks for a WebSocket (`Upgrade: websocket`).
+    pub fn wants_websocket(&self) -> bool {
+        self.header_has_token("upgrade", "websocket")
     }
 
     fn header_has_token(&self, name: &str, token: &str) -> bool {
@@ -172,8 +178,7 @@ impl Rejection {
 /// Checks that `head` is a valid WebSocket upgrade (RFC 6455 §4.2.1) and returns the
 /// `Sec-WebSocket-Key`.
 pub fn check_upgrade(head: &RequestHead) -> Result<&str, Rejection> {
-    let wants_upgrade = head.header_has_token("upgrade", "websocket");
-    if !wants_upgrade {
+    if !head.wants_websocket() {
         let mut rejection = Rejection::new(
             426,
             format!(
@@ -220,6 +225,19 @@ pub async fn write_response<S: AsyncWrite + Unpin>(
     headers: &[(&str, &str)],
     body: &str,
 ) -> io::Result<()> {
+    write_http(stream, status, content_type, headers, body, true).await
+}
+
+/// [`write_response`], with the body left out when `send_body` is false (the answer to
+/// `HEAD`, whose `Content-Length` is still the body's).
+async fn write_http<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    send_body: bool,
+) -> io::Result<()> {
     let mut response = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
         status,
@@ -230,9 +248,55 @@ pub async fn write_response<S: AsyncWrite + Unpin>(
         response.push_str(&format!("{name}: {value}\r\n"));
     }
     response.push_str("\r\n");
-    response.push_str(body);
+    if send_body {
+        response.push_str(body);
+    }
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// A complete plain-HTTP answer, built before it is written: what the admin listener and
+/// the web pages ([`crate::web`]) return from their routing.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) content_type: &'static str,
+    pub(crate) headers: Vec<(&'static str, &'static str)>,
+    /// Embedded pages are `'static` and never copied; JSON is built per request.
+    pub(crate) body: Cow<'static, str>,
+    /// `false` answers `HEAD`: the head only.
+    pub(crate) send_body: bool,
+}
+
+impl Answer {
+    pub(crate) fn new(status: u16, content_type: &'static str, body: impl Into<Cow<'static, str>>) -> Answer {
+        Answer { status, content_type, headers: Vec::new(), body: body.into(), send_body: true }
+    }
+
+    /// `value` as the body, `application/json`.
+    pub(crate) fn json(status: u16, value: serde_json::Value) -> Answer {
+        Answer::new(status, "application/json", format!("{value}\n"))
+    }
+
+    /// `{"error": message}`.
+    pub(crate) fn error(status: u16, message: &str) -> Answer {
+        Answer::json(status, serde_json::json!({ "error": message }))
+    }
+
+    /// A line of plain text, as the public port's other refusals are.
+    pub(crate) fn text(status: u16, message: impl std::fmt::Display) -> Answer {
+        Answer::new(status, "text/plain; charset=utf-8", format!("{message}\n"))
+    }
+
+    pub(crate) fn with_header(mut self, name: &'static str, value: &'static str) -> Answer {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// Writes the answer and closes the write side.
+    pub(crate) async fn write<S: AsyncWrite + Unpin>(&self, stream: &mut S) -> io::Result<()> {
+        write_http(stream, self.status, self.content_type, &self.headers, &self.body, self.send_body).await
+    }
 }
 
 /// Writes `101 Switching Protocols` for a checked upgrade request.

@@ -59,6 +59,7 @@ mod shutdown;
 pub mod testing;
 pub mod tls;
 mod toml_error;
+mod web;
 
 pub use config::{AdminConfig, ApiKey, Cli, Command, Config, LogFormat, ServerLimits, TlsFiles};
 pub use error::{FailureCounts, FailureKind};

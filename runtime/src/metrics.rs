@@ -36,7 +36,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
@@ -104,6 +104,9 @@ pub struct Metrics {
     failures: Arc<FailureCounts>,
     /// One entry per addon name ever loaded: versions of an addon share it.
     stats: Arc<Mutex<AddonStatsByName>>,
+    /// When the server started, so a reader of two snapshots can turn counters into rates
+    /// (the dashboard, [`crate::web`]) on the server's clock.
+    started: Instant,
 }
 
 type AddonStatsByName = HashMap<String, Arc<AddonStats>>;
@@ -213,6 +216,7 @@ impl Metrics {
                 "Writes to client sockets; fewer than messages out when frames are corked",
             ),
             stats: Arc::default(),
+            started: Instant::now(),
             registry: Registry::default(),
             failures: failures.clone(),
         };
@@ -261,13 +265,30 @@ impl Metrics {
     /// Reports, for every addon, the failure lines left out of the log in windows that are
     /// over (see `crate::log_limits`).
     pub(crate) fn flush_log_limits(&self) {
-        let addons: Vec<(String, Arc<AddonStats>)> = {
-            let stats = self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            stats.iter().map(|(name, stats)| (name.clone(), stats.clone())).collect()
-        };
-        for (name, stats) in addons {
+        for (name, stats) in self.addon_stats() {
             stats.log_limits.flush(&name);
         }
+    }
+
+    /// Every addon name ever loaded with its handles, sorted by name: a copy, so the
+    /// lock is not held while they are read.
+    pub(crate) fn addon_stats(&self) -> Vec<(String, Arc<AddonStats>)> {
+        sorted_stats(&self.stats)
+    }
+
+    /// The server-wide failure counts (`sockhost_failures_total`).
+    pub(crate) fn failures(&self) -> &FailureCounts {
+        &self.failures
+    }
+
+    /// The instance pool's slots (`sockhost_instance_slots`).
+    pub(crate) fn instance_slots(&self) -> i64 {
+        self.instance_slots.get()
+    }
+
+    /// Time since the server started.
+    pub(crate) fn uptime(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Records how long loading addon `name` took.
@@ -398,6 +419,16 @@ impl AddonStats {
     }
 }
 
+/// A sorted copy of `stats`, taken under its lock.
+fn sorted_stats(stats: &Mutex<AddonStatsByName>) -> Vec<(String, Arc<AddonStats>)> {
+    let mut addons: Vec<(String, Arc<AddonStats>)> = {
+        let stats = stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        stats.iter().map(|(name, stats)| (name.clone(), stats.clone())).collect()
+    };
+    addons.sort_by(|a, b| a.0.cmp(&b.0));
+    addons
+}
+
 /// An instance of an addon that is alive, counted in `sockhost_addon_live_instances`
 /// from its creation to the end of its connection.
 pub(crate) struct LiveInstance(Arc<AddonStats>);
@@ -485,11 +516,7 @@ impl Collector for FailureCollector {
             ConstCounter::new(self.server.get(kind)).encode(metric)?;
         }
 
-        let mut addons: Vec<(String, Arc<AddonStats>)> = {
-            let stats = self.addons.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            stats.iter().map(|(name, stats)| (name.clone(), stats.clone())).collect()
-        };
-        addons.sort_by(|a, b| a.0.cmp(&b.0));
+        let addons = sorted_stats(&self.addons);
         let mut family = encoder.encode_descriptor(
             "sockhost_addon_failures",
             "Connection failures by addon and kind (the error frame's code)",

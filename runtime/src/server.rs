@@ -10,6 +10,9 @@
 //!   accepts), `503` while draining after SIGTERM, so a load balancer stops sending;
 //! - `/metrics`: Prometheus text format ([`crate::metrics`]), unless the admin listener
 //!   ([`crate::admin`]) is set: then it is served there instead;
+//! - `/` and the other paths of [`crate::web`]: the chat page when `[web] enabled`, and
+//!   the dashboard too unless the admin listener has it; `404` when off, and to a
+//!   WebSocket upgrade (they are not WebSocket endpoints);
 //! - anything else: `404 Not Found`, without upgrading.
 //!
 //! Before an addon connection is upgraded the server checks, in order: the request is a
@@ -59,7 +62,7 @@ use crate::cluster::RedisLink;
 use crate::config::Config;
 use crate::connection::{AddonConnection, InstanceSlots, Live};
 use crate::error::{FailureCounts, FailureKind};
-use crate::handshake::{self, HeadError, Rejection, RequestHead};
+use crate::handshake::{self, Answer, HeadError, Rejection, RequestHead};
 use crate::host::kv::KvStore;
 use crate::host::kv_redis::RedisKvBackend;
 use crate::host::{self, HostServices, HostState};
@@ -218,6 +221,16 @@ impl Server {
                 tracing::info!("listening on {local}; test endpoint {base}/ws; admin listener http://{admin}")
             }
             None => tracing::info!("listening on {local}; test endpoint {base}/ws"),
+        }
+        if config.web_enabled {
+            let http = if tls.is_some() { "https" } else { "http" };
+            let site = format!("{http}://{}:{}", config.public_host, local.port());
+            let dashboard = if config.admin.is_some() {
+                "on the admin listener".to_owned()
+            } else {
+                format!("{site}/dashboard")
+            };
+            tracing::info!("web: chat page {site}/, dashboard {dashboard} (--no-web turns them off)");
         }
         for addon in addons.iter() {
             let name = addon.name();
@@ -497,6 +510,8 @@ impl ServerHandle {
         next.limits.handshake_timeout = new.limits.handshake_timeout;
         next.limits.drain_timeout = new.limits.drain_timeout;
         next.limits.orphan_callback_grace = new.limits.orphan_callback_grace;
+        // Read on each request: turning the pages on or off needs no restart.
+        next.web_enabled = new.web_enabled;
         if let (Some(tls), Some(files)) = (&self.0.tls, &new.tls) {
             tls.set_files(files.clone());
             next.tls = new.tls.clone();
@@ -505,6 +520,7 @@ impl ServerHandle {
             handshake_timeout_ms = next.limits.handshake_timeout.as_millis() as u64,
             drain_timeout_ms = next.limits.drain_timeout.as_millis() as u64,
             tls_cert = ?next.tls.as_ref().map(|t| t.cert.display().to_string()),
+            web_enabled = next.web_enabled,
             "configuration reloaded"
         );
         if !restart.is_empty() {
@@ -577,6 +593,7 @@ enum Route<'a> {
     Health,
     Ready,
     Metrics,
+    Web(crate::web::Resource),
     NotFound,
 }
 
@@ -586,6 +603,9 @@ fn route(path: &str) -> Route<'_> {
         "/readyz" => return Route::Ready,
         "/metrics" => return Route::Metrics,
         _ => {}
+    }
+    if let Some(resource) = crate::web::Resource::from_path(path) {
+        return Route::Web(resource);
     }
     match path.strip_prefix("/ws") {
         Some("") => Route::Builtin,
@@ -657,7 +677,9 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     // they can drop it once they have what they need.
     let path = head.path.clone();
     let result = match route(&path) {
-        Route::Health => handshake::write_response(&mut stream, 200, "text/plain; charset=utf-8", &[], "ok\n").await,
+        Route::Health => {
+            handshake::write_response(&mut stream, 200, "text/plain; charset=utf-8", &[], "ok\n").await
+        }
         Route::Ready if draining => {
             reject(&mut stream, Rejection::new(503, "draining: the server is shutting down")).await
         }
@@ -666,13 +688,18 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             if let Some(link) = shared.services.channels.cluster() {
                 // Still 200: Redis is shared by every node, so taking this one out of the
                 // load balancer would not help; what needs no Redis still works here.
-                let state = if link.is_up() { "up" } else { "DOWN (reconnecting; channels and kv fail meanwhile)" };
+                let state =
+                    if link.is_up() { "up" } else { "DOWN (reconnecting; channels and kv fail meanwhile)" };
                 body.push_str(&format!("cluster: redis {} {state}\n", link.url()));
             }
             handshake::write_response(&mut stream, 200, "text/plain; charset=utf-8", &[], &body).await
         }
         Route::Metrics if shared.metrics_on_admin => {
-            reject(&mut stream, Rejection::new(404, "/metrics is served on the admin listener (admin.listen)")).await
+            reject(
+                &mut stream,
+                Rejection::new(404, "/metrics is served on the admin listener (admin.listen)"),
+            )
+            .await
         }
         Route::Metrics => {
             if let Some(link) = shared.services.channels.cluster() {
@@ -686,8 +713,11 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             reject(&mut stream, rejection).await
         }
         Route::Builtin if !shared.config().builtin.enabled => {
-            reject(&mut stream, Rejection::new(404, "the test endpoint /ws is turned off ([builtin] enabled = false)"))
-                .await
+            reject(
+                &mut stream,
+                Rejection::new(404, "the test endpoint /ws is turned off ([builtin] enabled = false)"),
+            )
+            .await
         }
         // Each path is boxed: a task's future is as large as its largest branch, and every
         // connection would carry that room for its life (the built-in `/ws` went from
@@ -721,23 +751,57 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                 }
             }
         }
-        Route::NotFound => {
-            reject(
-                &mut stream,
-                Rejection::new(
-                    404,
-                    format!(
-                        "nothing at {}; WebSocket endpoints are /ws and /ws/<addon>; also /healthz, /readyz, /metrics",
-                        head.path
-                    ),
-                ),
-            )
-            .await
-        }
+        Route::Web(resource) => web_answer(&shared, &head, resource).write(&mut stream).await,
+        Route::NotFound => reject(&mut stream, not_found(&shared, &head.path)).await,
     };
     if let Err(err) = result {
         tracing::debug!(%peer, path = %client_text(&path), "connection ended early: {err}");
     }
+}
+
+/// The answer to a path nothing is at: names what is here, the client's path cut.
+fn not_found(shared: &Shared, path: &str) -> Rejection {
+    let web = if shared.config().web_enabled { ", and the chat page at /" } else { "" };
+    Rejection::new(
+        404,
+        format!(
+            "nothing at {}; WebSocket endpoints are /ws and /ws/<addon>; also /healthz, /readyz, /metrics{web}",
+            client_text(path)
+        ),
+    )
+}
+
+/// A path of [`crate::web`]: answered when this port serves it now (`[web] enabled`;
+/// the dashboard only without an admin listener), else 404 as an unknown path, naming
+/// why. None of them is a WebSocket endpoint: an upgrade request gets 404 too, so a
+/// client that mistyped its URL learns it at once instead of getting a page.
+fn web_answer(shared: &Shared, head: &RequestHead, resource: crate::web::Resource) -> Answer {
+    use crate::web::Audience;
+    if head.wants_websocket() {
+        return Answer::text(404, not_found(shared, &head.path).message);
+    }
+    if !shared.config().web_enabled {
+        return Answer::text(
+            404,
+            format!(
+                "nothing at {}: web pages are off on this server ([web] enabled = false, or --no-web); \
+                 WebSocket endpoints are /ws and /ws/<addon>",
+                head.path
+            ),
+        );
+    }
+    if resource.audience() == Audience::Dashboard && shared.metrics_on_admin {
+        return Answer::text(
+            404,
+            "the dashboard is served on the admin listener (admin.listen), beside /metrics",
+        );
+    }
+    let sources = crate::web::Sources {
+        mounted: &shared.addons,
+        metrics: &shared.metrics,
+        dashboard_here: !shared.metrics_on_admin,
+    };
+    crate::web::answer(&head.method, resource, &sources)
 }
 
 async fn reject<S: AsyncWrite + Unpin>(stream: &mut S, rejection: Rejection) -> std::io::Result<()> {
@@ -1016,7 +1080,10 @@ mod tests {
         assert!(matches!(route("/healthz"), Route::Health));
         assert!(matches!(route("/readyz"), Route::Ready));
         assert!(matches!(route("/metrics"), Route::Metrics));
-        for path in ["/", "/ws/", "/wsx", "/ws/echo/", "/ws/Echo", "/ws/a/b", "/other", "/metrics/"] {
+        assert!(matches!(route("/"), Route::Web(crate::web::Resource::ChatPage)));
+        assert!(matches!(route("/dashboard"), Route::Web(crate::web::Resource::Dashboard)));
+        for path in ["/ws/", "/wsx", "/ws/echo/", "/ws/Echo", "/ws/a/b", "/other", "/metrics/", "/dashboard/"]
+        {
             assert!(matches!(route(path), Route::NotFound), "{path}");
         }
     }

@@ -122,6 +122,16 @@ async fn unknown_paths_answer_404_without_upgrading() {
     }
     let (_, text) = http_get(server.addr, "/ws/nope").await;
     assert!(text.contains("no addon named 'nope'") && text.contains("echo"), "{text}");
+
+    // `/` is the chat page (tests/e2e/web.rs), but never a WebSocket endpoint: the
+    // upgrade above got 404. With web pages off, a plain GET of it is a 404 too.
+    let (echo, testkit) = echo_and_testkit();
+    let files = [("echo.wasm", &echo[..]), ("testkit.wasm", &testkit[..])];
+    let server = TestServer::start_with(&files, |config| config.web_enabled = false).await;
+    for path in ["/", "/chat"] {
+        let (status, text) = http_get(server.addr, path).await;
+        assert_eq!(status, 404, "{path}: {text}");
+    }
 }
 
 #[tokio::test]

@@ -15,9 +15,13 @@
 //! | `noanswer` | reads the request and never answers |
 //! | anything else | streams [`REPLY`] in four deltas, then `[DONE]` |
 //!
+//! [`FakeLlm::gate_every_reply`] makes every reply behave as `gated`, whatever its text:
+//! for a client (the browser test's) whose question is fixed.
+//!
 //! Every request is recorded (path, headers, JSON body) for the test to inspect.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
@@ -64,6 +68,7 @@ pub struct FakeLlm {
     pub addr: SocketAddr,
     requests: Arc<Mutex<Vec<Recorded>>>,
     gate: Arc<Semaphore>,
+    gate_all: Arc<AtomicBool>,
 }
 
 impl FakeLlm {
@@ -72,13 +77,21 @@ impl FakeLlm {
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(Semaphore::new(0));
-        let (recorded, gates) = (requests.clone(), gate.clone());
+        let gate_all = Arc::new(AtomicBool::new(false));
+        let (recorded, gates, all) = (requests.clone(), gate.clone(), gate_all.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, recorded.clone(), gates.clone()));
+                let gated = all.load(Ordering::Relaxed);
+                tokio::spawn(serve(stream, recorded.clone(), gates.clone(), gated));
             }
         });
-        FakeLlm { addr, requests, gate }
+        FakeLlm { addr, requests, gate, gate_all }
+    }
+
+    /// From now on every reply streams as a `gated` one does: one delta, then each
+    /// further one only on [`FakeLlm::release`].
+    pub fn gate_every_reply(&self) {
+        self.gate_all.store(true, Ordering::Relaxed);
     }
 
     /// `http://127.0.0.1:<port>`, for `base_url` and `outbound_hosts`.
@@ -96,7 +109,12 @@ impl FakeLlm {
     }
 }
 
-async fn serve(mut stream: TcpStream, requests: Arc<Mutex<Vec<Recorded>>>, gate: Arc<Semaphore>) {
+async fn serve(
+    mut stream: TcpStream,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    gate: Arc<Semaphore>,
+    gate_all: bool,
+) {
     let Some(request) = read_request(&mut stream).await else { return };
     let last_user = request
         .messages()
@@ -146,7 +164,7 @@ async fn serve(mut stream: TcpStream, requests: Arc<Mutex<Vec<Recorded>>>, gate:
     }
     for (index, delta) in REPLY.iter().enumerate() {
         if index > 0 {
-            if last_user.contains("gated") || (index == 1 && last_user.contains("slow")) {
+            if gate_all || last_user.contains("gated") || (index == 1 && last_user.contains("slow")) {
                 gate.acquire().await.unwrap().forget();
             }
             if last_user.contains("cutoff") {

@@ -1,5 +1,6 @@
 mod aikefu;
 mod aikefu_process;
+mod browser;
 mod channels;
 mod cluster;
 mod core;
@@ -16,3 +17,4 @@ mod scale;
 mod stress;
 mod support;
 mod tls;
+mod web;

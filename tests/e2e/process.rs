@@ -29,6 +29,7 @@ fn sockhost_command() -> Command {
         "SOCKHOST_REDIS_URL",
         "SOCKHOST_ADMIN_LISTEN",
         "SOCKHOST_API_KEY",
+        "SOCKHOST_NO_WEB",
     ] {
         command.env_remove(key);
     }
