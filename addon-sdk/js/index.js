@@ -23,7 +23,8 @@
 // - Callbacks never overlap: `onOpen(info)` once, `onMessage(msg)` once per client
 //   message in arrival order, `onChannelMessage(channel, msg)` per channel delivery,
 //   `onClose(code, reason)` once. Every one is optional. A message is a `string` (text
-//   frame) or a `Uint8Array` (binary frame).
+//   frame) or a `Uint8Array` (binary frame). Callbacks are synchronous functions, as are
+//   the host calls: a returned Promise is not awaited.
 // - `send`, `sendText`, `sendBinary`, `sendJson` push a frame to the client at once, from
 //   any callback, any number of times: that is how replies stream.
 // - An exception thrown by `onMessage` is reported to the client as
@@ -179,8 +180,10 @@ export function trap(reason) {
   throw new Trap(reason);
 }
 
+// A WIT `message` is `{tag: "text", val: string}` or `{tag: "binary", val: Uint8Array}`;
+// the addon sees the value, and tells the two apart by its type.
 function message(raw) {
-  return raw.tag === "text" ? raw.val : raw.val;
+  return raw.val;
 }
 
 /**
