@@ -219,6 +219,10 @@ export function exportAddon(Addon, options = {}) {
         target.onMessage(message(raw));
       } catch (e) {
         if (e instanceof Trap) throw e;
+        // The engine reports memory it could not get (the host refused to grow it past
+        // the manifest's memory_limit) as a catchable "out of memory". The instance is
+        // at its limit, so it ends as a Rust addon would: a trap the host names addon_oom.
+        if (errorText(e) === "out of memory") throw new Trap("out of memory");
         // A plain (non-Error) payload is the `err` of on-message: the addon_error frame.
         throw { payload: errorText(e) };
       }
@@ -281,8 +285,9 @@ export class ProtocolError extends Error {
   }
 }
 
-// serde_json, which the Rust SDK parses with, refuses nesting deeper than this.
-const MAX_DEPTH = 127;
+// What serde_json, which the Rust SDK parses with, checks: the JSON syntax, and for the
+// object's own keys and its four fields (not for values it ignores, however deep or odd),
+// that strings hold no lone surrogate and that no field comes twice.
 const FIELDS = ["message", "token", "session_id", "action"];
 
 /**
@@ -304,28 +309,32 @@ export class ClientMessage {
 
   /** Parses one text frame; throws `ProtocolError`. */
   static parse(text) {
+    // serde_json allows only JSON's four whitespace characters around the object;
+    // JSON.parse here also skips others (a byte order mark), so the edges are checked first.
+    if (!/^[ \t\n\r]*\{/.test(text) || !/\}[ \t\n\r]*$/.test(text)) {
+      throw new ProtocolError("bad_json", "not a JSON object");
+    }
     let value;
     try {
-      value = JSON.parse(text, (key, v) => {
-        if (typeof v === "number" && !Number.isFinite(v)) throw new Error("number out of range");
-        if ((typeof v === "string" && !isWellFormed(v)) || !isWellFormed(key)) {
-          throw new Error("lone surrogate in a string");
-        }
-        return v;
-      });
+      value = JSON.parse(text);
     } catch (e) {
       throw new ProtocolError("bad_json", errorText(e));
     }
     if (value === null || typeof value !== "object" || Array.isArray(value)) {
       throw new ProtocolError("bad_json", "not a JSON object");
     }
-    if (depth(value) > MAX_DEPTH) throw new ProtocolError("bad_json", "recursion limit exceeded");
+    for (const key of Object.keys(value)) {
+      if (!isWellFormed(key)) throw new ProtocolError("bad_json", "lone surrogate in a key");
+    }
     const duplicate = duplicateField(text);
     if (duplicate) throw new ProtocolError("bad_json", `duplicate field \`${duplicate}\``);
     for (const field of FIELDS) {
       const v = value[field];
       if (v !== undefined && v !== null && typeof v !== "string") {
         throw new ProtocolError("bad_json", `invalid type for \`${field}\`, expected a string`);
+      }
+      if (typeof v === "string" && !isWellFormed(v)) {
+        throw new ProtocolError("bad_json", `lone surrogate in \`${field}\``);
       }
     }
     if (value.message === undefined || value.message === null) throw new ProtocolError("missing_field", "message");
@@ -357,13 +366,6 @@ function isWellFormed(s) {
     }
   }
   return true;
-}
-
-function depth(value) {
-  if (value === null || typeof value !== "object") return 0;
-  let deepest = 0;
-  for (const v of Object.values(value)) deepest = Math.max(deepest, depth(v));
-  return deepest + 1;
 }
 
 // JSON.parse keeps the last of repeated keys; serde refuses a repeated known field. This

@@ -40,7 +40,7 @@ as the ``wit_world`` package when the addon is built (``scripts/build-addons``).
 """
 
 import json
-import math
+import re
 
 from componentize_py_types import Err
 from wit_world.imports import channels as _channels
@@ -223,7 +223,12 @@ def export_addon(addon_class, hibernate=False):
                 return
             try:
                 target.on_message(_message(msg))
-            except Exception as e:  # noqa: BLE001 - every exception is the message's error frame
+            except MemoryError:
+                # The host refused to grow memory past the manifest's memory_limit: the
+                # instance is at its limit, so it ends as a Rust addon would, in a trap the
+                # host names addon_oom.
+                raise
+            except Exception as e:  # noqa: BLE001 - every other exception is the message's error frame
                 raise Err(str(e)) from None
 
         def on_close(self, code, reason):
@@ -280,9 +285,11 @@ class ProtocolError(Exception):
         self.code = code
 
 
-# serde_json, which the Rust SDK parses with, refuses nesting deeper than this.
-_MAX_DEPTH = 127
+# What serde_json, which the Rust SDK parses with, checks: the JSON syntax, and for the
+# object's own keys and its four fields (not for values it ignores, however deep or odd),
+# that strings hold no lone surrogate and that no field comes twice.
 _FIELDS = ("message", "token", "session_id", "action")
+_OBJECT_TEXT = re.compile(r"[ \t\n\r]*\{.*\}[ \t\n\r]*\Z", re.DOTALL)
 
 
 class _Object(dict):
@@ -300,35 +307,16 @@ def _object(pairs):
     return obj
 
 
-def _finite(text):
-    number = float(text)
-    if math.isinf(number):
-        raise ValueError("number out of range")
-    return number
-
-
-def _integer(text):
-    number = int(text)
-    if abs(number) > 1.7976931348623157e308:
-        raise ValueError("number out of range")
-    return number
-
-
 def _refuse_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
-def _check(value, depth=0):
-    """Raises ValueError past serde_json's nesting limit or on a lone surrogate."""
-    if isinstance(value, str):
-        value.encode("utf-8")  # a lone surrogate does not encode
-    elif isinstance(value, (dict, list)):
-        if depth + 1 > _MAX_DEPTH:
-            raise ValueError("recursion limit exceeded")
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            _check(key)
-            _check(item, depth + 1)
+def _well_formed(text):
+    try:
+        text.encode("utf-8")  # a lone surrogate does not encode
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ClientMessage:
@@ -347,24 +335,32 @@ class ClientMessage:
     @classmethod
     def parse(cls, text):
         """Parses one text frame; raises ``ProtocolError``."""
+        # serde_json allows only JSON's four whitespace characters around the object.
+        if not _OBJECT_TEXT.match(text):
+            raise ProtocolError("bad_json", "not a JSON object")
         try:
             value = json.loads(
                 text,
                 object_pairs_hook=_object,
-                parse_float=_finite,
-                parse_int=_integer,
+                # Numbers are only ever in values serde_json ignores, which it does not
+                # convert either: none is refused for its size.
+                parse_float=lambda _: 0.0,
+                parse_int=lambda _: 0,
                 parse_constant=_refuse_constant,
             )
-            if not isinstance(value, dict):
-                raise ValueError("not a JSON object")
-            _check(value)
-        except (ValueError, RecursionError, UnicodeError) as e:
+        except (ValueError, RecursionError) as e:
             raise ProtocolError("bad_json", str(e)) from None
+        if not isinstance(value, dict):
+            raise ProtocolError("bad_json", "not a JSON object")
+        if not all(_well_formed(key) for key in value):
+            raise ProtocolError("bad_json", "lone surrogate in a key")
         if value.duplicate is not None:
             raise ProtocolError("bad_json", f"duplicate field `{value.duplicate}`")
         for field in _FIELDS:
             if value.get(field) is not None and not isinstance(value[field], str):
                 raise ProtocolError("bad_json", f"invalid type for `{field}`, expected a string")
+            if isinstance(value.get(field), str) and not _well_formed(value[field]):
+                raise ProtocolError("bad_json", f"lone surrogate in `{field}`")
         if value.get("message") is None:
             raise ProtocolError("missing_field", "message")
         return cls(value["message"], value.get("token"), value.get("session_id"), value.get("action"))
