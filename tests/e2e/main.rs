@@ -10,6 +10,7 @@ mod hibernation;
 mod limits;
 mod loading;
 mod ops;
+mod polyglot;
 mod process;
 mod reload;
 mod scale;
