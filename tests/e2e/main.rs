@@ -13,6 +13,7 @@ mod ops;
 mod polyglot;
 mod process;
 mod reload;
+mod scaffold;
 mod scale;
 mod stress;
 mod support;
