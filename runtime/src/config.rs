@@ -113,6 +113,22 @@ pub enum Command {
         #[arg(required = true, value_name = "FILE.wasm|DIR")]
         paths: Vec<PathBuf>,
     },
+    /// Create a working addon to start from: <addons-dir>/NAME/ (source, a unit test) and
+    /// its manifest <addons-dir>/NAME.toml (nothing granted); prints how to build, run and
+    /// connect to it.
+    New {
+        /// The addon's name, also its URL path /ws/NAME: lowercase letters, digits, '-', '_'
+        name: String,
+        /// The language to write it in
+        #[arg(long, value_enum, default_value_t = crate::scaffold::Lang::Rust)]
+        lang: crate::scaffold::Lang,
+        /// The directory the addon goes into (the server's addons directory)
+        #[arg(long = "dir", value_name = "DIR", default_value = "addons")]
+        dir: PathBuf,
+        /// sockhost's addon-sdk directory, which the addon depends on [default: ./addon-sdk]
+        #[arg(long, value_name = "DIR", default_value = "addon-sdk")]
+        sdk: PathBuf,
+    },
 }
 
 /// How log lines are written.

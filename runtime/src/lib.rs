@@ -53,6 +53,7 @@ pub mod policy;
 mod private_files;
 pub mod reload;
 pub mod sandbox;
+pub mod scaffold;
 pub mod server;
 mod shutdown;
 #[doc(hidden)]
@@ -88,6 +89,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         // which goes on with the default limits.
         let limits = Config::from_cli(cli.clone()).map(|config| config.limits);
         return Ok(check::run(paths, limits, &mut std::io::stdout()));
+    }
+    if let Some(Command::New { name, lang, dir, sdk }) = &cli.command {
+        let new =
+            scaffold::NewAddon { name: name.clone(), lang: *lang, addons_dir: dir.clone(), sdk: sdk.clone() };
+        let created = scaffold::create(&new)?;
+        print!("{}", scaffold::describe(&new, &created));
+        return Ok(std::process::ExitCode::SUCCESS);
     }
     let config = Config::from_cli(cli.clone())?;
     init_logging(config.log_format);
