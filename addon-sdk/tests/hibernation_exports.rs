@@ -37,10 +37,20 @@ fn component_exports(path: &Path) -> Vec<String> {
     names
 }
 
-/// Whether the crate of a built component opts in, from its source.
-fn opts_in(crate_dir: &Path) -> bool {
-    let source = std::fs::read_to_string(crate_dir.join("src/lib.rs")).unwrap();
-    source.contains("hibernate);")
+/// Whether the addon of a built component opts in, from its source: in Rust
+/// `export_addon!(T, hibernate)`; in JavaScript and Python, the world `hibernating` in
+/// `package.json` or `pyproject.toml` (scripts/build-addons builds with the world they name,
+/// and the build fails when the module lacks the export the world has).
+fn opts_in(addon_dir: &Path) -> bool {
+    let read = |file: &str| std::fs::read_to_string(addon_dir.join(file));
+    if let Ok(source) = read("src/lib.rs") {
+        return source.contains("hibernate);");
+    }
+    if let Ok(package) = read("package.json") {
+        return package.contains(r#""world": "hibernating""#);
+    }
+    let pyproject = read("pyproject.toml").unwrap_or_else(|err| panic!("{}: {err}", addon_dir.display()));
+    pyproject.contains(r#"world = "hibernating""#)
 }
 
 fn check(crate_dir: &Path, wasm: &Path) {
@@ -59,7 +69,7 @@ fn check(crate_dir: &Path, wasm: &Path) {
 #[test]
 fn bundled_addons_export_hibernation_when_they_opt_in() {
     let root = repo_root();
-    for name in ["echo", "chatroom", "aikefu"] {
+    for name in ["echo", "chatroom", "aikefu", "echo-js", "echo-py"] {
         assert!(opts_in(&root.join("addons").join(name)), "{name} is expected to opt in");
     }
     let mut checked = 0;
@@ -70,7 +80,7 @@ fn bundled_addons_export_hibernation_when_they_opt_in() {
             checked += 1;
         }
     }
-    assert!(checked >= 3, "found {checked} bundled addons");
+    assert!(checked >= 5, "found {checked} bundled addons");
 }
 
 #[test]
@@ -89,5 +99,16 @@ fn test_addons_export_hibernation_only_when_they_opt_in() {
         let crate_dir = root.join("tests/addons").join(name);
         assert_eq!(opts_in(&crate_dir), expected, "{name}");
         check(&crate_dir, &built.join(format!("{name}.wasm")));
+    }
+    // The JavaScript and Python test addons, when their languages' tools were there.
+    for name in ["testkit-js", "testkit-py"] {
+        let wasm = built.join(format!("{name}.wasm"));
+        if !wasm.exists() {
+            eprintln!("skipped: {} is not built", wasm.display());
+            continue;
+        }
+        let addon_dir = root.join("tests/addons").join(name);
+        assert!(opts_in(&addon_dir), "{name} is expected to opt in");
+        check(&addon_dir, &wasm);
     }
 }
