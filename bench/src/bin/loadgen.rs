@@ -630,6 +630,27 @@ async fn run(args: &Args) -> anyhow::Result<Map<String, Value>> {
     }
 }
 
+/// Growth from `before` to `after` per connection, rounded; null without connections.
+fn per_conn_figure(before: u64, after: u64, conns: usize) -> Value {
+    if conns == 0 { Value::Null } else { json!(round((after as f64 - before as f64) / conns as f64, 2)) }
+}
+
+/// The server's RSS before and after, and its growth per connection (all, anonymous,
+/// shared), when the server was sampled.
+fn server_memory_per_conn(
+    out: &mut Map<String, Value>,
+    before: Option<ProcSample>,
+    after: Option<ProcSample>,
+    conns: usize,
+) {
+    let (Some(b), Some(a)) = (before, after) else { return };
+    out.insert("rss_before_kb".into(), b.rss_kb.into());
+    out.insert("rss_after_kb".into(), a.rss_kb.into());
+    out.insert("rss_kb_per_conn".into(), per_conn_figure(b.rss_kb, a.rss_kb, conns));
+    out.insert("rss_anon_kb_per_conn".into(), per_conn_figure(b.rss_anon_kb, a.rss_anon_kb, conns));
+    out.insert("rss_shared_kb_per_conn".into(), per_conn_figure(b.rss_shared_kb, a.rss_shared_kb, conns));
+}
+
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
@@ -947,18 +968,9 @@ async fn idle(
     out.insert("conns_per_s".into(), json!(round(n as f64 / open_secs, 1)));
     cpu_figures(&mut out, &before, &opened_at, n as u64, "conn");
     out.remove("elapsed_s");
-    let per_conn = |b: u64, a: u64| {
-        if n == 0 { Value::Null } else { json!(round((a as f64 - b as f64) / n as f64, 2)) }
-    };
-    if let (Some(b), Some(a)) = (before.server, after.server) {
-        out.insert("rss_before_kb".into(), b.rss_kb.into());
-        out.insert("rss_after_kb".into(), a.rss_kb.into());
-        out.insert("rss_kb_per_conn".into(), per_conn(b.rss_kb, a.rss_kb));
-        out.insert("rss_anon_kb_per_conn".into(), per_conn(b.rss_anon_kb, a.rss_anon_kb));
-        out.insert("rss_shared_kb_per_conn".into(), per_conn(b.rss_shared_kb, a.rss_shared_kb));
-    }
+    server_memory_per_conn(&mut out, before.server, after.server, n);
     if let (Some(b), Some(a)) = (pss_before, pss_after) {
-        out.insert("pss_kb_per_conn".into(), per_conn(b, a));
+        out.insert("pss_kb_per_conn".into(), per_conn_figure(b, a, n));
     }
     let first_error = failures.into_iter().map(|f| f.err().map(|e| format!("{e:#}"))).next().flatten();
     errors_out(&mut out, conns - n, first_error);
@@ -1788,16 +1800,8 @@ async fn soak(target: &Arc<Target>, pids: &[u32], plan: SoakPlan) -> anyhow::Res
     if let Some(first) = &first_failure {
         out.insert("first_open_failure".into(), first.clone().into());
     }
-    let per_conn = |b: u64, a: u64| {
-        if held == 0 { Value::Null } else { json!(round((a as f64 - b as f64) / held as f64, 2)) }
-    };
-    if let (Some(b), Some(a)) = (before.server, after.server) {
-        out.insert("rss_before_kb".into(), b.rss_kb.into());
-        out.insert("rss_after_kb".into(), a.rss_kb.into());
-        out.insert("rss_kb_per_conn".into(), per_conn(b.rss_kb, a.rss_kb));
-        out.insert("rss_anon_kb_per_conn".into(), per_conn(b.rss_anon_kb, a.rss_anon_kb));
-        out.insert("rss_shared_kb_per_conn".into(), per_conn(b.rss_shared_kb, a.rss_shared_kb));
-    }
+    let per_conn = |b: u64, a: u64| per_conn_figure(b, a, held);
+    server_memory_per_conn(&mut out, before.server, after.server, held);
     if let (Some(b), Some(a)) = (before.pss_kb, after.pss_kb) {
         out.insert("pss_kb_per_conn".into(), per_conn(b, a));
     }
