@@ -138,8 +138,9 @@ pub struct KvStore {
     path: PathBuf,
     /// The outcome of opening the file, once there is one that will not change.
     backend: OnceLock<Result<Arc<dyn KvBackend>, BackendError>>,
-    /// Held while opening, so concurrent first calls open the file once.
-    opening: Mutex<()>,
+    /// Held while opening, so concurrent first calls open the file once. An async lock:
+    /// the calls that wait for the first one's open must not block their worker threads.
+    opening: tokio::sync::Mutex<()>,
     /// Whether the "in use by another process" warning was logged (once is enough).
     warned_in_use: AtomicBool,
     /// How long a call waits for a file another process holds ([`IN_USE_WAIT`]).
@@ -164,7 +165,7 @@ impl KvStore {
         KvStore {
             path,
             backend: OnceLock::new(),
-            opening: Mutex::new(()),
+            opening: tokio::sync::Mutex::new(()),
             warned_in_use: AtomicBool::new(false),
             in_use_wait: IN_USE_WAIT,
         }
@@ -188,7 +189,7 @@ impl KvStore {
     pub async fn backend(&self) -> Result<&Arc<dyn KvBackend>, BackendError> {
         let mut deadline = None;
         loop {
-            match self.try_open() {
+            match self.try_open().await {
                 Ok(backend) => return Ok(backend),
                 Err(OpenError::Failed(err)) => return Err(err),
                 Err(OpenError::InUse) => {
@@ -212,15 +213,24 @@ impl KvStore {
 
     /// The backend, or why there is none: [`OpenError::InUse`] is worth trying again,
     /// [`OpenError::Failed`] is kept.
-    fn try_open(&self) -> Result<&Arc<dyn KvBackend>, OpenError> {
+    ///
+    /// Opening creates the file and commits a transaction, so it waits on the disk (fsync),
+    /// which on a busy disk takes long. It runs on a blocking thread: inside a guest's
+    /// host call it would stall every connection on the worker thread, and the wait would
+    /// be charged to the guest's CPU limit as if it had computed.
+    async fn try_open(&self) -> Result<&Arc<dyn KvBackend>, OpenError> {
         if let Some(outcome) = self.backend.get() {
             return kept(outcome);
         }
-        let _opening = self.opening.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _opening = self.opening.lock().await;
         if let Some(outcome) = self.backend.get() {
             return kept(outcome);
         }
-        let outcome = match RedbBackend::open(&self.path) {
+        let path = self.path.clone();
+        let opened = tokio::task::spawn_blocking(move || RedbBackend::open(&path))
+            .await
+            .unwrap_or_else(|err| Err(BackendError(format!("opening the kv store failed: {err}")).into()));
+        let outcome = match opened {
             Ok(db) => {
                 tracing::info!("kv store opened at {}", self.path.display());
                 Ok(Arc::new(db) as Arc<dyn KvBackend>)
