@@ -60,6 +60,9 @@ const SERVERS: &[(&str, &str)] = &[
     ("sockhost-mirror", "sockhost, smallest guest (`mirror` test addon)"),
     ("sockhost-builtin", "sockhost `/ws` built-in (no wasm)"),
     ("sockhost-hibernated", "sockhost, `echo` hibernated (`hibernate_after_ms = 1000`)"),
+    ("sockhost-lang-rust", "Rust (`addons/echo`)"),
+    ("sockhost-lang-js", "JavaScript (`addons/echo-js`, componentize-js)"),
+    ("sockhost-lang-py", "Python (`addons/echo-py`, componentize-py)"),
     ("uws", "uWebSockets.js"),
     ("node-ws", "Node `ws`"),
     ("python-websockets", "Python `websockets`"),
@@ -209,6 +212,7 @@ fn main() -> anyhow::Result<()> {
     fanout(&mut md, &results);
     cross_node(&mut md, &results);
     aikefu(&mut md, &results);
+    languages(&mut md, &results);
     soak(&mut md, &results);
     method(&mut md, &args);
     fs::write(&args.out, md).with_context(|| format!("writing {}", args.out.display()))?;
@@ -964,6 +968,83 @@ fn aikefu(md: &mut String, r: &Results) {
         conns_of(r, "aikefu")
     );
     closed_table(md, r, "aikefu", true);
+}
+
+/// Issue 15: the same echo addon in Rust, JavaScript and Python, each on a server that
+/// mounts only it. Ratios are to the Rust build in the same run.
+fn languages(md: &mut String, r: &Results) {
+    let servers = r.servers("lang-echo");
+    let servers = if servers.is_empty() { r.servers("lang-idle") } else { servers };
+    if servers.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "## Addons by language
+"
+    );
+    let _ = writeln!(
+        md,
+        "The same echo addon built from Rust, JavaScript and Python, each served by a sockhost that \
+         mounts only it. **Echo**: the closed loop above ({} connections, 32-byte messages), server \
+         CPU per message. **Idle**: memory per connection with {} connections open (each holds a \
+         live instance), on a fresh server. **Instantiate**: the connect storm above (a new \
+         instance, `on-open`, `on-close` per connection), server CPU per connection and the \
+         client's cycle p50. **Load**: the time to compile the component when the compiled-code \
+         cache is empty (first repetition), and to load it from the cache (later ones), from \
+         `sockhost_addon_compile_seconds`. The JavaScript and Python components carry their \
+         language's engine (StarlingMonkey, CPython) in every instance, which is what their \
+         instantiation and idle memory pay for.\n",
+        conns_of(r, "lang-echo"),
+        conns_of(r, "lang-idle"),
+    );
+    let mut t = Table::new(&[
+        "addon",
+        "echo CPU µs/msg",
+        "× Rust",
+        "echo p99 ms",
+        "idle KB/conn",
+        "× Rust",
+        "instantiate CPU µs/conn",
+        "× Rust",
+        "cycle p50 ms",
+        "load cold s",
+        "load warm s",
+        "errors",
+    ]);
+    let rust = |scenario: &str, key: &str| r.median(scenario, "sockhost-lang-rust", key);
+    let load = |key: &str, cold: bool| {
+        median(
+            r.runs("lang-load", key)
+                .iter()
+                .filter(|run| run.get("cold").and_then(Value::as_bool) == Some(cold))
+                .filter_map(|run| run.get("load_s").and_then(Value::as_f64))
+                .collect(),
+        )
+    };
+    for (key, name) in servers {
+        let echo_us = r.median("lang-echo", key, "server_cpu_us_per_msg");
+        let idle_kb = r.median("lang-idle", key, "rss_kb_per_conn");
+        let storm_us = r.median("lang-storm", key, "server_cpu_us_per_conn");
+        let errors: f64 =
+            ["lang-echo", "lang-idle", "lang-storm"].iter().map(|s| r.total(s, key, "errors")).sum();
+        t.row(&[
+            name.to_owned(),
+            fmt(echo_us, 2),
+            fmt_ratio(ratio(echo_us, rust("lang-echo", "server_cpu_us_per_msg"))),
+            fmt(r.median("lang-echo", key, "p99_ms"), 3),
+            fmt(idle_kb, 1),
+            fmt_ratio(ratio(idle_kb, rust("lang-idle", "rss_kb_per_conn"))),
+            fmt(storm_us, 0),
+            fmt_ratio(ratio(storm_us, rust("lang-storm", "server_cpu_us_per_conn"))),
+            fmt(r.median("lang-storm", key, "cycle_p50_ms"), 2),
+            fmt(load(key, true), 2),
+            fmt(load(key, false), 3),
+            fmt(Some(errors), 0),
+        ]);
+    }
+    md.push_str(&t.text);
+    md.push('\n');
 }
 
 /// Issue 17's soak targets: connections held by one sockhost process on one 24 GiB node.
