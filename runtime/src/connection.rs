@@ -437,7 +437,8 @@ pub(crate) struct AddonConnection {
     ping_sent: Option<Instant>,
     /// When the client's answer to the host's close frame is due; set once.
     close_deadline: Option<Instant>,
-    /// How long a callback may run on once its client is gone (`limits.orphan_callback_grace_ms`).
+    /// How long a callback may run on once its client is gone: the manifest's
+    /// `orphan_callback_grace_ms`, else the server's `limits.orphan_callback_grace_ms`.
     orphan_grace: Duration,
     /// Fires at or before the next keep-alive deadline. Activity only moves deadlines
     /// later, so the timer is not re-armed per message: when it fires early,
@@ -459,6 +460,7 @@ impl AddonConnection {
         let (sink, stream) = ws.split();
         let stats = addon.stats().clone();
         let policy = addon.policy().clone();
+        let policy_grace = policy.orphan_callback_grace;
         let outbox = live.store.data_mut().session.attach(sink, stats.clone());
         let now = Instant::now();
         let hibernate_after = addon.hibernate_after();
@@ -490,7 +492,7 @@ impl AddonConnection {
             last_message: now,
             ping_sent: None,
             close_deadline: None,
-            orphan_grace,
+            orphan_grace: policy_grace.unwrap_or(orphan_grace),
             keep_alive_timer: Box::pin(tokio::time::sleep_until(first_deadline)),
         }
     }
@@ -785,7 +787,7 @@ impl AddonConnection {
                 kind = FailureKind::OrphanedCallback.code(),
                 grace_ms = self.orphan_grace.as_millis() as u64,
                 "the client is gone and the callback was still running after the grace period \
-             (limits.orphan_callback_grace_ms); abandoned it and dropped the instance; on-close skipped"
+             (the manifest's orphan_callback_grace_ms, else limits.orphan_callback_grace_ms); abandoned it and dropped the instance; on-close skipped"
             )
         });
         self.session().shutdown().await;

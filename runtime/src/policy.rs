@@ -21,6 +21,7 @@
 //! | `idle_timeout_s` | `600` | time without a client message before the host closes |
 //! | `ping_interval_s` | `30` | silence before the host pings; a ping unanswered as long again means the peer is gone |
 //! | `send_timeout_s` | `10` | how long one `send` may wait for a client that does not read |
+//! | `orphan_callback_grace_ms` | the server's `limits.orphan_callback_grace_ms` (5000) | how long a callback may run on after its client has gone, before the host abandons it (`crate::connection`); up to an hour. An addon whose replies must finish without their client (aikefu keeps them for a resume) sets it long enough |
 //! | `hibernate_after_ms` | `30000` for a component that exports `hibernation`; never without it (`0` = never) | time with no callback running before an idle connection's instance is hibernated (`crate::connection`) |
 //! | `hibernate_max_state_bytes` | `"16KiB"` | largest state `hibernate` may return; a larger one keeps the instance live |
 //! | `allowed_origins` | `[]` (any) | `Origin` header allow-list for browser clients |
@@ -63,6 +64,7 @@ struct ManifestFile {
     idle_timeout_s: Option<u64>,
     ping_interval_s: Option<u64>,
     send_timeout_s: Option<u64>,
+    orphan_callback_grace_ms: Option<u64>,
     hibernate_after_ms: Option<u64>,
     hibernate_max_state_bytes: Option<ByteSize>,
     allowed_origins: Option<Vec<String>>,
@@ -148,6 +150,9 @@ pub struct AddonPolicy {
     pub ping_interval: Duration,
     /// How long one `send` may wait for a client that does not read.
     pub send_timeout: Duration,
+    /// How long a callback may run on after its client has gone; `None` keeps the
+    /// server's `limits.orphan_callback_grace_ms`.
+    pub orphan_callback_grace: Option<Duration>,
     /// `hibernate_after_ms` as the manifest sets it; the loader resolves it against the
     /// component's exports ([`AddonPolicy::hibernate_after`]).
     pub hibernate_after_ms: Option<u64>,
@@ -181,6 +186,7 @@ impl Default for AddonPolicy {
             idle_timeout: Duration::from_secs(600),
             ping_interval: Duration::from_secs(30),
             send_timeout: Duration::from_secs(10),
+            orphan_callback_grace: None,
             hibernate_after_ms: None,
             hibernate_max_state_bytes: DEFAULT_HIBERNATE_STATE,
             allowed_origins: Vec::new(),
@@ -198,6 +204,9 @@ impl Default for AddonPolicy {
 /// hibernated, unless its manifest says otherwise: long enough that a chat between
 /// turns stays live, short enough that a page left open does not hold an instance.
 const DEFAULT_HIBERNATE_AFTER_MS: u64 = 30_000;
+/// Largest `orphan_callback_grace_ms`: an hour, as the server-wide limit.
+const MAX_ORPHAN_CALLBACK_GRACE_MS: u64 = 3_600_000;
+
 /// Largest `hibernate_after_ms`: a day.
 const MAX_HIBERNATE_AFTER_MS: u64 = 86_400_000;
 /// `hibernate_max_state_bytes` by default, and its largest value: what a hibernated
@@ -337,6 +346,15 @@ impl AddonPolicy {
                 }
                 *target = Duration::from_secs(seconds);
             }
+        }
+        if let Some(ms) = file.orphan_callback_grace_ms {
+            if ms > MAX_ORPHAN_CALLBACK_GRACE_MS {
+                return Err(bad(
+                    "orphan_callback_grace_ms",
+                    format!("{ms} is outside 0..={MAX_ORPHAN_CALLBACK_GRACE_MS}"),
+                ));
+            }
+            policy.orphan_callback_grace = Some(Duration::from_millis(ms));
         }
         if let Some(ms) = file.hibernate_after_ms {
             if ms > MAX_HIBERNATE_AFTER_MS {
@@ -526,6 +544,7 @@ mod tests {
             idle_timeout_s = 60
             ping_interval_s = 5
             send_timeout_s = 2
+            orphan_callback_grace_ms = 120000
             allowed_origins = ["https://shop.example.com"]
             "#,
         )
@@ -538,6 +557,7 @@ mod tests {
         assert_eq!(policy.idle_timeout, Duration::from_secs(60));
         assert_eq!(policy.ping_interval, Duration::from_secs(5));
         assert_eq!(policy.send_timeout, Duration::from_secs(2));
+        assert_eq!(policy.orphan_callback_grace, Some(Duration::from_secs(120)));
         assert!(policy.allows_origin(Some("https://shop.example.com")));
         assert!(!policy.allows_origin(Some("https://evil.example")));
         assert!(policy.allows_origin(None));
@@ -633,6 +653,8 @@ mod tests {
             ("idle_timeout_s = 0", "idle_timeout_s"),
             ("ping_interval_s = 100000", "ping_interval_s"),
             ("send_timeout_s = 0", "send_timeout_s"),
+            ("orphan_callback_grace_ms = 3600001", "orphan_callback_grace_ms"),
+            ("orphan_callback_grace_ms = -1", "orphan_callback_grace_ms"),
             ("allowed_origins = [\"shop.example.com\"]", "allowed_origins"),
             ("allowed_origins = \"https://a.example\"", "allowed_origins"),
             ("kv = \"yes\"", "kv"),

@@ -210,3 +210,25 @@ fn upgrade_request(path: &str) -> String {
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
 }
+
+/// A manifest's `orphan_callback_grace_ms` overrides the server's, both ways: an addon
+/// whose work must finish without its client (aikefu keeps its replies for a resume)
+/// lets it run on, and on-close follows as for any callback that ends.
+#[tokio::test]
+async fn a_manifests_orphan_grace_overrides_the_servers() {
+    let testkit = test_addon("testkit");
+    let manifest = b"orphan_callback_grace_ms = 30000\n";
+    let server =
+        TestServer::start_with(&[("testkit.wasm", &testkit), ("testkit.toml", manifest)], |config| {
+            config.limits.orphan_callback_grace = Duration::from_millis(100);
+        })
+        .await;
+    let mut client = server.connect("/ws/testkit?tag=long-grace").await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text("sleep 1500").await;
+    drop(client);
+    // Far past the server's 100 ms: the callback ended on its own, so on-close ran.
+    wait_for_log(&["testkit on-close code=1006", "tag=long-grace"]).await;
+    let orphaned = r#"sockhost_addon_failures_total{addon="testkit",kind="orphaned_callback"}"#;
+    assert_eq!(server.metric(orphaned).await.unwrap_or(0.0), 0.0);
+}
