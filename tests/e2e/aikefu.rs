@@ -5,11 +5,16 @@
 
 use serde_json::{Value, json};
 
-use crate::fake_llm::{FakeLlm, REPLY};
+use crate::fake_llm::{FakeLlm, LONG_REPLY, REPLY};
 use crate::support::*;
 
 /// A server with aikefu whose manifest points at `llm` (dev tokens: the token is the user).
 async fn server_with_llm(llm: &FakeLlm, extra: &str) -> TestServer {
+    server_with_llm_config(llm, extra, "").await
+}
+
+/// [`server_with_llm`] with more `[config]` lines.
+async fn server_with_llm_config(llm: &FakeLlm, extra: &str, config: &str) -> TestServer {
     let manifest = format!(
         r#"
 kv = true
@@ -22,6 +27,7 @@ dev_accept_any_token = true
 base_url = "{origin}"
 model = "test-model"
 history_turns = 2
+{config}
 "#,
         origin = llm.origin()
     );
@@ -87,15 +93,30 @@ async fn chunks_stream_in_order_each_before_the_upstream_has_finished() {
     client.send_text(&chat("gated question", "alice", "s1")).await;
     // The fake holds every delta after the first until released, so each chunk seen here
     // was forwarded while the upstream was still streaming.
+    let mut reply_id = Value::Null;
     for (index, delta) in REPLY.iter().enumerate() {
         let frame = client.recv_json().await;
-        assert_eq!(frame, json!({"type": "chat", "message": delta, "session_id": "s1", "complete": false}));
+        if index == 0 {
+            reply_id = frame["reply_id"].clone();
+            assert!(reply_id.as_str().is_some_and(|id| id.len() == 32), "{frame}");
+        }
+        // The seed's chunk, numbered for a resume: one reply id, seq from 1.
+        let seq = index + 1;
+        assert_eq!(
+            frame,
+            json!({"type": "chat", "message": delta, "session_id": "s1", "complete": false,
+                   "reply_id": reply_id, "seq": seq})
+        );
         if index + 1 < REPLY.len() {
             llm.release(1);
         }
     }
     let last = client.recv_json().await;
-    assert_eq!(last, json!({"type": "chat", "message": "", "session_id": "s1", "complete": true}));
+    assert_eq!(
+        last,
+        json!({"type": "chat", "message": "", "session_id": "s1", "complete": true,
+               "reply_id": reply_id, "seq": REPLY.len() + 1})
+    );
 
     let request = &llm.requests()[0];
     assert_eq!(request.path, "/v1/chat/completions");
@@ -437,4 +458,129 @@ async fn a_client_flooding_the_shipped_aikefu_gets_rate_limited() {
     assert!((5..8).contains(&replies), "{replies} replies before the rate limit");
     let (code, _) = client.recv_close().await;
     assert_eq!(code, 1008);
+}
+
+/// The grants and grace a resumable reply needs, as the shipped manifest sets them.
+pub(crate) const RESUMABLE: &str = "orphan_callback_grace_ms = 60000\n[channels]\nsubscribe = [\"user:*\", \"reply:*\"]\npublish = [\"reply:*\"]\n";
+
+pub(crate) fn resume(token: &str, session: &str, reply_id: &str, after_seq: u64) -> String {
+    json!({"action": "resume", "token": token, "session_id": session, "reply_id": reply_id, "after_seq": after_seq})
+        .to_string()
+}
+
+/// Reads the numbered chunks of `reply_id` up to `complete`, checking that each `seq`
+/// follows the last (nothing missing, nothing twice, in order) from `first_seq` on;
+/// returns the text.
+pub(crate) async fn read_numbered(client: &mut Client, reply_id: &str, first_seq: u64) -> String {
+    let mut text = String::new();
+    let mut seq = first_seq;
+    loop {
+        let frame = client.recv_json().await;
+        assert_eq!(frame["type"], "chat", "{frame}");
+        assert_eq!(frame["reply_id"], reply_id, "{frame}");
+        assert_eq!(frame["seq"], seq, "chunk {seq} expected: {frame}");
+        text.push_str(frame["message"].as_str().unwrap());
+        if frame["complete"] == true {
+            return text;
+        }
+        seq += 1;
+    }
+}
+
+/// Issue 16: a client drops after chunk 5 while the model is still streaming; the reply
+/// goes on without it, and a resume on a new connection gets 6 onwards exactly once, in
+/// order, then `complete`. The finished reply is in the conversation's history.
+#[tokio::test]
+async fn a_dropped_client_resumes_its_reply_and_gets_every_chunk_once_in_order() {
+    let llm = FakeLlm::start().await;
+    let server = server_with_llm(&llm, RESUMABLE).await;
+    let mut client = open(&server).await;
+    client.send_text(&chat("gated long question", "alice", "s1")).await;
+    let first = client.recv_json().await;
+    let reply_id = first["reply_id"].as_str().unwrap().to_owned();
+    assert_eq!((first["seq"].as_u64(), first["message"].as_str()), (Some(1), Some(LONG_REPLY[0])));
+    llm.release(4);
+    for seq in 2..=5 {
+        let frame = client.recv_json().await;
+        assert_eq!(
+            (frame["seq"].as_u64(), frame["message"].as_str()),
+            (Some(seq), Some(LONG_REPLY[seq as usize - 1]))
+        );
+    }
+    drop(client);
+    // Three more chunks while nobody is connected, the rest after the resume.
+    llm.release(3);
+    let mut resumed = open(&server).await;
+    resumed.send_text(&resume("alice", "s1", &reply_id, 5)).await;
+    llm.release(LONG_REPLY.len());
+    let rest = read_numbered(&mut resumed, &reply_id, 6).await;
+    assert_eq!(rest, LONG_REPLY[5..].concat());
+
+    // The reply was finished and remembered although its client had gone.
+    resumed.send_text(&chat("and then?", "alice", "s1")).await;
+    read_reply(&mut resumed, "s1").await;
+    let messages = llm.requests().last().unwrap().messages();
+    assert!(
+        messages.iter().any(|(role, text)| role == "assistant" && *text == LONG_REPLY.concat()),
+        "{messages:?}"
+    );
+}
+
+/// A finished reply resumes from storage alone: from any `seq`, and from the start.
+/// Resuming names its errors: another user's reply, an unknown one, a missing field.
+#[tokio::test]
+async fn a_finished_reply_resumes_from_storage_and_bad_resumes_are_named() {
+    let llm = FakeLlm::start().await;
+    let server = server_with_llm(&llm, RESUMABLE).await;
+    let mut client = open(&server).await;
+    client.send_text(&chat("long question", "alice", "s1")).await;
+    let first = client.recv_json().await;
+    let reply_id = first["reply_id"].as_str().unwrap().to_owned();
+    read_numbered(&mut client, &reply_id, 2).await;
+
+    for after in [0u64, 7, 12] {
+        client.send_text(&resume("alice", "s1", &reply_id, after)).await;
+        let text = read_numbered(&mut client, &reply_id, after + 1).await;
+        assert_eq!(text, LONG_REPLY[after as usize..].concat());
+    }
+    let cases = [
+        (resume("bob", "s1", &reply_id, 0), "unauthorized"),
+        (resume("alice", "s1", "0123456789abcdef0123456789abcdef", 0), "reply_expired"),
+        (resume("alice", "s1", "../history", 0), "reply_expired"),
+        (json!({"action": "resume", "token": "alice", "session_id": "s1"}).to_string(), "missing_field"),
+        (json!({"action": "resume", "token": "alice", "session_id": "s1", "reply_id": reply_id, "after_seq": -1}).to_string(), "bad_json"),
+        (json!({"action": "resume", "session_id": "s1", "reply_id": reply_id}).to_string(), "unauthorized"),
+    ];
+    for (text, code) in &cases {
+        client.send_text(text).await;
+        let frame = client.recv_json().await;
+        assert_eq!(
+            (frame["type"].as_str(), frame["code"].as_str()),
+            (Some("error"), Some(*code)),
+            "{text}: {frame}"
+        );
+    }
+    // None of that broke the connection.
+    client.send_text(&chat("still there?", "alice", "s1")).await;
+    read_reply(&mut client, "s1").await;
+}
+
+/// A reply is kept for `reply_ttl_s`; after that a resume is told `reply_expired`.
+#[tokio::test]
+async fn a_resume_after_the_ttl_is_told_the_reply_expired() {
+    let llm = FakeLlm::start().await;
+    let server = server_with_llm_config(&llm, RESUMABLE, "reply_ttl_s = 1").await;
+    let mut client = open(&server).await;
+    client.send_text(&chat("long question", "alice", "s1")).await;
+    let first = client.recv_json().await;
+    let reply_id = first["reply_id"].as_str().unwrap().to_owned();
+    read_numbered(&mut client, &reply_id, 2).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    client.send_text(&resume("alice", "s1", &reply_id, 0)).await;
+    let frame = client.recv_json().await;
+    assert_eq!(
+        (frame["type"].as_str(), frame["code"].as_str()),
+        (Some("error"), Some("reply_expired")),
+        "{frame}"
+    );
 }

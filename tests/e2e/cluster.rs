@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 use sockhost::testing::RedisServer;
 
-use crate::aikefu::{chat, read_reply};
-use crate::fake_llm::FakeLlm;
+use crate::aikefu::{chat, read_numbered, read_reply, resume};
+use crate::fake_llm::{FakeLlm, LONG_REPLY};
 use crate::process::{Process, spawn, work_dir};
 use crate::support::*;
 
@@ -23,8 +23,10 @@ fn node_dir(llm: &FakeLlm) -> tempfile::TempDir {
 kv = true
 messages_per_second = 0
 outbound_hosts = ["{origin}"]
+orphan_callback_grace_ms = 60000
 [channels]
-subscribe = ["user:*"]
+subscribe = ["user:*", "reply:*"]
+publish = ["reply:*"]
 [config]
 dev_accept_any_token = true
 base_url = "{origin}"
@@ -156,6 +158,41 @@ async fn a_push_on_one_node_reaches_the_users_chat_on_another_and_a_conversation
     read_reply(&mut chat_b, "s1").await;
     let turns = llm.requests().last().unwrap().messages();
     assert!(turns.iter().any(|(_, text)| text == "remember the blue one"), "{turns:?}");
+}
+
+/// Issue 16: the client drops on node A in the middle of a streamed reply and resumes on
+/// node B while the model is still streaming. Node B reads the kept chunks from Redis and
+/// follows the rest through it: every chunk once, in order, then `complete`.
+#[tokio::test]
+async fn a_reply_dropped_on_one_node_resumes_on_another_while_it_streams() {
+    let redis = RedisServer::start();
+    let llm = FakeLlm::start().await;
+    let (a, b) = (Node::start(&redis, &llm), Node::start(&redis, &llm));
+    let mut on_a = Client::connect(&a.url("/ws/aikefu")).await;
+    assert_eq!(on_a.recv_json().await["type"], "system");
+    on_a.send_text(&chat("gated long question", "42", "s1")).await;
+    let first = on_a.recv_json().await;
+    let reply_id = first["reply_id"].as_str().unwrap().to_owned();
+    llm.release(4);
+    for seq in 2..=5u64 {
+        assert_eq!(on_a.recv_json().await["seq"], seq);
+    }
+    drop(on_a);
+    llm.release(2);
+    let mut on_b = Client::connect(&b.url("/ws/aikefu")).await;
+    assert_eq!(on_b.recv_json().await["type"], "system");
+    on_b.send_text(&resume("42", "s1", &reply_id, 5)).await;
+    // Chunks 6 and 7 are in Redis or, if node A had not stored them yet, come with its
+    // next chunk: one more is released, and four stay held by the model.
+    llm.release(1);
+    let sixth = on_b.recv_json().await;
+    assert_eq!((sixth["seq"].as_u64(), sixth["message"].as_str()), (Some(6), Some(LONG_REPLY[5])), "{sixth}");
+    llm.release(LONG_REPLY.len());
+    let rest = read_numbered(&mut on_b, &reply_id, 7).await;
+    assert_eq!(rest, LONG_REPLY[6..].concat());
+    // Another user cannot have it.
+    on_b.send_text(&resume("7", "s1", &reply_id, 0)).await;
+    assert_eq!(on_b.recv_json().await["code"], "unauthorized");
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@
 //! | the last user message contains | the fake |
 //! |---|---|
 //! | `gated` | streams one delta, then each further delta only when the test calls [`FakeLlm::release`] |
+//! | `long` | streams [`LONG_REPLY`] (12 deltas) instead of [`REPLY`]; with `gated`, gated as above |
 //! | `slow` | streams one delta, then waits until [`FakeLlm::release`] before the rest |
 //! | `http500` | answers HTTP 500 with an OpenAI-style error body |
 //! | `http401` | answers HTTP 401 with an OpenAI-style error body |
@@ -31,6 +32,10 @@ use tokio::sync::Semaphore;
 
 /// The deltas of the default reply.
 pub const REPLY: [&str; 4] = ["Hello", ", this is", " the fake", " model."];
+
+/// The deltas of a `long` reply: enough chunks to drop a client in the middle of.
+pub const LONG_REPLY: [&str; 12] =
+    ["c01 ", "c02 ", "c03 ", "c04 ", "c05 ", "c06 ", "c07 ", "c08 ", "c09 ", "c10 ", "c11 ", "c12."];
 
 /// One request the fake received.
 #[derive(Debug, Clone)]
@@ -162,7 +167,8 @@ async fn serve(
         let _ = stream.write_all(b"0\r\n\r\n").await;
         return;
     }
-    for (index, delta) in REPLY.iter().enumerate() {
+    let deltas: &[&str] = if last_user.contains("long") { &LONG_REPLY } else { &REPLY };
+    for (index, delta) in deltas.iter().enumerate() {
         if index > 0 {
             if gate_all || last_user.contains("gated") || (index == 1 && last_user.contains("slow")) {
                 gate.acquire().await.unwrap().forget();

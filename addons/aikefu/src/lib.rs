@@ -5,7 +5,12 @@
 //! - client → `{"message": "...", "token": "...", "session_id": "...", "action": "chat"}`;
 //! - a `{"type":"system","message":...}` greeting when the connection opens;
 //! - a reply as `{"type":"chat","message":<chunk>,"session_id":...,"complete":false}`
-//!   chunks, streamed as they are produced, then an empty chunk with `"complete":true`;
+//!   chunks, streamed as they are produced, then an empty chunk with `"complete":true`.
+//!   Each chunk also carries `"reply_id"` and `"seq"` (from 1), which clients that do not
+//!   resume ignore;
+//! - `{"action":"resume","token":...,"session_id":...,"reply_id":...,"after_seq":17}`
+//!   after a dropped connection, on any node: chunks 18 onwards, then the live rest, then
+//!   `complete` (see [`reply`]). A reply goes on when its client drops;
 //! - `{"type":"error","message":...,"code":...}` when something is wrong, with the codes
 //!   listed in [`codes`].
 //!
@@ -27,18 +32,20 @@
 //!
 //! Host grants it needs (`addons/aikefu.toml`): `kv = true`; `outbound_hosts` for the
 //! model's origin; `[auth]` for real token verification; `[channels] subscribe =
-//! ["user:*"]` for server push.
+//! ["user:*", "reply:*"]` and `publish = ["reply:*"]` for server push and resumes;
+//! `orphan_callback_grace_ms` long enough for a reply to finish without its client.
 
 mod faq;
 mod history;
 mod llm;
+mod reply;
 mod settings;
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sockhost_addon_sdk::auth::{self, AuthError};
-use sockhost_addon_sdk::protocol::{ChatStream, ClientMessage, send_error, send_system};
+use sockhost_addon_sdk::protocol::{send_error, send_system};
 use sockhost_addon_sdk::{Addon, ConnectionInfo, Error, Message, Refusal, channels, export_addon, log};
 
 use crate::settings::Settings;
@@ -52,9 +59,12 @@ pub mod codes {
     /// `session_id` is longer than 128 bytes (UTF-8) or holds control characters, or the
     /// conversation's key (user and session) is over kv's 512-byte limit.
     pub const INVALID_FIELD: &str = "invalid_field";
-    /// `action` is something other than `chat`.
+    /// `action` is something other than `chat` or `resume`.
     pub const UNSUPPORTED_ACTION: &str = "unsupported_action";
-    /// The token is not valid (bad signature, expired, wrong issuer...).
+    /// A resume named a reply that is unknown or past its TTL (`reply_ttl_s`).
+    pub const REPLY_EXPIRED: &str = "reply_expired";
+    /// The token is not valid (bad signature, expired, wrong issuer...), or a resume
+    /// named another user's reply.
     pub const UNAUTHORIZED: &str = "unauthorized";
     /// The language model failed: refused, timed out, HTTP error, malformed or cut stream.
     pub const UPSTREAM_ERROR: &str = "upstream_error";
@@ -86,6 +96,11 @@ struct Aikefu {
     /// hibernation, and this is how the connection knows to leave it when the client
     /// signs in as someone else.
     push_channel: Option<String>,
+    /// A reply this connection resumed and is still following (`reply::Follower`), with
+    /// the user it was verified for. Saved: the subscription to the reply's channel is
+    /// the host's and survives a hibernation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    following: Option<(reply::Follower, String)>,
 }
 
 impl Addon for Aikefu {
@@ -106,25 +121,55 @@ impl Addon for Aikefu {
                 return Ok(());
             }
         };
-        let request = match ChatRequest::parse(&text, settings) {
+        let request = match Request::parse(&text, settings) {
             Ok(request) => request,
             Err((code, message)) => {
                 send_error(code, &message)?;
                 return Ok(());
             }
         };
-        follow_user(&mut self.push_channel, &request.push_id);
-        request.answer(settings)?;
+        match request {
+            Request::Chat(chat) => {
+                follow_user(&mut self.push_channel, &chat.who.push_id);
+                chat.answer(settings);
+            }
+            Request::Resume { who, reply_id, after_seq } => {
+                follow_user(&mut self.push_channel, &who.push_id);
+                self.stop_following();
+                match reply::resume(&reply_id, &who.user, after_seq) {
+                    Ok(Some(follower)) => self.following = Some((follower, who.user)),
+                    Ok(None) => {}
+                    Err((code, message)) => send_error(code, &message)?,
+                }
+            }
+        }
         Ok(())
     }
 
-    fn on_channel_message(&mut self, _channel: &str, msg: Message) {
+    fn on_channel_message(&mut self, channel: &str, msg: Message) {
+        if let Some(reply_id) = reply::reply_of_channel(channel) {
+            if let Some((follower, user)) = self.following.as_mut().filter(|(f, _)| f.reply_id == reply_id)
+                && follower.on_live(msg, user)
+            {
+                self.stop_following();
+            }
+            return;
+        }
         // The backend's push: shown as the seed protocol's system notice.
         let text = match msg {
             Message::Text(text) => text,
             Message::Binary(data) => String::from_utf8_lossy(&data).into_owned(),
         };
         let _ = send_system(&text);
+    }
+}
+
+impl Aikefu {
+    /// Stops following a resumed reply (it ended, or the client resumes another).
+    fn stop_following(&mut self) {
+        if let Some((follower, _)) = self.following.take() {
+            channels::unsubscribe(&reply::channel(&follower.reply_id));
+        }
     }
 }
 
@@ -147,29 +192,85 @@ fn follow_user(push_channel: &mut Option<String>, push_id: &str) {
     *push_channel = Some(channel);
 }
 
-/// A validated chat message from a verified user.
-struct ChatRequest {
+/// A verified user and the conversation a message belongs to.
+struct Identity {
     user: String,
     /// The user's id as the backend knows it, for the push channel `user:<id>`.
     push_id: String,
     session_id: String,
+}
+
+/// A validated chat message.
+struct ChatRequest {
+    who: Identity,
     question: String,
 }
 
-impl ChatRequest {
-    fn parse(text: &str, settings: &Settings) -> Result<ChatRequest, (&'static str, String)> {
-        let msg = ClientMessage::parse(text).map_err(|err| (err.code(), err.to_string()))?;
-        if let Some(action) = msg.action.as_deref().filter(|a| *a != "chat") {
-            let shown: String = action.chars().take(40).collect();
-            return Err((
-                codes::UNSUPPORTED_ACTION,
-                format!("unsupported action {shown:?}; the only action is \"chat\""),
-            ));
+/// What a client may ask for.
+enum Request {
+    Chat(ChatRequest),
+    /// Chunks of `reply_id` after `after_seq`, then the live rest (`reply`).
+    Resume {
+        who: Identity,
+        reply_id: String,
+        after_seq: u64,
+    },
+}
+
+impl Request {
+    fn parse(text: &str, settings: &Settings) -> Result<Request, (&'static str, String)> {
+        #[derive(Deserialize)]
+        struct Wire {
+            message: Option<String>,
+            token: Option<String>,
+            session_id: Option<String>,
+            action: Option<String>,
+            reply_id: Option<String>,
+            after_seq: Option<u64>,
         }
-        if msg.message.trim().is_empty() {
-            return Err((codes::MISSING_FIELD, "field `message` is empty".into()));
+        // Only a JSON object is an envelope (an array would pass as a struct written
+        // positionally).
+        if !text.trim_start().starts_with('{') {
+            return Err((codes::BAD_JSON, "not a JSON object".into()));
         }
-        let session_id = match msg.session_id {
+        let wire: Wire = serde_json::from_str(text).map_err(|err| (codes::BAD_JSON, err.to_string()))?;
+        match wire.action.as_deref() {
+            None | Some("chat") => {
+                let Some(question) = wire.message else {
+                    return Err((codes::MISSING_FIELD, "missing field `message`".into()));
+                };
+                if question.trim().is_empty() {
+                    return Err((codes::MISSING_FIELD, "field `message` is empty".into()));
+                }
+                let who = Identity::verify(wire.token, wire.session_id, settings)?;
+                Ok(Request::Chat(ChatRequest { who, question }))
+            }
+            Some("resume") => {
+                let reply_id = match wire.reply_id {
+                    Some(id) if !id.is_empty() => id,
+                    _ => return Err((codes::MISSING_FIELD, "missing field `reply_id`".into())),
+                };
+                let who = Identity::verify(wire.token, wire.session_id, settings)?;
+                Ok(Request::Resume { who, reply_id, after_seq: wire.after_seq.unwrap_or(0) })
+            }
+            Some(action) => {
+                let shown: String = action.chars().take(40).collect();
+                Err((
+                    codes::UNSUPPORTED_ACTION,
+                    format!("unsupported action {shown:?}; the actions are \"chat\" and \"resume\""),
+                ))
+            }
+        }
+    }
+}
+
+impl Identity {
+    fn verify(
+        token: Option<String>,
+        session_id: Option<String>,
+        settings: &Settings,
+    ) -> Result<Identity, (&'static str, String)> {
+        let session_id = match session_id {
             Some(id) if !id.is_empty() => id,
             _ => return Err((codes::MISSING_FIELD, "missing field `session_id`".into())),
         };
@@ -182,7 +283,7 @@ impl ChatRequest {
                 ),
             ));
         }
-        let token = match msg.token {
+        let token = match token {
             Some(token) if !token.is_empty() => token,
             _ => return Err((codes::UNAUTHORIZED, "missing `token`: sign in first".into())),
         };
@@ -210,52 +311,59 @@ impl ChatRequest {
                 ),
             ));
         }
-        Ok(ChatRequest { user, push_id, session_id, question: msg.message })
+        Ok(Identity { user, push_id, session_id })
     }
+}
 
-    fn answer(self, settings: &Settings) -> Result<(), Error> {
-        let key = history::key(&self.user, &self.session_id);
+impl ChatRequest {
+    /// Streams the answer as a numbered reply that is kept for a resume (`reply`), then
+    /// records the exchange. The client may go at any point: the reply is produced to
+    /// its end either way, so a resume gets all of it and the history holds it.
+    fn answer(self, settings: &Settings) {
+        let who = &self.who;
+        let key = history::key(&who.user, &who.session_id);
         let turns = match history::load(&key) {
             Ok(turns) => turns,
             Err(err) => {
                 log::error(&format!("loading conversation history failed: {err}"));
-                send_error(codes::STORAGE_ERROR, "conversation memory is unavailable; please try again")?;
-                return Ok(());
+                let _ =
+                    send_error(codes::STORAGE_ERROR, "conversation memory is unavailable; please try again");
+                return;
             }
         };
-        let reply = ChatStream::new(self.session_id.clone());
+        let mut reply = reply::ReplyWriter::start(&who.user, &who.session_id, settings.reply_ttl());
         let answer = match &settings.llm {
-            Some(llm) => {
-                match llm::stream_reply(llm, &turns, &self.question, |delta| reply.send(delta).is_ok()) {
-                    Ok(llm::Outcome::Complete(answer)) => answer,
-                    // The client left mid-reply: nothing to finish, nothing to store.
-                    Ok(llm::Outcome::Stopped) => return Ok(()),
-                    Err(err) => {
-                        log::warn(&format!("reply failed: {err}"));
-                        send_error(codes::UPSTREAM_ERROR, &err.0)?;
-                        return Ok(());
-                    }
+            Some(llm) => match llm::stream_reply(llm, &turns, &self.question, |delta| reply.chunk(delta)) {
+                Ok(answer) => answer,
+                Err(err) => {
+                    log::warn(&format!("reply failed: {err}"));
+                    reply.fail(codes::UPSTREAM_ERROR, &err.0);
+                    return;
                 }
-            }
+            },
             None => {
                 let answer = faq::answer(&settings.faq, &self.question).unwrap_or(&settings.fallback);
                 for chunk in faq::chunks(answer, OFFLINE_CHUNK_CHARS) {
-                    reply.send(chunk)?;
+                    reply.chunk(chunk);
                 }
                 answer.to_owned()
             }
         };
-        reply.finish()?;
+        // Remembered before `complete` goes out: a client that sends its next question
+        // the moment the reply completes (here or after a resume) gets it as context.
         let ttl = Duration::from_secs(settings.history_ttl_hours * 3600);
         let recorded =
             history::record(&key, &self.question, &answer, settings.history_turns, ttl).and_then(|()| {
-                history::touch_session(&self.user, &self.session_id, settings.max_sessions_per_user, ttl)
+                history::touch_session(&who.user, &who.session_id, settings.max_sessions_per_user, ttl)
             });
+        reply.finish();
         if let Err(err) = recorded {
             log::error(&format!("saving conversation history failed: {err}"));
-            send_error(codes::STORAGE_ERROR, "the reply was not remembered; the next message starts afresh")?;
+            let _ = send_error(
+                codes::STORAGE_ERROR,
+                "the reply was not remembered; the next message starts afresh",
+            );
         }
-        Ok(())
     }
 }
 
@@ -281,12 +389,14 @@ mod tests {
             }),
             faq: Vec::new(),
             fallback: "?".into(),
+            reply_ttl_s: 600,
         }
     }
 
     #[test]
     fn hibernation_keeps_the_push_channel_and_never_the_settings() {
-        let live = Aikefu { settings: Some(settings()), push_channel: Some("user:42".into()) };
+        let live =
+            Aikefu { settings: Some(settings()), push_channel: Some("user:42".into()), following: None };
         let saved = serde_json::to_string(&live).unwrap();
         assert_eq!(saved, r#"{"push_channel":"user:42"}"#);
         assert!(!saved.contains("sk-secret"));

@@ -27,22 +27,15 @@ impl fmt::Display for UpstreamError {
     }
 }
 
-/// How a reply ended, when it did not fail.
-#[derive(Debug, PartialEq)]
-pub enum Outcome {
-    /// The model finished; the full text.
-    Complete(String),
-    /// `on_delta` asked to stop (the client left).
-    Stopped,
-}
-
-/// Asks the model for the next reply in `history` + `question`, streaming deltas.
+/// Asks the model for the next reply in `history` + `question`, streaming deltas; the
+/// full text once the model has finished. It never stops early: a reply whose client
+/// has gone is still kept for a resume (`crate::reply`).
 pub fn stream_reply(
     llm: &LlmSettings,
     history: &[Turn],
     question: &str,
-    mut on_delta: impl FnMut(&str) -> bool,
-) -> Result<Outcome, UpstreamError> {
+    mut on_delta: impl FnMut(&str),
+) -> Result<String, UpstreamError> {
     let mut messages = vec![json!({"role": "system", "content": llm.system_prompt})];
     messages.extend(history.iter().map(|t| json!({"role": t.role, "content": t.content})));
     messages.push(json!({"role": "user", "content": question}));
@@ -85,21 +78,19 @@ pub fn stream_reply(
             .map_err(|err| UpstreamError(format!("malformed stream from the language model: {err}")))?;
         for event in events {
             if event.data.trim() == "[DONE]" {
-                return Ok(Outcome::Complete(full));
+                return Ok(full);
             }
             let (delta, done) = parse_chunk(&event.data)?;
             if !delta.is_empty() {
                 full.push_str(&delta);
-                if !on_delta(&delta) {
-                    return Ok(Outcome::Stopped);
-                }
+                on_delta(&delta);
             }
             finished |= done;
         }
     }
     // Some servers end with a finish_reason and no [DONE]; a stream with neither was cut.
     if finished && !parser.has_partial_event() {
-        Ok(Outcome::Complete(full))
+        Ok(full)
     } else {
         Err(UpstreamError("the language model's stream ended before the reply was complete".into()))
     }

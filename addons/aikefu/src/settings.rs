@@ -24,6 +24,9 @@ pub struct Settings {
     pub faq: Vec<FaqEntry>,
     /// The offline answer when no FAQ entry matches.
     pub fallback: String,
+    /// How long a reply's chunks are kept for a resume, in seconds (`reply_ttl_s`,
+    /// default 600: ten minutes).
+    pub reply_ttl_s: u64,
 }
 
 /// An OpenAI-compatible chat-completions endpoint.
@@ -79,7 +82,13 @@ impl Settings {
             llm,
             faq: json("faq").unwrap_or_default(),
             fallback: config::get("fallback").unwrap_or_else(|| DEFAULT_FALLBACK.to_owned()),
+            reply_ttl_s: json::<u64>("reply_ttl_s").unwrap_or(600).clamp(1, 24 * 3600),
         }
+    }
+
+    /// How long a reply is kept for a resume.
+    pub fn reply_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.reply_ttl_s)
     }
 }
 
