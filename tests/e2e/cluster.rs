@@ -14,6 +14,8 @@ use crate::process::{Process, spawn, work_dir};
 use crate::support::*;
 
 const KEY: &str = "cluster-test-key";
+/// The shop's token secret for the hand-over test's nodes (`[auth]`).
+const SECRET: &str = "cluster-secret-cluster-secret-0123456789";
 
 /// A node's working directory: chatroom as shipped, aikefu with dev tokens and the fake
 /// model (so the test can see which turns a reply was given), kv and channels on Redis.
@@ -50,12 +52,15 @@ struct Node {
 
 impl Node {
     fn start(redis: &RedisServer, llm: &FakeLlm) -> Node {
-        let dir = node_dir(llm);
+        Node::start_in(redis, node_dir(llm))
+    }
+
+    fn start_in(redis: &RedisServer, dir: tempfile::TempDir) -> Node {
         let url = redis.url();
         let process = spawn(
             dir.path(),
             &["--listen", "127.0.0.1", "--admin-listen", "127.0.0.1:0", "--redis-url", &url],
-            &[("SOCKHOST_PORT", "0"), ("SOCKHOST_API_KEY", KEY)],
+            &[("SOCKHOST_PORT", "0"), ("SOCKHOST_API_KEY", KEY), ("SHOP_JWT_SECRET", SECRET)],
         );
         Node { process, _dir: dir }
     }
@@ -304,4 +309,152 @@ async fn a_node_killed_with_sigkill_loses_only_its_own_sockets() {
     read_reply(&mut chat, "k").await;
     let turns = llm.requests().last().unwrap().messages();
     assert!(turns.iter().any(|(_, text)| text == "remember order 77"), "{turns:?}");
+}
+
+/// A node directory for the hand-over test: aikefu as shipped (its channels and grace),
+/// with real token verification, the fake model, and a one-second grace for an agent
+/// whose connection drops.
+fn handover_node_dir(llm: &FakeLlm) -> tempfile::TempDir {
+    let shipped = std::fs::read_to_string(repo_root().join("addons/aikefu.toml")).unwrap();
+    let mut manifest = shipped
+        .replace("messages_per_second = 2\n", "messages_per_second = 0\n")
+        .replace("dev_accept_any_token = true\n", "dev_accept_any_token = false\n")
+        .replace("agent_release_grace_s = 30\n", "agent_release_grace_s = 1\n");
+    assert!(manifest.contains("agent_release_grace_s = 1\n"), "update this test's overrides");
+    let origin = llm.origin();
+    manifest = manifest.replacen("kv = true\n", &format!("kv = true\noutbound_hosts = [\"{origin}\"]\n"), 1);
+    manifest = manifest.replacen(
+        "[config]\n",
+        &format!(
+            "[auth]\njwt_hs256_secret = {{ env = \"SHOP_JWT_SECRET\" }}\n\n[config]\nbase_url = \"{origin}\"\nmodel = \"test-model\"\n"
+        ),
+        1,
+    );
+    work_dir(&[("addons/aikefu.wasm", &bundled_addon("aikefu")), ("addons/aikefu.toml", manifest.as_bytes())])
+}
+
+fn jwt(claims: Value) -> String {
+    sockhost::host::auth::sign_hs256(SECRET.as_bytes(), r#"{"alg":"HS256","typ":"JWT"}"#, &claims.to_string())
+}
+
+fn customer_token(user: &str) -> String {
+    jwt(json!({"sub": user, "exp": 4_000_000_000u64}))
+}
+
+fn agent_token(agent: &str) -> String {
+    jwt(json!({"sub": agent, "exp": 4_000_000_000u64, "role": "agent"}))
+}
+
+/// Reads frames until one whose `type` is `kind`.
+async fn next_of(client: &mut Client, kind: &str) -> Value {
+    loop {
+        let frame = client.recv_json().await;
+        if frame["type"] == kind {
+            return frame;
+        }
+    }
+}
+
+/// Issue 16, part 2: a customer on node A asks for a human; agents on node B and on
+/// node A both see the queue, the first claim wins, messages flow both ways through
+/// Redis while the model is silent, and after the release the bot answers with the
+/// whole conversation as context. A dropped agent gives its conversation back after
+/// the grace. A token without the agent role cannot open the agent console.
+#[tokio::test]
+async fn a_customer_is_handed_to_an_agent_on_another_node_and_back_to_the_bot() {
+    let redis = RedisServer::start();
+    let llm = FakeLlm::start().await;
+    let (a, b) =
+        (Node::start_in(&redis, handover_node_dir(&llm)), Node::start_in(&redis, handover_node_dir(&llm)));
+
+    // Without the role claim, the agent console is refused.
+    let mut impostor =
+        Client::connect(&b.url(&format!("/ws/aikefu?role=agent&token={}", customer_token("mallory")))).await;
+    let refused = impostor.recv_json().await;
+    assert_eq!(
+        (refused["type"].as_str(), refused["code"].as_str()),
+        (Some("error"), Some("unauthorized")),
+        "{refused}"
+    );
+    assert_eq!(impostor.recv_close().await.0, 1008);
+
+    let mut agent1 =
+        Client::connect(&b.url(&format!("/ws/aikefu?role=agent&token={}", agent_token("agent1")))).await;
+    assert_eq!(next_of(&mut agent1, "system").await["message"], "agent console: signed in as agent1");
+    let mut agent2 =
+        Client::connect(&a.url(&format!("/ws/aikefu?role=agent&token={}", agent_token("agent2")))).await;
+    next_of(&mut agent2, "system").await;
+
+    let alice = customer_token("alice");
+    let mut customer = Client::connect(&a.url("/ws/aikefu")).await;
+    next_of(&mut customer, "system").await;
+    customer.send_text(&chat("my parcel is late", &alice, "s1")).await;
+    read_reply(&mut customer, "s1").await;
+    customer.send_text(&chat("转人工", &alice, "s1")).await;
+    assert!(next_of(&mut customer, "system").await["message"].as_str().unwrap().contains("human agent"));
+
+    // Both agents see it waiting, with its last messages.
+    for agent in [&mut agent1, &mut agent2] {
+        let waiting = next_of(agent, "queue").await;
+        assert_eq!(
+            (waiting["event"].as_str(), waiting["session_id"].as_str(), waiting["user"].as_str()),
+            (Some("waiting"), Some("s1"), Some("alice")),
+            "{waiting}"
+        );
+        assert_eq!(waiting["messages"][0]["content"], "my parcel is late", "{waiting}");
+    }
+    // The first claim wins; the second is told.
+    agent1.send_text(&json!({"action": "claim", "session_id": "s1"}).to_string()).await;
+    let history = next_of(&mut agent1, "history").await;
+    assert_eq!(history["messages"][0]["content"], "my parcel is late", "{history}");
+    agent2.send_text(&json!({"action": "claim", "session_id": "s1"}).to_string()).await;
+    assert_eq!(next_of(&mut agent2, "error").await["code"], "already_claimed");
+    assert!(next_of(&mut customer, "system").await["message"].as_str().unwrap().contains("agent has joined"));
+
+    // Both ways, through Redis; the model is silent meanwhile.
+    let asked = llm.requests().len();
+    customer.send_text(&chat("where is order 77?", &alice, "s1")).await;
+    let heard = next_of(&mut agent1, "chat").await;
+    assert_eq!(
+        (heard["message"].as_str(), heard["from"].as_str(), heard["user"].as_str()),
+        (Some("where is order 77?"), Some("customer"), Some("alice")),
+        "{heard}"
+    );
+    agent1
+        .send_text(&json!({"action": "reply", "session_id": "s1", "message": "it ships today"}).to_string())
+        .await;
+    let answer = next_of(&mut customer, "chat").await;
+    assert_eq!(
+        answer,
+        json!({"type": "chat", "message": "it ships today", "session_id": "s1", "complete": true, "from": "agent"})
+    );
+    // agent2 does not hold it.
+    agent2.send_text(&json!({"action": "reply", "session_id": "s1", "message": "me too"}).to_string()).await;
+    assert_eq!(next_of(&mut agent2, "error").await["code"], "not_claimed");
+    assert_eq!(llm.requests().len(), asked, "the model stays silent while an agent holds the session");
+
+    // Released: the customer is told, and the bot answers with the whole context.
+    agent1.send_text(&json!({"action": "release", "session_id": "s1"}).to_string()).await;
+    assert!(
+        next_of(&mut customer, "system").await["message"].as_str().unwrap().contains("assistant is back")
+    );
+    customer.send_text(&chat("thanks", &alice, "s1")).await;
+    read_reply(&mut customer, "s1").await;
+    let context: Vec<String> =
+        llm.requests().last().unwrap().messages().into_iter().map(|(_, text)| text).collect();
+    for said in ["my parcel is late", "where is order 77?", "it ships today"] {
+        assert!(context.iter().any(|t| t == said), "{said} missing from {context:?}");
+    }
+
+    // An agent whose connection drops gives the conversation back after the grace.
+    customer.send_text(&json!({"action": "agent", "token": alice, "session_id": "s1"}).to_string()).await;
+    next_of(&mut customer, "system").await;
+    next_of(&mut agent2, "queue").await;
+    agent2.send_text(&json!({"action": "claim", "session_id": "s1", "user": "alice"}).to_string()).await;
+    next_of(&mut agent2, "history").await;
+    assert!(next_of(&mut customer, "system").await["message"].as_str().unwrap().contains("agent has joined"));
+    drop(agent2);
+    assert!(
+        next_of(&mut customer, "system").await["message"].as_str().unwrap().contains("assistant is back")
+    );
 }

@@ -99,6 +99,21 @@ pub fn record(
     .map(drop)
 }
 
+/// Adds one message to the stored conversation (a hand-over's turns come one at a time),
+/// keeping the last `max_turns` exchanges' worth of messages.
+pub fn append_turn(key: &str, turn: Turn, max_turns: usize, ttl: Duration) -> Result<(), KvError> {
+    kv::update_json(key, Some(ttl), |stored: Option<Vec<Turn>>| {
+        let mut turns = stored.unwrap_or_default();
+        turns.push(turn.clone());
+        let keep = max_turns * 2;
+        if turns.len() > keep {
+            turns.drain(..turns.len() - keep);
+        }
+        turns
+    })
+    .map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,8 @@
 //! - `{"action":"resume","token":...,"session_id":...,"reply_id":...,"after_seq":17}`
 //!   after a dropped connection, on any node: chunks 18 onwards, then the live rest, then
 //!   `complete` (see [`reply`]). A reply goes on when its client drops;
+//! - `{"action":"agent",...}` (or a message with an `agent_keywords` word) hands the
+//!   conversation to a human agent, who connects with `?role=agent` (see [`handover`]);
 //! - `{"type":"error","message":...,"code":...}` when something is wrong, with the codes
 //!   listed in [`codes`].
 //!
@@ -36,6 +38,7 @@
 //! `orphan_callback_grace_ms` long enough for a reply to finish without its client.
 
 mod faq;
+mod handover;
 mod history;
 mod llm;
 mod reply;
@@ -63,6 +66,12 @@ pub mod codes {
     pub const UNSUPPORTED_ACTION: &str = "unsupported_action";
     /// A resume named a reply that is unknown or past its TTL (`reply_ttl_s`).
     pub const REPLY_EXPIRED: &str = "reply_expired";
+    /// An agent claimed a conversation another agent holds.
+    pub const ALREADY_CLAIMED: &str = "already_claimed";
+    /// An agent claimed a conversation that does not wait for one.
+    pub const NOT_WAITING: &str = "not_waiting";
+    /// An agent replied in or released a conversation it does not hold.
+    pub const NOT_CLAIMED: &str = "not_claimed";
     /// The token is not valid (bad signature, expired, wrong issuer...), or a resume
     /// named another user's reply.
     pub const UNAUTHORIZED: &str = "unauthorized";
@@ -101,11 +110,27 @@ struct Aikefu {
     /// the host's and survives a hibernation.
     #[serde(skip_serializing_if = "Option::is_none")]
     following: Option<(reply::Follower, String)>,
+    /// The conversations this customer connection follows while handed over to an agent.
+    customer: handover::Customer,
+    /// Set on an agent's connection (`?role=agent`), which speaks the agents' protocol.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent: Option<handover::Agent>,
 }
 
 impl Addon for Aikefu {
-    fn on_open(&mut self, _info: &ConnectionInfo) -> Result<(), Refusal> {
+    fn on_open(&mut self, info: &ConnectionInfo) -> Result<(), Refusal> {
         let settings = Settings::load();
+        if handover::wants_agent(info) {
+            match handover::verify_agent(info, &settings) {
+                Ok(id) => self.agent = Some(handover::Agent::open(id)),
+                Err(why) => {
+                    handover::refuse(&why);
+                    return Err(Refusal::policy_violation("unauthorized: not an agent"));
+                }
+            }
+            self.settings = Some(settings);
+            return Ok(());
+        }
         // The client may already be gone; on_close follows either way.
         let _ = send_system(&settings.greeting);
         self.settings = Some(settings);
@@ -121,6 +146,12 @@ impl Addon for Aikefu {
                 return Ok(());
             }
         };
+        if let Some(agent) = self.agent.as_mut() {
+            if let Err((code, message)) = agent.on_message(&text, settings) {
+                send_error(code, &message)?;
+            }
+            return Ok(());
+        }
         let request = match Request::parse(&text, settings) {
             Ok(request) => request,
             Err((code, message)) => {
@@ -131,7 +162,23 @@ impl Addon for Aikefu {
         match request {
             Request::Chat(chat) => {
                 follow_user(&mut self.push_channel, &chat.who.push_id);
-                chat.answer(settings);
+                let who = &chat.who;
+                if handover::asks_for_agent(&chat.question, settings) {
+                    if let Err((code, message)) = self.customer.ask(&who.user, &who.session_id) {
+                        send_error(code, &message)?;
+                    }
+                    return Ok(());
+                }
+                match self.customer.route(&who.user, &who.session_id, &chat.question, settings) {
+                    handover::Route::Bot => chat.answer(settings),
+                    handover::Route::Agent => {}
+                }
+            }
+            Request::Agent { who } => {
+                follow_user(&mut self.push_channel, &who.push_id);
+                if let Err((code, message)) = self.customer.ask(&who.user, &who.session_id) {
+                    send_error(code, &message)?;
+                }
             }
             Request::Resume { who, reply_id, after_seq } => {
                 follow_user(&mut self.push_channel, &who.push_id);
@@ -147,6 +194,14 @@ impl Addon for Aikefu {
     }
 
     fn on_channel_message(&mut self, channel: &str, msg: Message) {
+        if let Some(agent) = self.agent.as_mut() {
+            agent.on_channel_message(channel, msg);
+            return;
+        }
+        if let Some(conversation) = handover::conversation_of_channel(channel) {
+            self.customer.on_event(conversation, msg);
+            return;
+        }
         if let Some(reply_id) = reply::reply_of_channel(channel) {
             if let Some((follower, user)) = self.following.as_mut().filter(|(f, _)| f.reply_id == reply_id)
                 && follower.on_live(msg, user)
@@ -161,6 +216,13 @@ impl Addon for Aikefu {
             Message::Binary(data) => String::from_utf8_lossy(&data).into_owned(),
         };
         let _ = send_system(&text);
+    }
+
+    fn on_close(&mut self, _code: u16, _reason: &str) {
+        if let Some(agent) = self.agent.as_mut() {
+            let settings = self.settings.get_or_insert_with(Settings::load);
+            agent.on_close(settings);
+        }
     }
 }
 
@@ -215,6 +277,10 @@ enum Request {
         reply_id: String,
         after_seq: u64,
     },
+    /// A person, please (`handover`).
+    Agent {
+        who: Identity,
+    },
 }
 
 impl Request {
@@ -245,6 +311,10 @@ impl Request {
                 let who = Identity::verify(wire.token, wire.session_id, settings)?;
                 Ok(Request::Chat(ChatRequest { who, question }))
             }
+            Some("agent") => {
+                let who = Identity::verify(wire.token, wire.session_id, settings)?;
+                Ok(Request::Agent { who })
+            }
             Some("resume") => {
                 let reply_id = match wire.reply_id {
                     Some(id) if !id.is_empty() => id,
@@ -257,7 +327,9 @@ impl Request {
                 let shown: String = action.chars().take(40).collect();
                 Err((
                     codes::UNSUPPORTED_ACTION,
-                    format!("unsupported action {shown:?}; the actions are \"chat\" and \"resume\""),
+                    format!(
+                        "unsupported action {shown:?}; the actions are \"chat\", \"resume\" and \"agent\""
+                    ),
                 ))
             }
         }
@@ -390,15 +462,24 @@ mod tests {
             faq: Vec::new(),
             fallback: "?".into(),
             reply_ttl_s: 600,
+            agent_keywords: vec!["人工".into()],
+            agent_role_claim: "role".into(),
+            agent_role_value: "agent".into(),
+            agent_release_grace_s: 30,
         }
     }
 
     #[test]
     fn hibernation_keeps_the_push_channel_and_never_the_settings() {
-        let live =
-            Aikefu { settings: Some(settings()), push_channel: Some("user:42".into()), following: None };
+        let live = Aikefu {
+            settings: Some(settings()),
+            push_channel: Some("user:42".into()),
+            following: None,
+            customer: Default::default(),
+            agent: None,
+        };
         let saved = serde_json::to_string(&live).unwrap();
-        assert_eq!(saved, r#"{"push_channel":"user:42"}"#);
+        assert_eq!(saved, r#"{"push_channel":"user:42","customer":{"following":[]}}"#);
         assert!(!saved.contains("sk-secret"));
         let woken: Aikefu = serde_json::from_str(&saved).unwrap();
         assert_eq!(woken.push_channel.as_deref(), Some("user:42"));
@@ -406,7 +487,7 @@ mod tests {
         assert!(woken.settings.is_none());
 
         let fresh = serde_json::to_string(&Aikefu::default()).unwrap();
-        assert_eq!(fresh, r#"{"push_channel":null}"#);
+        assert_eq!(fresh, r#"{"push_channel":null,"customer":{"following":[]}}"#);
         assert!(serde_json::from_str::<Aikefu>(&fresh).unwrap().push_channel.is_none());
     }
 }

@@ -27,6 +27,13 @@ pub struct Settings {
     /// How long a reply's chunks are kept for a resume, in seconds (`reply_ttl_s`,
     /// default 600: ten minutes).
     pub reply_ttl_s: u64,
+    /// Words in a chat message that ask for a person (`agent_keywords`).
+    pub agent_keywords: Vec<String>,
+    /// The token claim that must carry `agent_role_value` for `?role=agent`.
+    pub agent_role_claim: String,
+    pub agent_role_value: String,
+    /// How long an agent's dropped connection keeps its sessions (`agent_release_grace_s`).
+    pub agent_release_grace_s: u64,
 }
 
 /// An OpenAI-compatible chat-completions endpoint.
@@ -50,6 +57,7 @@ pub struct FaqEntry {
 
 const DEFAULT_GREETING: &str = "您好，我是智能客服，请问有什么可以帮您？ Hello! How can I help you today?";
 const DEFAULT_FALLBACK: &str = "抱歉，我暂时无法回答这个问题，请联系人工客服。 Sorry, I can't answer that yet; please contact our support team.";
+const DEFAULT_AGENT_KEYWORDS: &[&str] = &["转人工", "人工", "human"];
 const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful customer-service assistant for an online shop. Answer briefly, in the customer's language.";
 
 impl Settings {
@@ -83,6 +91,11 @@ impl Settings {
             faq: json("faq").unwrap_or_default(),
             fallback: config::get("fallback").unwrap_or_else(|| DEFAULT_FALLBACK.to_owned()),
             reply_ttl_s: json::<u64>("reply_ttl_s").unwrap_or(600).clamp(1, 24 * 3600),
+            agent_keywords: json("agent_keywords")
+                .unwrap_or_else(|| DEFAULT_AGENT_KEYWORDS.iter().map(|k| (*k).to_owned()).collect()),
+            agent_role_claim: config::get("agent_role_claim").unwrap_or_else(|| "role".to_owned()),
+            agent_role_value: config::get("agent_role_value").unwrap_or_else(|| "agent".to_owned()),
+            agent_release_grace_s: json::<u64>("agent_release_grace_s").unwrap_or(30).min(3600),
         }
     }
 
