@@ -458,3 +458,45 @@ async fn a_customer_is_handed_to_an_agent_on_another_node_and_back_to_the_bot() 
         next_of(&mut customer, "system").await["message"].as_str().unwrap().contains("assistant is back")
     );
 }
+
+/// Each way an agent's input can be bad gets its own error code, and the console goes on.
+#[tokio::test]
+async fn an_agents_bad_requests_are_named_and_the_console_stays_usable() {
+    let redis = RedisServer::start();
+    let llm = FakeLlm::start().await;
+    let node = Node::start_in(&redis, handover_node_dir(&llm));
+    let mut agent =
+        Client::connect(&node.url(&format!("/ws/aikefu?role=agent&token={}", agent_token("a1")))).await;
+    next_of(&mut agent, "system").await;
+    let cases = [
+        ("not json".to_owned(), "bad_json"),
+        (json!({"action": "claim"}).to_string(), "missing_field"),
+        (json!({"action": "claim", "session_id": ""}).to_string(), "missing_field"),
+        (json!({"action": "fire", "session_id": "s1"}).to_string(), "unsupported_action"),
+        (json!({"session_id": "s1"}).to_string(), "unsupported_action"),
+        (json!({"action": "claim", "session_id": "nobody-waits"}).to_string(), "not_waiting"),
+        (json!({"action": "reply", "session_id": "s1"}).to_string(), "missing_field"),
+        (json!({"action": "reply", "session_id": "s1", "message": "hi"}).to_string(), "not_claimed"),
+        (json!({"action": "release", "session_id": "s1"}).to_string(), "not_claimed"),
+    ];
+    for (text, code) in &cases {
+        agent.send_text(text).await;
+        let frame = next_of(&mut agent, "error").await;
+        assert_eq!(frame["code"], *code, "{text}: {frame}");
+    }
+    agent.send_binary(b"\x01").await;
+    assert_eq!(next_of(&mut agent, "error").await["code"], "bad_json");
+    // Missing or malformed tokens never open the console.
+    for query in ["role=agent", "role=agent&token=", "role=agent&token=garbage"] {
+        let mut refused = Client::connect(&node.url(&format!("/ws/aikefu?{query}"))).await;
+        assert_eq!(refused.recv_json().await["code"], "unauthorized", "{query}");
+        assert_eq!(refused.recv_close().await.0, 1008, "{query}");
+    }
+    // The console still works: a customer's request reaches it.
+    let mut customer = Client::connect(&node.url("/ws/aikefu")).await;
+    next_of(&mut customer, "system").await;
+    customer
+        .send_text(&json!({"action": "agent", "token": customer_token("c1"), "session_id": "s9"}).to_string())
+        .await;
+    assert_eq!(next_of(&mut agent, "queue").await["session_id"], "s9");
+}
