@@ -585,3 +585,18 @@ async fn a_resume_after_the_ttl_is_told_the_reply_expired() {
         "{frame}"
     );
 }
+
+/// With `keep_replies = false` a reply is numbered but neither kept nor published: it
+/// cannot be resumed, and says so.
+#[tokio::test]
+async fn without_keep_replies_a_resume_is_told_the_reply_expired() {
+    let llm = FakeLlm::start().await;
+    let server = server_with_llm_config(&llm, RESUMABLE, "keep_replies = false").await;
+    let mut client = open(&server).await;
+    client.send_text(&chat("long question", "alice", "s1")).await;
+    let first = client.recv_json().await;
+    let reply_id = first["reply_id"].as_str().unwrap().to_owned();
+    read_numbered(&mut client, &reply_id, 2).await;
+    client.send_text(&resume("alice", "s1", &reply_id, 0)).await;
+    assert_eq!(client.recv_json().await["code"], "reply_expired");
+}

@@ -403,7 +403,12 @@ impl ChatRequest {
                 return;
             }
         };
-        let mut reply = reply::ReplyWriter::start(&who.user, &who.session_id, settings.reply_ttl());
+        let mut reply = reply::ReplyWriter::start(
+            &who.user,
+            &who.session_id,
+            settings.reply_ttl(),
+            settings.keep_replies,
+        );
         let answer = match &settings.llm {
             Some(llm) => match llm::stream_reply(llm, &turns, &self.question, |delta| reply.chunk(delta)) {
                 Ok(answer) => answer,
@@ -462,6 +467,7 @@ mod tests {
             faq: Vec::new(),
             fallback: "?".into(),
             reply_ttl_s: 600,
+            keep_replies: true,
             agent_keywords: vec!["人工".into()],
             agent_role_claim: "role".into(),
             agent_role_value: "agent".into(),

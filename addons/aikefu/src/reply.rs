@@ -146,8 +146,10 @@ pub struct ReplyWriter {
 
 impl ReplyWriter {
     /// Starts a reply for `user`'s `session_id` and stores its empty record, so a client
-    /// that drops before the first batch can already resume it.
-    pub fn start(user: &str, session_id: &str, ttl: Duration) -> ReplyWriter {
+    /// that drops before the first batch can already resume it. With `keep` off
+    /// (`keep_replies = false`) the chunks are still numbered but neither stored nor
+    /// published: a resume then gets `reply_expired`.
+    pub fn start(user: &str, session_id: &str, ttl: Duration, keep: bool) -> ReplyWriter {
         let mut writer = ReplyWriter {
             id: new_reply_id(),
             ttl,
@@ -155,8 +157,8 @@ impl ReplyWriter {
             stored: 0,
             last_store: Instant::now(),
             client_gone: false,
-            store_failed: false,
-            publish_failed: false,
+            store_failed: !keep,
+            publish_failed: !keep,
         };
         writer.store();
         writer

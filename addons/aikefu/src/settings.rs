@@ -27,6 +27,9 @@ pub struct Settings {
     /// How long a reply's chunks are kept for a resume, in seconds (`reply_ttl_s`,
     /// default 600: ten minutes).
     pub reply_ttl_s: u64,
+    /// Whether replies are kept and published for a resume (`keep_replies`, default
+    /// true); off, a reply costs no kv writes or channel messages, and cannot be resumed.
+    pub keep_replies: bool,
     /// Words in a chat message that ask for a person (`agent_keywords`).
     pub agent_keywords: Vec<String>,
     /// The token claim that must carry `agent_role_value` for `?role=agent`.
@@ -91,6 +94,7 @@ impl Settings {
             faq: json("faq").unwrap_or_default(),
             fallback: config::get("fallback").unwrap_or_else(|| DEFAULT_FALLBACK.to_owned()),
             reply_ttl_s: json::<u64>("reply_ttl_s").unwrap_or(600).clamp(1, 24 * 3600),
+            keep_replies: json("keep_replies").unwrap_or(true),
             agent_keywords: json("agent_keywords")
                 .unwrap_or_else(|| DEFAULT_AGENT_KEYWORDS.iter().map(|k| (*k).to_owned()).collect()),
             agent_role_claim: config::get("agent_role_claim").unwrap_or_else(|| "role".to_owned()),

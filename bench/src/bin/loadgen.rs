@@ -226,6 +226,19 @@ enum Mode {
         #[command(flatten)]
         reply: ReplyArgs,
     },
+    /// Issue 16, aikefu's resume: each loop sends the chat --message, reads the reply to
+    /// `"complete":true`, then opens a new connection and resumes that reply after half of
+    /// its chunks. Measures the time from starting the reconnect (TCP, upgrade, greeting,
+    /// the resume request) to the first resumed chunk.
+    Resume {
+        /// Loops running at once, each with its own asking connection.
+        #[arg(long, default_value_t = 16)]
+        conns: usize,
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+    },
     /// Connections per second: open + close cycles.
     Storm {
         #[arg(long, default_value_t = 5.0)]
@@ -619,6 +632,9 @@ async fn run(args: &Args) -> anyhow::Result<Map<String, Value>> {
                 max_failures: max_failures.max(1),
             };
             soak(&target, pids, plan).await
+        }
+        Mode::Resume { conns, duration, warmup } => {
+            resume(&target, pids, message, conns, secs(warmup), secs(duration)).await
         }
         Mode::Storm { duration, warmup, concurrency, count: None } => {
             storm(&target, pids, concurrency, secs(warmup), secs(duration)).await
@@ -1034,6 +1050,115 @@ async fn storm(
     percentiles(&mut out, "cycle_", &tally.hist);
     errors_out(&mut out, errors, first_error);
     Ok(out)
+}
+
+/// Issue 16: see [`Mode::Resume`].
+async fn resume(
+    target: &Arc<Target>,
+    pids: &[u32],
+    message: Utf8Bytes,
+    conns: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<Map<String, Value>> {
+    let chat: Value =
+        serde_json::from_str(message.as_str()).context("--message must be aikefu's chat JSON")?;
+    let askers = open_all(target, conns, 16).await?;
+    let flags = Arc::new(Flags::default());
+    let tasks: Vec<_> = askers
+        .into_iter()
+        .map(|asker| {
+            let (target, flags, chat, message) =
+                (target.clone(), flags.clone(), chat.clone(), message.clone());
+            tokio::spawn(async move {
+                let mut asker = asker;
+                let mut tally = Tally::new();
+                while !flags.stopped() {
+                    asker.send(Message::Text(message.clone())).await?;
+                    let (reply_id, chunks) = read_numbered_reply(&mut asker).await?;
+                    let after = chunks / 2;
+                    let mut request = chat.clone();
+                    request["action"] = "resume".into();
+                    request["reply_id"] = reply_id.into();
+                    request["after_seq"] = after.into();
+                    let started = Instant::now();
+                    let mut ws = target.connect().await?;
+                    ws.send(Message::Text(request.to_string().into())).await?;
+                    // The greeting, then the first resumed chunk.
+                    let first = loop {
+                        let frame: Value = match next_data(&mut ws).await? {
+                            Message::Text(text) => serde_json::from_str(text.as_str())?,
+                            _ => bail!("a binary frame from aikefu"),
+                        };
+                        match frame["type"].as_str() {
+                            Some("chat") => break frame,
+                            Some("error") => bail!("the resume failed: {frame}"),
+                            _ => continue,
+                        }
+                    };
+                    let elapsed = started.elapsed();
+                    if first["seq"].as_u64() != Some(after + 1) {
+                        bail!("the resume began at {first}, not chunk {}", after + 1);
+                    }
+                    let mut resumed = 1;
+                    if first["complete"] != true {
+                        loop {
+                            match next_data(&mut ws).await? {
+                                Message::Text(text) if text.contains("\"complete\":true") => break,
+                                _ => resumed += 1,
+                            }
+                        }
+                    }
+                    close(ws).await;
+                    if flags.measuring() {
+                        record(&mut tally.hist, elapsed);
+                        tally.messages += 1;
+                        tally.frames += chunks + resumed;
+                    }
+                }
+                close(asker).await;
+                Ok(tally)
+            })
+        })
+        .collect();
+    let (before, after) = window(pids, &flags, warmup, duration).await?;
+    let (tally, errors, first_error) = gather(tasks, Duration::from_secs(5)).await;
+
+    let mut out = Map::new();
+    out.insert("mode".into(), "resume".into());
+    out.insert("conns".into(), conns.into());
+    out.insert("resumes".into(), tally.messages.into());
+    let secs = after.at.duration_since(before.at).as_secs_f64();
+    out.insert("resumes_per_s".into(), json!(round(tally.messages as f64 / secs, 1)));
+    // Per loop: the reply, a connection, and the resumed half of the reply.
+    cpu_figures(&mut out, &before, &after, tally.messages, "loop");
+    percentiles(&mut out, "first_chunk_", &tally.hist);
+    errors_out(&mut out, errors, first_error);
+    Ok(out)
+}
+
+/// Reads an aikefu reply to its `complete` chunk (skipping other frames); its reply id and
+/// how many chunks came before `complete`.
+async fn read_numbered_reply(ws: &mut Ws) -> anyhow::Result<(String, u64)> {
+    let mut reply_id = None;
+    loop {
+        let frame: Value = match next_data(ws).await? {
+            Message::Text(text) => serde_json::from_str(text.as_str())?,
+            _ => continue,
+        };
+        if frame["type"] == "error" {
+            bail!("aikefu answered an error: {frame}");
+        }
+        if frame["type"] != "chat" {
+            continue;
+        }
+        reply_id = reply_id.or_else(|| frame["reply_id"].as_str().map(str::to_owned));
+        if frame["complete"] == true {
+            let seq =
+                frame["seq"].as_u64().context("a chat chunk without seq: is aikefu older than issue 16?")?;
+            return Ok((reply_id.context("a reply without reply_id")?, seq - 1));
+        }
+    }
 }
 
 /// Connections per second one core could take at the measured server CPU per connection.

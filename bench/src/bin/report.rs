@@ -968,6 +968,50 @@ fn aikefu(md: &mut String, r: &Results) {
         conns_of(r, "aikefu")
     );
     closed_table(md, r, "aikefu", true);
+    let kept = r.median("aikefu", "sockhost-wasm", "server_cpu_us_per_frame");
+    let not_kept = r.median("aikefu-nokeep", "sockhost-wasm", "server_cpu_us_per_frame");
+    if let (Some(kept), Some(not_kept)) = (kept, not_kept) {
+        let _ = writeln!(
+            md,
+            "**Keeping replies for a resume** (issue 16): the same loop with `keep_replies = false` \
+             (no kv record, no channel message per chunk) costs {not_kept:.2} µs of server CPU per \
+             frame against {kept:.2} µs kept: keeping costs {:.2} µs per frame ({}). Per message: \
+             {} µs kept, {} µs not kept.\n",
+            kept - not_kept,
+            fmt_ratio(ratio(Some(kept), Some(not_kept))),
+            fmt(r.median("aikefu", "sockhost-wasm", "server_cpu_us_per_msg"), 1),
+            fmt(r.median("aikefu-nokeep", "sockhost-wasm", "server_cpu_us_per_msg"), 1),
+        );
+    }
+    if !r.runs("aikefu-resume", "sockhost-wasm").is_empty() {
+        let _ = writeln!(
+            md,
+            "**Resume** (issue 16): {} loops, each asking on its own connection, reading the reply, \
+             then opening a new connection that resumes the reply after half its chunks. The time \
+             is from starting the reconnect (TCP, upgrade, greeting, the resume request) to the \
+             first resumed chunk; the reply is finished, so the chunks come from kv.\n",
+            conns_of(r, "aikefu-resume")
+        );
+        let mut t = Table::new(&[
+            "reconnect → first resumed chunk p50 ms",
+            "p99 ms",
+            "runs (p99)",
+            "resumes/s",
+            "server CPU µs per loop",
+            "errors",
+        ]);
+        let key = "sockhost-wasm";
+        t.row(&[
+            fmt(r.median("aikefu-resume", key, "first_chunk_p50_ms"), 3),
+            fmt(r.median("aikefu-resume", key, "first_chunk_p99_ms"), 3),
+            runs_cell(&r.values("aikefu-resume", key, "first_chunk_p99_ms"), 3),
+            fmt(r.median("aikefu-resume", key, "resumes_per_s"), 0),
+            fmt(r.median("aikefu-resume", key, "server_cpu_us_per_loop"), 0),
+            fmt(Some(r.total("aikefu-resume", key, "errors")), 0),
+        ]);
+        md.push_str(&t.text);
+        md.push('\n');
+    }
 }
 
 /// Issue 15: the same echo addon in Rust, JavaScript and Python, each on a server that
