@@ -115,12 +115,17 @@ impl Reader {
                     self.last_frame = Instant::now();
                     continue;
                 }
-                Some(Ok(WsMessage::Close(frame))) => match frame {
-                    Some(frame) => {
-                        Inbound::Closed { code: frame.code.into(), reason: frame.reason.as_str().to_owned() }
-                    }
-                    None => Inbound::Closed { code: close_code::NO_STATUS, reason: String::new() },
-                },
+                Some(Ok(WsMessage::Close(frame))) => {
+                    let event = match frame {
+                        Some(frame) => Inbound::Closed {
+                            code: frame.code.into(),
+                            reason: frame.reason.as_str().to_owned(),
+                        },
+                        None => Inbound::Closed { code: close_code::NO_STATUS, reason: String::new() },
+                    };
+                    self.send_close_reply().await;
+                    event
+                }
                 Some(Err(err)) => classify_read_error(err),
                 None => Inbound::Closed { code: close_code::ABNORMAL, reason: String::new() },
             };
@@ -132,6 +137,21 @@ impl Reader {
         }
     }
 }
+
+impl Reader {
+    /// Answers the client's close frame now. tungstenite queues the reply and writes it
+    /// with the next read or write; a callback that runs on (aikefu finishing a reply for
+    /// a resume) writes nothing once its client has gone, so without this read the client
+    /// would wait for the end of the closing handshake, and a browser fires its `close`
+    /// event only then. The read ends the stream once the reply is out; a client that does
+    /// not take it within [`CLOSE_REPLY_WAIT`] is left to the host's close deadline.
+    async fn send_close_reply(&mut self) {
+        let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, self.stream.next()).await;
+    }
+}
+
+/// How long the reader waits to hand the reply to a client's close frame to the socket.
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
 
 fn classify_read_error(err: WsError) -> Inbound {
     let broken = |kind, code, reason: String| Inbound::Broken { kind, code, reason };

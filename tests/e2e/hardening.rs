@@ -232,3 +232,21 @@ async fn a_manifests_orphan_grace_overrides_the_servers() {
     let orphaned = r#"sockhost_addon_failures_total{addon="testkit",kind="orphaned_callback"}"#;
     assert_eq!(server.metric(orphaned).await.unwrap_or(0.0), 0.0);
 }
+
+/// A client that closes while a callback runs on (here a minute of sleep, within the
+/// addon's orphan grace) gets the server's answer to its close frame at once, not when
+/// the callback ends: a browser fires its `close` event only once the handshake is done.
+#[tokio::test]
+async fn a_close_during_a_long_callback_is_answered_at_once() {
+    let testkit = test_addon("testkit");
+    let manifest = b"orphan_callback_grace_ms = 120000\n";
+    let server = TestServer::start(&[("testkit.wasm", &testkit), ("testkit.toml", manifest)]).await;
+    let mut client = server.connect("/ws/testkit?tag=close-reply").await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text("sleep 60000").await;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let frame = CloseFrame { code: 4001.into(), reason: "bye".into() };
+    client.ws.close(Some(frame)).await.expect("close");
+    // Read with the client's patience (well under the sleep): the answer echoes the code.
+    assert_eq!(client.recv_close().await.0, 4001);
+}
