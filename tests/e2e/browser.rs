@@ -83,6 +83,10 @@ async fn the_chat_page_streams_aikefus_reply_and_the_dashboard_counts_the_connec
 kv = true
 messages_per_second = 0
 outbound_hosts = ["{origin}"]
+orphan_callback_grace_ms = 60000
+[channels]
+subscribe = ["reply:*"]
+publish = ["reply:*"]
 [config]
 dev_accept_any_token = true
 base_url = "{origin}"
@@ -154,6 +158,11 @@ model = "test-model"
         lines.iter().any(|line| line == &format!("reply: {} chunks: {reply}", REPLY.len())),
         "{transcript}"
     );
+    // The second reply was cut off by a dropped connection and resumed in its bubble.
+    assert!(
+        lines.iter().any(|line| line == &format!("resumed reply: {} chunks: {reply}", REPLY.len())),
+        "{transcript}"
+    );
     assert!(lines.iter().any(|line| line == "browser test passed"), "{transcript}");
     for shot in ["chat.png", "dashboard.png"] {
         let path = screenshots.join(shot);
@@ -163,6 +172,6 @@ model = "test-model"
     eprintln!("browser test: screenshots in {}", screenshots.display());
     // The model saw the page's question, as the seed's client would send it.
     let asked = llm.requests();
-    assert_eq!(asked.len(), 1, "one chat, one model request");
+    assert_eq!(asked.len(), 2, "two chats (the second resumed), two model requests; a resume asks nothing");
     assert_eq!(asked[0].messages().last().map(|(_, text)| text.as_str()), Some("什么时候发货？"));
 }

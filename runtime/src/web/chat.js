@@ -12,6 +12,12 @@
 // that was streaming and shows as an error. Frames that are not this protocol (another
 // addon's own format, binary frames) show only in the raw view, like every frame.
 //
+// Resuming (aikefu, README "Resuming a reply"): chunks that carry `reply_id` and `seq` can
+// be resumed. When the connection drops in the middle of such a reply, the page
+// reconnects after a second and sends {"action":"resume", ..., "reply_id", "after_seq"}
+// with the last `seq` it showed; the rest of the reply continues in the same bubble,
+// which is then marked as resumed.
+//
 // Plain DOM, no framework, no build step, nothing loaded from elsewhere. Text from the
 // server is only ever set with textContent, never parsed as HTML.
 'use strict';
@@ -28,7 +34,15 @@ const state = {
   addon: null,
   /** The reply bubble chunks go to, from a reply's first chat frame to its `complete`. */
   reply: null,
+  /** A numbered reply cut off by a dropped connection: its bubble, resumed on reconnect. */
+  resume: null,
 };
+
+/** Seconds before reconnecting to resume a reply cut off by a dropped connection. */
+const RESUME_AFTER_MS = 1000;
+
+// For the browser console (and the browser test, which drops the socket through it).
+window.sockhostChat = state;
 
 // ---- the connection --------------------------------------------------------------------
 
@@ -46,15 +60,35 @@ function connect(addon) {
     old.onopen = old.onmessage = old.onclose = old.onerror = null;
     old.close(1000, 'switching addon');
   }
+  if (addon !== state.addon) {
+    state.resume = null; // another addon cannot resume this one's reply
+  }
   finishReply('interrupted');
   state.addon = addon;
   setStatus('connecting', `connecting to /ws/${addon}…`);
   const ws = new WebSocket(socketUrl(addon));
   state.ws = ws;
-  ws.onopen = () => setStatus('open', `connected to /ws/${addon}`);
+  ws.onopen = () => {
+    setStatus('open', `connected to /ws/${addon}`);
+    if (state.resume) {
+      sendResume();
+    }
+  };
   ws.onmessage = (event) => receive(event.data);
   ws.onclose = (event) => {
     // 1000 normal, 1001 server going away, 1008 policy (rate limit), 1011 addon failure...
+    const reply = state.reply;
+    if (reply && reply.dataset.replyId && event.code !== 1011 && event.code !== 1008) {
+      // A numbered reply cut off: the server goes on producing it; pick it up again.
+      reply.dataset.state = 'dropped';
+      state.resume = reply;
+      state.reply = null;
+      setTimeout(() => {
+        if (state.resume === reply && !state.ws) {
+          connect(state.addon);
+        }
+      }, RESUME_AFTER_MS);
+    }
     finishReply('interrupted');
     const reason = event.reason ? ` ${event.reason}` : '';
     setStatus('closed', `closed ${event.code}${reason}`);
@@ -63,6 +97,24 @@ function connect(addon) {
   };
   // Browsers give an error event no detail; the close event that follows has the code.
   ws.onerror = () => {};
+}
+
+/** Asks for the rest of the reply cut off by the last dropped connection. */
+function sendResume() {
+  const bubble = state.resume;
+  state.resume = null;
+  const request = {
+    action: 'resume',
+    token: $('token').value,
+    session_id: $('session').value,
+    reply_id: bubble.dataset.replyId,
+    after_seq: Number(bubble.dataset.seq),
+  };
+  if (send(JSON.stringify(request))) {
+    bubble.dataset.state = 'streaming';
+    bubble.dataset.resumed = 'true';
+    state.reply = bubble;
+  }
 }
 
 /** Sends one text frame as is; false (and says why) when not connected. */
@@ -120,6 +172,13 @@ function onChunk(frame) {
     state.reply.dataset.chunks = '0';
   }
   const bubble = state.reply;
+  if (typeof frame.reply_id === 'string' && typeof frame.seq === 'number') {
+    if (bubble.dataset.replyId === frame.reply_id && frame.seq <= Number(bubble.dataset.seq)) {
+      return; // shown already
+    }
+    bubble.dataset.replyId = frame.reply_id;
+    bubble.dataset.seq = String(frame.seq);
+  }
   const chunk = typeof frame.message === 'string' ? frame.message : '';
   if (chunk !== '') {
     // Rendered at once, as it arrives: this is what streaming looks like.
