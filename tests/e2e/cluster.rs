@@ -34,6 +34,7 @@ dev_accept_any_token = true
 base_url = "{origin}"
 model = "test-model"
 history_turns = 4
+reply_ttl_s = 3
 "#,
         origin = llm.origin()
     );
@@ -165,14 +166,16 @@ async fn a_push_on_one_node_reaches_the_users_chat_on_another_and_a_conversation
     assert!(turns.iter().any(|(_, text)| text == "remember the blue one"), "{turns:?}");
 }
 
-/// Issue 16: the client drops on node A in the middle of a streamed reply and resumes on
-/// node B while the model is still streaming. Node B reads the kept chunks from Redis and
-/// follows the rest through it: every chunk once, in order, then `complete`.
+/// Issue 16, on three nodes: the client drops on node A in the middle of a streamed reply
+/// and resumes on node B while the model is still streaming. Node B reads the kept chunks
+/// from Redis and follows the rest through it: every chunk once, in order, then
+/// `complete`. Node C has the finished reply from storage, until its TTL (`reply_ttl_s`,
+/// 3 s here) has passed: then `reply_expired`.
 #[tokio::test]
 async fn a_reply_dropped_on_one_node_resumes_on_another_while_it_streams() {
     let redis = RedisServer::start();
     let llm = FakeLlm::start().await;
-    let (a, b) = (Node::start(&redis, &llm), Node::start(&redis, &llm));
+    let (a, b, c) = (Node::start(&redis, &llm), Node::start(&redis, &llm), Node::start(&redis, &llm));
     let mut on_a = Client::connect(&a.url("/ws/aikefu")).await;
     assert_eq!(on_a.recv_json().await["type"], "system");
     on_a.send_text(&chat("gated long question", "42", "s1")).await;
@@ -198,6 +201,15 @@ async fn a_reply_dropped_on_one_node_resumes_on_another_while_it_streams() {
     // Another user cannot have it.
     on_b.send_text(&resume("7", "s1", &reply_id, 0)).await;
     assert_eq!(on_b.recv_json().await["code"], "unauthorized");
+
+    // A third node serves the whole finished reply from storage, until it expires.
+    let mut on_c = Client::connect(&c.url("/ws/aikefu")).await;
+    assert_eq!(on_c.recv_json().await["type"], "system");
+    on_c.send_text(&resume("42", "s1", &reply_id, 0)).await;
+    assert_eq!(read_numbered(&mut on_c, &reply_id, 1).await, LONG_REPLY.concat());
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    on_c.send_text(&resume("42", "s1", &reply_id, 0)).await;
+    assert_eq!(on_c.recv_json().await["code"], "reply_expired");
 }
 
 #[tokio::test]
@@ -457,6 +469,28 @@ async fn a_customer_is_handed_to_an_agent_on_another_node_and_back_to_the_bot() 
     assert!(
         next_of(&mut customer, "system").await["message"].as_str().unwrap().contains("assistant is back")
     );
+
+    // An agent back on a new connection within the grace takes the conversation over: it
+    // is not given back to the bot, then or after the grace.
+    customer.send_text(&json!({"action": "agent", "token": alice, "session_id": "s1"}).to_string()).await;
+    next_of(&mut customer, "system").await;
+    next_of(&mut agent1, "queue").await;
+    agent1.send_text(&json!({"action": "claim", "session_id": "s1"}).to_string()).await;
+    next_of(&mut agent1, "history").await;
+    next_of(&mut customer, "system").await;
+    drop(agent1);
+    let mut agent1 =
+        Client::connect(&a.url(&format!("/ws/aikefu?role=agent&token={}", agent_token("agent1")))).await;
+    next_of(&mut agent1, "system").await;
+    agent1.send_text(&json!({"action": "claim", "session_id": "s1", "user": "alice"}).to_string()).await;
+    next_of(&mut agent1, "history").await;
+    assert!(next_of(&mut customer, "system").await["message"].as_str().unwrap().contains("agent has joined"));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    customer.send_text(&chat("still there?", &alice, "s1")).await;
+    assert_eq!(next_of(&mut agent1, "chat").await["message"], "still there?");
+    agent1.send_text(&json!({"action": "reply", "session_id": "s1", "message": "yes"}).to_string()).await;
+    // The customer's next frame is the agent's answer: no "the assistant is back" first.
+    assert_eq!(customer.recv_json().await["from"], "agent");
 }
 
 /// Each way an agent's input can be bad gets its own error code, and the console goes on.

@@ -23,7 +23,12 @@
 //!   assistant's turn, so the bot continues with the whole context after a release.
 //! - **Releasing.** `{"action":"release","session_id":...}`, or the agent's connection
 //!   closing: after `agent_release_grace_s` (default 30) a session its connection still
-//!   holds goes back to the bot. Either way the customer is told.
+//!   holds goes back to the bot, unless the same agent claimed it again from a new
+//!   connection meanwhile (a claim by the agent who holds it takes it over). Either way
+//!   the customer is told. The closing connection notes when it left in the record, so if
+//!   its wait is cut short (a shutdown drains it), the customer's next message after the
+//!   grace gives the conversation back. A node killed outright notes nothing: its
+//!   conversations stay held until the record's TTL (a day without a change).
 
 use std::time::Duration;
 
@@ -85,6 +90,39 @@ pub struct Record {
     /// it still holds (the agent may have claimed it again from another connection).
     #[serde(default)]
     pub claim: Option<String>,
+    /// When the holding agent's connection closed (ms since the Unix epoch). Past the
+    /// grace, the customer's next message gives the conversation back to the bot even if
+    /// the closed connection could not (a shutdown cuts its wait short).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_at_ms: Option<u64>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Stores `record` in place of the stored `old` bytes; whether they were still there.
+fn swap(conversation: &str, old: &[u8], record: &Record) -> Result<bool, kv::KvError> {
+    let new = serde_json::to_vec(record).expect("a record serializes");
+    kv::compare_and_swap(&record_key(conversation), Some(old), &new, Some(RECORD_TTL))
+}
+
+/// Gives a conversation back to the bot, if its record is still `old`: deletes the record
+/// and tells its customer and the agents.
+fn give_back(conversation: &str, old: &[u8], record: &Record) {
+    match kv::get(&record_key(conversation)) {
+        Ok(Some(current)) if current == old => {}
+        _ => return, // changed meanwhile: someone else released or claimed it
+    }
+    if let Err(err) = kv::delete(&record_key(conversation)) {
+        log::error(&format!("hand-over {conversation} was not released: {err}"));
+        return;
+    }
+    publish(conversation, &Event::Released);
+    QueueFrame::new("released", record, Vec::new()).announce();
 }
 
 fn load(conversation: &str) -> Result<Option<(Record, Vec<u8>)>, kv::KvError> {
@@ -202,7 +240,13 @@ impl Customer {
     /// The customer asks for a person: the conversation waits for an agent.
     pub fn ask(&mut self, user: &str, session_id: &str) -> Result<(), (&'static str, String)> {
         let conversation = conversation_id(user, session_id);
-        let waiting = Record { user: user.into(), session_id: session_id.into(), agent: None, claim: None };
+        let waiting = Record {
+            user: user.into(),
+            session_id: session_id.into(),
+            agent: None,
+            claim: None,
+            left_at_ms: None,
+        };
         let bytes = serde_json::to_vec(&waiting).expect("a record serializes");
         self.follow(&conversation, session_id);
         match kv::compare_and_swap(&record_key(&conversation), None, &bytes, Some(RECORD_TTL)) {
@@ -226,8 +270,8 @@ impl Customer {
     /// and kept in the history here.
     pub fn route(&mut self, user: &str, session_id: &str, message: &str, settings: &Settings) -> Route {
         let conversation = conversation_id(user, session_id);
-        let record = match load(&conversation) {
-            Ok(Some((record, _))) => record,
+        let (record, bytes) = match load(&conversation) {
+            Ok(Some(found)) => found,
             Ok(None) => return Route::Bot,
             Err(err) => {
                 log::warn(&format!("hand-over state unreadable, the bot answers: {err}"));
@@ -237,6 +281,12 @@ impl Customer {
         // A client that reconnected follows its conversation again.
         self.follow(&conversation, session_id);
         if record.agent.is_none() {
+            return Route::Bot;
+        }
+        let grace_ms = settings.agent_release_grace_s * 1000;
+        if record.left_at_ms.is_some_and(|left| now_ms().saturating_sub(left) >= grace_ms) {
+            // Its agent left and did not come back: the bot takes over, and says so.
+            give_back(&conversation, &bytes, &record);
             return Route::Bot;
         }
         publish(&conversation, &Event::Customer { message: message.to_owned() });
@@ -369,14 +419,14 @@ impl Agent {
                     .message
                     .filter(|m| !m.trim().is_empty())
                     .ok_or((codes::MISSING_FIELD, "missing field `message`".to_owned()))?;
-                let (conversation, record) = self.held(&session_id, request.user.as_deref())?;
+                let (conversation, record, _) = self.held(&session_id, request.user.as_deref())?;
                 publish(&conversation, &Event::Agent { message: message.clone() });
                 keep(&record.user, &record.session_id, "assistant", &message, settings);
                 Ok(())
             }
             Some("release") => {
-                let (conversation, record) = self.held(&session_id, request.user.as_deref())?;
-                self.release(&conversation, &record);
+                let (conversation, record, bytes) = self.held(&session_id, request.user.as_deref())?;
+                self.release(&conversation, &record, &bytes);
                 Ok(())
             }
             other => Err((
@@ -419,15 +469,21 @@ impl Agent {
         let Some((record, bytes)) = load(&conversation).map_err(storage_error)? else {
             return Err((codes::NOT_WAITING, format!("no conversation {session_id:?} waits for an agent")));
         };
-        if record.agent.is_some() {
+        // The same agent may take a conversation over from another connection of theirs
+        // (a reloaded console, a dropped network).
+        if record.agent.as_ref().is_some_and(|agent| *agent != self.id) {
             return Err((
                 codes::ALREADY_CLAIMED,
                 format!("conversation {session_id:?} has an agent already"),
             ));
         }
-        let held = Record { agent: Some(self.id.clone()), claim: Some(self.claim.clone()), ..record };
-        let new = serde_json::to_vec(&held).expect("a record serializes");
-        match kv::compare_and_swap(&record_key(&conversation), Some(&bytes), &new, Some(RECORD_TTL)) {
+        let held = Record {
+            agent: Some(self.id.clone()),
+            claim: Some(self.claim.clone()),
+            left_at_ms: None,
+            ..record
+        };
+        match swap(&conversation, &bytes, &held) {
             Ok(true) => {}
             Ok(false) => {
                 return Err((
@@ -450,48 +506,60 @@ impl Agent {
         Ok(())
     }
 
-    /// The conversation this connection holds with this session id.
-    fn held(&self, session_id: &str, user: Option<&str>) -> Result<(String, Record), (&'static str, String)> {
+    /// The conversation this connection holds with this session id, with its stored bytes.
+    fn held(
+        &self,
+        session_id: &str,
+        user: Option<&str>,
+    ) -> Result<(String, Record, Vec<u8>), (&'static str, String)> {
         let not_held =
             || (codes::NOT_CLAIMED, format!("you do not hold conversation {session_id:?}; claim it first"));
         for conversation in &self.holding {
-            if let Some((record, _)) = load(conversation).map_err(storage_error)?
+            if let Some((record, bytes)) = load(conversation).map_err(storage_error)?
                 && record.session_id == session_id
                 && user.is_none_or(|u| u == record.user)
             {
                 if record.claim.as_deref() != Some(self.claim.as_str()) {
                     return Err(not_held());
                 }
-                return Ok((conversation.clone(), record));
+                return Ok((conversation.clone(), record, bytes));
             }
         }
         Err(not_held())
     }
 
-    /// Gives a conversation back to the bot and tells its customer and the agents.
-    fn release(&mut self, conversation: &str, record: &Record) {
-        if let Err(err) = kv::delete(&record_key(conversation)) {
-            log::error(&format!("hand-over {conversation} was not released: {err}"));
-            return;
-        }
+    /// Gives a conversation back to the bot and stops following it.
+    fn release(&mut self, conversation: &str, record: &Record, bytes: &[u8]) {
+        give_back(conversation, bytes, record);
         self.holding.retain(|c| c != conversation);
         channels::unsubscribe(&channel(conversation));
-        publish(conversation, &Event::Released);
-        QueueFrame::new("released", record, Vec::new()).announce();
     }
 
-    /// The agent's connection closed: after the grace, what it still holds goes back to
-    /// the bot (unless the agent claimed it again from another connection meanwhile).
+    /// The agent's connection closed. It notes when in each conversation it still holds,
+    /// then after the grace gives back what it still holds (unless the agent claimed it
+    /// again from another connection meanwhile). If the wait is cut short (a shutdown
+    /// drains connections), the customer's next message after the grace does it
+    /// (`Customer::route`).
     pub fn on_close(&mut self, settings: &Settings) {
         if self.holding.is_empty() {
             return;
         }
-        std::thread::sleep(Duration::from_secs(settings.agent_release_grace_s));
-        for conversation in self.holding.clone() {
-            if let Ok(Some((record, _))) = load(&conversation)
+        for conversation in &self.holding {
+            if let Ok(Some((record, bytes))) = load(conversation)
                 && record.claim.as_deref() == Some(self.claim.as_str())
             {
-                self.release(&conversation, &record);
+                let left = Record { left_at_ms: Some(now_ms()), ..record };
+                if let Err(err) = swap(conversation, &bytes, &left) {
+                    log::warn(&format!("hand-over {conversation}: the agent's leaving was not noted: {err}"));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(settings.agent_release_grace_s));
+        for conversation in self.holding.clone() {
+            if let Ok(Some((record, bytes))) = load(&conversation)
+                && record.claim.as_deref() == Some(self.claim.as_str())
+            {
+                self.release(&conversation, &record, &bytes);
             }
         }
     }
