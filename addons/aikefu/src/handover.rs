@@ -401,7 +401,7 @@ impl Agent {
             }
             Err(err) => log::error(&format!("the waiting queue cannot be read: {err}")),
         }
-        Agent { id, claim: new_claim_token(), holding: Vec::new() }
+        Agent { id, claim: crate::reply::random_hex(1), holding: Vec::new() }
     }
 
     /// One message from the agent.
@@ -582,15 +582,6 @@ impl Agent {
             }));
         }
     }
-}
-
-/// A random token for one agent connection's claims.
-fn new_claim_token() -> String {
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u8(0);
-    format!("{:016x}", hasher.finish())
 }
 
 /// Refuses an agent connection: the error frame, then the close.

@@ -63,18 +63,25 @@ pub fn valid_reply_id(reply_id: &str) -> bool {
         && reply_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// 128 bits from the standard library's randomly keyed hasher (seeded from `wasi:random`),
-/// as 32 hex digits. Only the owner check guards a reply; the id need only not collide.
-fn new_reply_id() -> String {
+/// `halves` × 64 bits from the standard library's randomly keyed hasher (seeded from
+/// `wasi:random`), as hex: reply ids (two halves) and the hand-over's claim tokens (one).
+/// Only the owner check guards a reply; an id need only not collide.
+pub fn random_hex(halves: usize) -> String {
     use std::collections::hash_map::RandomState;
     use std::hash::{BuildHasher, Hasher};
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let half = || {
-        let mut hasher = RandomState::new().build_hasher();
-        hasher.write_u128(nanos.as_nanos());
-        hasher.finish()
-    };
-    format!("{:016x}{:016x}", half(), half())
+    (0..halves)
+        .map(|_| {
+            let mut hasher = RandomState::new().build_hasher();
+            hasher.write_u128(nanos.as_nanos());
+            format!("{:016x}", hasher.finish())
+        })
+        .collect()
+}
+
+/// A new reply id: 32 hex digits.
+fn new_reply_id() -> String {
+    random_hex(2)
 }
 
 /// A kept reply, as stored in kv.
