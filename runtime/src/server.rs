@@ -959,7 +959,10 @@ async fn serve_addon(
     let upgrade = Box::pin(upgrade(stream, &key, leftover, ws_config));
     let ws = upgrade.await?;
     addon.stats().connections.inc();
-    AddonConnection::new(
+    // The connection is a local and `serve` borrows it: an async fn keeps its by-value
+    // arguments' room in its future besides where it moves them, so `serve(self)`
+    // would hold the connection twice for as long as the connection is open.
+    let mut connection = AddonConnection::new(
         Live { store, exports: instance, lease },
         span,
         ws,
@@ -967,9 +970,8 @@ async fn serve_addon(
         shared.live_instances.clone(),
         shared.shutdown.listen(),
         shared.config().limits.orphan_callback_grace,
-    )
-    .serve()
-    .await;
+    );
+    connection.serve().await;
     Ok(())
 }
 
