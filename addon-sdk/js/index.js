@@ -34,14 +34,14 @@
 //   `onChannelMessage` or `onClose`, which have no error result, is such a trap too.
 // - `onOpen` refuses the connection by throwing a `Refusal` (close code and reason).
 //
-// The host calls are the WIT imports `sockhost:addon/*@0.1.3`, which componentize-js
+// The host calls are the WIT imports `sockhost:addon/*@0.1.4`, which componentize-js
 // links to the host; this module is bundled into the addon by scripts/build-addons.
 
-import * as session from "sockhost:addon/session@0.1.3";
-import * as hostLog from "sockhost:addon/log@0.1.3";
-import * as hostKv from "sockhost:addon/kv@0.1.3";
-import * as hostConfig from "sockhost:addon/config@0.1.3";
-import * as hostChannels from "sockhost:addon/channels@0.1.3";
+import * as session from "sockhost:addon/session@0.1.4";
+import * as hostLog from "sockhost:addon/log@0.1.4";
+import * as hostKv from "sockhost:addon/kv@0.1.4";
+import * as hostConfig from "sockhost:addon/config@0.1.4";
+import * as hostChannels from "sockhost:addon/channels@0.1.4";
 
 // ---- sending ---------------------------------------------------------------------------
 

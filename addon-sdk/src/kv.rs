@@ -146,6 +146,14 @@ pub fn delete(key: &str) -> Result<bool, KvError> {
     Ok(host::delete(key)?)
 }
 
+/// Removes `key` only if its current value is `expected`, atomically, even across nodes;
+/// whether it removed it. Use it to give up what this connection holds (a claim, a lock)
+/// without removing what another connection stored there since: a [`get`] followed by a
+/// [`delete`] would.
+pub fn compare_and_delete(key: &str, expected: &[u8]) -> Result<bool, KvError> {
+    Ok(host::compare_and_delete(key, expected)?)
+}
+
 /// Every live key that starts with `prefix`, in byte order (fetched in pages of 1000).
 pub fn list_keys(prefix: &str) -> Result<Vec<String>, KvError> {
     let mut keys: Vec<String> = Vec::new();

@@ -618,7 +618,7 @@ pub mod __private {
                 package sockhost:addon-sdk;
 
                 world hibernation-export {
-                    export sockhost:addon/hibernation@0.1.3;
+                    export sockhost:addon/hibernation@0.1.4;
                 }
             ",
             path: "../wit",

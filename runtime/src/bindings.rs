@@ -27,6 +27,7 @@ wasmtime::component::bindgen!({
         "sockhost:addon/kv.delete": async,
         "sockhost:addon/kv.list-keys": async,
         "sockhost:addon/kv.compare-and-swap": async,
+        "sockhost:addon/kv.compare-and-delete": async,
         "sockhost:addon/channels.subscribe": async,
         "sockhost:addon/channels.publish": async,
     },

@@ -114,6 +114,27 @@ async fn a_component_built_against_wit_0_1_0_still_loads_and_serves() {
     assert_eq!(client.recv_text().await, "still here");
 }
 
+/// `tests/fixtures/echo-wit-0.1.3.wasm` is the echo addon as built for
+/// `sockhost:addon@0.1.3` (before `kv.compare-and-delete`): its `handler` and
+/// `hibernation` exports bind on the 0.1.4 host, so it serves, hibernates and wakes.
+#[tokio::test]
+async fn a_component_built_against_wit_0_1_3_still_loads_hibernates_and_wakes() {
+    let old = std::fs::read(repo_root().join("tests/fixtures/echo-wit-0.1.3.wasm")).unwrap();
+    let server = TestServer::start(&[("old.wasm", &old), ("old.toml", b"hibernate_after_ms = 100")]).await;
+    assert_eq!(server.addon_names, ["old"]);
+    let mut client = server.connect("/ws/old").await;
+    client.send_text("before").await;
+    assert_eq!(client.recv_text().await, "before");
+    let metric = |name: &str| format!("sockhost_addon_{name}{{addon=\"old\"}}");
+    eventually("the 0.1.3 echo hibernates", || async {
+        server.metric(&metric("hibernated_connections")).await == Some(1.0)
+    })
+    .await;
+    client.send_text("after").await;
+    assert_eq!(client.recv_text().await, "after");
+    assert_eq!(server.metric(&metric("wakes_total")).await, Some(1.0));
+}
+
 /// `tests/fixtures/echo-wit-0.1.2.wasm` is the echo addon as built for
 /// `sockhost:addon@0.1.2` (channels, no hibernation): it mounts, serves and streams.
 #[tokio::test]

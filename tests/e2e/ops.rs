@@ -100,7 +100,7 @@ fn check_validates_addons_and_exits_non_zero_on_a_problem() {
     assert_eq!(code, 0, "{output}");
     for needle in [
         "ok    good/echo.wasm → /ws/echo",
-        "sockhost:addon/session@0.1.3",
+        "sockhost:addon/session@0.1.4",
         "manifest: good/echo.toml",
         "grants: none",
         "memory_limit         16MiB",

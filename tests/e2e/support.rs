@@ -351,7 +351,7 @@ pub async fn wait_for_log(needles: &[&str]) -> String {
 pub fn hostile_component() -> Vec<u8> {
     const CORE: &str = r#"
     (module
-      (import "sockhost:addon/session@0.1.3" "send-text" (func $send (param i32 i32 i32)))
+      (import "sockhost:addon/session@0.1.4" "send-text" (func $send (param i32 i32 i32)))
       (memory (export "memory") 1)
       (global $heap (mut i32) (i32.const 1024))
       (data (i32.const 32) "ok")
@@ -372,12 +372,12 @@ pub fn hostile_component() -> Vec<u8> {
       (func $recurse (param i64) (result i64)
         (i64.add (call $recurse (i64.add (local.get 0) (i64.const 1))) (i64.const 1)))
 
-      (func (export "sockhost:addon/handler@0.1.3#on-open")
+      (func (export "sockhost:addon/handler@0.1.4#on-open")
         (param i64 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
         (global.set $heap (i32.const 1024))
         (i32.const 16))
 
-      (func (export "sockhost:addon/handler@0.1.3#on-message") (param $kind i32) (param $ptr i32) (param $len i32) (result i32)
+      (func (export "sockhost:addon/handler@0.1.4#on-message") (param $kind i32) (param $ptr i32) (param $len i32) (result i32)
         (local $command i32)
         (if (i32.gt_u (local.get $len) (i32.const 0))
           (then (local.set $command (i32.load8_u (local.get $ptr)))))
@@ -404,7 +404,7 @@ pub fn hostile_component() -> Vec<u8> {
         ;; A zeroed result area: ok.
         (i32.const 16))
 
-      (func (export "sockhost:addon/handler@0.1.3#on-close") (param i32 i32 i32))
+      (func (export "sockhost:addon/handler@0.1.4#on-close") (param i32 i32 i32))
     )"#;
     let mut module = wat::parse_str(CORE).expect("hostile core module parses");
     let mut resolve = wit_parser::Resolve::default();
@@ -437,7 +437,7 @@ pub fn handle_hoarder_component() -> Vec<u8> {
       resource thing;
     }
     world hoarder {
-      include sockhost:addon/base@0.1.3;
+      include sockhost:addon/base@0.1.4;
       export things;
     }
     "#;
@@ -446,13 +446,13 @@ pub fn handle_hoarder_component() -> Vec<u8> {
       (import "[export]test:hoard/things" "[resource-new]thing" (func $new (param i32) (result i32)))
       (memory (export "memory") 1)
       (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) (i32.const 4096))
-      (func (export "sockhost:addon/handler@0.1.3#on-open")
+      (func (export "sockhost:addon/handler@0.1.4#on-open")
         (param i64 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
         (i32.const 16))
-      (func (export "sockhost:addon/handler@0.1.3#on-message") (param i32 i32 i32) (result i32)
+      (func (export "sockhost:addon/handler@0.1.4#on-message") (param i32 i32 i32) (result i32)
         (loop $more (drop (call $new (i32.const 1))) (br $more))
         (i32.const 16))
-      (func (export "sockhost:addon/handler@0.1.3#on-close") (param i32 i32 i32))
+      (func (export "sockhost:addon/handler@0.1.4#on-close") (param i32 i32 i32))
     )"#;
     let mut module = wat::parse_str(CORE).expect("hoarder core module parses");
     let mut resolve = wit_parser::Resolve::default();

@@ -35,7 +35,7 @@ The model is the Rust SDK's (``addon-sdk/src/lib.rs``), in Python's terms:
   ``on_channel_message`` or ``on_close``, which have no error result, is such a trap too.
 - ``on_open`` refuses the connection by raising ``Refusal(code, reason)``.
 
-The host calls are the WIT imports of ``sockhost:addon@0.1.3``, bound by componentize-py
+The host calls are the WIT imports of ``sockhost:addon@0.1.4``, bound by componentize-py
 as the ``wit_world`` package when the addon is built (``scripts/build-addons``).
 """
 

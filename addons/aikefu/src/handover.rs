@@ -111,15 +111,16 @@ fn swap(conversation: &str, old: &[u8], record: &Record) -> Result<bool, kv::KvE
 }
 
 /// Gives a conversation back to the bot, if its record is still `old`: deletes the record
-/// and tells its customer and the agents.
+/// and tells its customer and the agents. The comparison and the removal are one step, so
+/// a claim that lands between this connection's read and its give-back stays.
 fn give_back(conversation: &str, old: &[u8], record: &Record) {
-    match kv::get(&record_key(conversation)) {
-        Ok(Some(current)) if current == old => {}
-        _ => return, // changed meanwhile: someone else released or claimed it
-    }
-    if let Err(err) = kv::delete(&record_key(conversation)) {
-        log::error(&format!("hand-over {conversation} was not released: {err}"));
-        return;
+    match kv::compare_and_delete(&record_key(conversation), old) {
+        Ok(true) => {}
+        Ok(false) => return, // changed meanwhile: someone else released or claimed it
+        Err(err) => {
+            log::error(&format!("hand-over {conversation} was not released: {err}"));
+            return;
+        }
     }
     publish(conversation, &Event::Released);
     QueueFrame::new("released", record, Vec::new()).announce();

@@ -121,6 +121,13 @@ pub trait KvBackend: Send + Sync + 'static {
     ) -> KvFuture<'a, Result<bool, QuotaFull>>;
     /// Removes `key`; whether a live value was there.
     fn delete<'a>(&'a self, namespace: &'a str, key: &'a str) -> KvFuture<'a, bool>;
+    /// Removes `key` only if its live value is `expected`, atomically; whether it did.
+    fn compare_and_delete<'a>(
+        &'a self,
+        namespace: &'a str,
+        key: &'a str,
+        expected: Vec<u8>,
+    ) -> KvFuture<'a, bool>;
     /// Live keys starting with `prefix`, in byte order, after `start_after`, at most `limit`.
     fn list_keys<'a>(
         &'a self,
@@ -409,8 +416,8 @@ enum Write {
     Set { key: Vec<u8>, stored: Vec<u8>, quota: Quota },
     /// Answers 1 if the live value was `expected` and `stored` replaced it, else 0.
     CompareAndSwap { key: Vec<u8>, expected: Option<Vec<u8>>, stored: Vec<u8>, quota: Quota },
-    /// Answers 1 if a live value was removed, else 0.
-    Delete { key: Vec<u8> },
+    /// Answers 1 if a live value (with `expected`: that value) was removed, else 0.
+    Delete { key: Vec<u8>, expected: Option<Vec<u8>> },
     /// Looks at up to [`PURGE_BATCH`] entries after `after` and removes the expired ones.
     /// Answers how many it removed, with [`PURGE_MORE`] set while entries are left to look at.
     /// The last key it looked at goes into `reached`, where the next batch starts.
@@ -424,7 +431,7 @@ impl Write {
             Write::CompareAndSwap { key, expected, stored, .. } => {
                 key.len() + stored.len() + expected.as_ref().map_or(0, Vec::len)
             }
-            Write::Delete { key } => key.len(),
+            Write::Delete { key, expected } => key.len() + expected.as_ref().map_or(0, Vec::len),
             Write::Purge { .. } => 0,
         }
     }
@@ -667,7 +674,18 @@ impl Writer {
                             put(&mut table, &mut usage, key, stored, *quota)?.map_or(1, QuotaFull::code)
                         }
                     }
-                    Write::Delete { key } => {
+                    Write::Delete { key, expected } => {
+                        if let Some(expected) = expected {
+                            // As for compare-and-swap: inside the transaction, so nothing
+                            // comes between the comparison and the removal.
+                            let current = table.get(key.as_slice())?.and_then(|old| {
+                                live(old.value(), now).map(|value| value == expected.as_slice())
+                            });
+                            if current != Some(true) {
+                                answers.push(0);
+                                continue;
+                            }
+                        }
                         let removed = table.remove(key.as_slice())?;
                         if let Some(old) = &removed {
                             usage.add(key, -1, -(entry_bytes(key, old.value()) as i64));
@@ -758,7 +776,17 @@ impl KvBackend for RedbBackend {
     }
 
     fn delete<'a>(&'a self, namespace: &'a str, key: &'a str) -> KvFuture<'a, bool> {
-        let written = self.write(Write::Delete { key: full_key(namespace, key) });
+        let written = self.write(Write::Delete { key: full_key(namespace, key), expected: None });
+        Box::pin(async move { written.await.map(|removed| removed == 1) })
+    }
+
+    fn compare_and_delete<'a>(
+        &'a self,
+        namespace: &'a str,
+        key: &'a str,
+        expected: Vec<u8>,
+    ) -> KvFuture<'a, bool> {
+        let written = self.write(Write::Delete { key: full_key(namespace, key), expected: Some(expected) });
         Box::pin(async move { written.await.map(|removed| removed == 1) })
     }
 
@@ -872,6 +900,13 @@ impl KvAccess {
         self.answer(backend.delete(&self.namespace, key).await)
     }
 
+    pub(crate) async fn compare_and_delete(&self, key: &str, expected: Vec<u8>) -> Result<bool, KvError> {
+        check_key(key)?;
+        check_value(&expected, "an expected value")?;
+        let backend = self.backend().await?;
+        self.answer(backend.compare_and_delete(&self.namespace, key, expected).await)
+    }
+
     pub(crate) async fn list_keys(
         &self,
         prefix: &str,
@@ -889,11 +924,17 @@ impl KvAccess {
 /// The limits of a write: the key's, the value's size, a TTL of at least 1 ms.
 fn check_write(key: &str, value: &[u8], ttl_ms: Option<u64>) -> Result<(), KvError> {
     check_key(key)?;
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(KvError::Invalid(format!("a value is at most 1 MiB; this one is {} bytes", value.len())));
-    }
+    check_value(value, "a value")?;
     if ttl_ms == Some(0) {
         return Err(KvError::Invalid("ttl-ms must be at least 1; leave it out for no expiry".into()));
+    }
+    Ok(())
+}
+
+/// `what` (a value, or the expected value of a comparison) is at most 1 MiB.
+fn check_value(value: &[u8], what: &str) -> Result<(), KvError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(KvError::Invalid(format!("{what} is at most 1 MiB; this one is {} bytes", value.len())));
     }
     Ok(())
 }
@@ -929,6 +970,10 @@ impl Host for HostState {
 
     async fn delete(&mut self, key: String) -> Result<bool, KvError> {
         self.kv.delete(&key).await
+    }
+
+    async fn compare_and_delete(&mut self, key: String, expected: Vec<u8>) -> Result<bool, KvError> {
+        self.kv.compare_and_delete(&key, expected).await
     }
 
     async fn list_keys(
@@ -1045,6 +1090,7 @@ mod tests {
         concurrent_writes_all_land,
         compare_and_swap_stores_only_over_the_expected_value,
         concurrent_compare_and_swaps_lose_no_update,
+        compare_and_delete_removes_only_the_expected_value,
         writes_past_the_quota_are_refused_and_deletes_and_purges_make_room,
     );
 
@@ -1069,6 +1115,38 @@ mod tests {
         assert!(kv.cas("a", "e", None, Vec::new(), None).await.unwrap());
         assert!(!kv.cas("a", "e", None, b"x".to_vec(), None).await.unwrap());
         assert!(kv.cas("a", "e", Some(Vec::new()), b"x".to_vec(), None).await.unwrap());
+    }
+
+    async fn compare_and_delete_removes_only_the_expected_value(subject: Subject) {
+        let kv = &subject.kv;
+        // Absent: nothing to remove, whatever is expected.
+        assert!(!kv.compare_and_delete("a", "k", b"1".to_vec()).await.unwrap());
+        assert!(!kv.compare_and_delete("a", "k", Vec::new()).await.unwrap());
+        kv.put("a", "k", b"1".to_vec(), None).await.unwrap();
+        // Another value stays.
+        assert!(!kv.compare_and_delete("a", "k", b"0".to_vec()).await.unwrap());
+        assert!(!kv.compare_and_delete("a", "k", b"10".to_vec()).await.unwrap());
+        assert_eq!(kv.get("a", "k").await.unwrap().as_deref(), Some(&b"1"[..]));
+        // The expected one goes, from the listing too, and only in its namespace.
+        kv.put("b", "k", b"1".to_vec(), None).await.unwrap();
+        assert!(kv.compare_and_delete("a", "k", b"1".to_vec()).await.unwrap());
+        assert_eq!(kv.get("a", "k").await.unwrap(), None);
+        assert_eq!(kv.list_keys("a", "", None, 10).await.unwrap(), Vec::<String>::new());
+        assert_eq!(kv.get("b", "k").await.unwrap().as_deref(), Some(&b"1"[..]));
+        assert!(!kv.compare_and_delete("a", "k", b"1".to_vec()).await.unwrap(), "removed once");
+        // The empty value is a value.
+        kv.put("a", "e", Vec::new(), None).await.unwrap();
+        assert!(kv.compare_and_delete("a", "e", Vec::new()).await.unwrap());
+        // An expired value is absent: not removed by a comparison with what it was.
+        kv.put("a", "t", b"old".to_vec(), Some(SHORT_TTL)).await.unwrap();
+        tokio::time::sleep(PAST_SHORT_TTL).await;
+        assert!(!kv.compare_and_delete("a", "t", b"old".to_vec()).await.unwrap());
+        // A removal gives the key back to the quota.
+        let quota = Quota { max_keys: 1, max_bytes: 100 };
+        assert_eq!(kv.set("q", "x", b"1".to_vec(), None, quota).await.unwrap(), Ok(()));
+        assert_eq!(kv.set("q", "y", b"1".to_vec(), None, quota).await.unwrap(), Err(QuotaFull::Keys));
+        assert!(kv.compare_and_delete("q", "x", b"1".to_vec()).await.unwrap());
+        assert_eq!(kv.set("q", "y", b"1".to_vec(), None, quota).await.unwrap(), Ok(()));
     }
 
     async fn writes_past_the_quota_are_refused_and_deletes_and_purges_make_room(subject: Subject) {
@@ -1264,6 +1342,11 @@ mod tests {
         invalid(kv.set("", vec![1], None).await, "a key is 1 to 512 bytes");
         invalid(kv.get(&long_key).await.map(drop), "a key");
         invalid(kv.delete(&long_key).await.map(drop), "a key");
+        invalid(kv.compare_and_delete(&long_key, vec![1]).await.map(drop), "a key");
+        invalid(
+            kv.compare_and_delete("k", vec![0; MAX_VALUE_BYTES + 1]).await.map(drop),
+            "an expected value is at most 1 MiB",
+        );
         invalid(kv.set("k", vec![0; MAX_VALUE_BYTES + 1], None).await, "at most 1 MiB");
         invalid(kv.set("k", vec![1], Some(0)).await, "ttl-ms must be at least 1");
         invalid(kv.list_keys(&long_key, None, 1).await.map(drop), "a prefix is at most");

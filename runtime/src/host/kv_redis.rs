@@ -113,9 +113,12 @@ redis.call('HINCRBY', KEYS[5], 'bytes', size - old_size)
 return 1
 "#;
 
-/// Delete, giving the entry's size back to the namespace's usage.
-/// KEYS = value, index, sizes, usage. ARGV = key. Answers 1 when a live value was removed.
+/// Delete, giving the entry's size back to the namespace's usage; with has-expected, only
+/// when the live value is the expected one (compare-and-delete).
+/// KEYS = value, index, sizes, usage. ARGV = key, has-expected (0/1), expected. Answers 1
+/// when a live value was removed.
 const DELETE: &str = r#"
+if ARGV[2] == '1' and redis.call('GET', KEYS[1]) ~= ARGV[3] then return 0 end
 local removed = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 local size = redis.call('HGET', KEYS[3], ARGV[1])
@@ -185,6 +188,22 @@ impl RedisKvBackend {
             -2 => Err(QuotaFull::Bytes),
             answer => Ok(answer == 1),
         })
+    }
+
+    /// Runs the [`DELETE`] script: a delete, or with `expected` a compare-and-delete.
+    async fn remove(
+        &self,
+        namespace: &str,
+        key: &str,
+        expected: Option<Vec<u8>>,
+    ) -> Result<bool, BackendError> {
+        // DEL counts only a live value: Redis expires a stale one first.
+        let mut script = redis::cmd("EVAL");
+        script.arg(DELETE).arg(4).arg(value_key(namespace, key)).arg(index_key(namespace));
+        script.arg(sizes_key(namespace)).arg(usage_key(namespace)).arg(key);
+        script.arg(u8::from(expected.is_some())).arg(expected.unwrap_or_default());
+        let removed: i64 = self.query(&script).await?;
+        Ok(removed == 1)
     }
 
     /// Runs `command` on the shared connection, bounded by the link's timeout.
@@ -321,14 +340,16 @@ impl KvBackend for RedisKvBackend {
     }
 
     fn delete<'a>(&'a self, namespace: &'a str, key: &'a str) -> KvFuture<'a, bool> {
-        Box::pin(async move {
-            // DEL counts only a live value: Redis expires a stale one first.
-            let mut script = redis::cmd("EVAL");
-            script.arg(DELETE).arg(4).arg(value_key(namespace, key)).arg(index_key(namespace));
-            script.arg(sizes_key(namespace)).arg(usage_key(namespace)).arg(key);
-            let removed: i64 = self.query(&script).await?;
-            Ok(removed == 1)
-        })
+        Box::pin(async move { self.remove(namespace, key, None).await })
+    }
+
+    fn compare_and_delete<'a>(
+        &'a self,
+        namespace: &'a str,
+        key: &'a str,
+        expected: Vec<u8>,
+    ) -> KvFuture<'a, bool> {
+        Box::pin(async move { self.remove(namespace, key, Some(expected)).await })
     }
 
     fn list_keys<'a>(
