@@ -241,17 +241,10 @@ enum End {
     Orphaned(&'static str),
     /// A callback trapped or ran past a limit.
     Failed(&'static str, wasmtime::Error),
+    /// A call that may have trapped or been orphaned ([`CallFailed`]).
+    CallFailed(&'static str, CallFailed),
     /// A hibernated connection could not be woken.
     NotWoken(Unwoken),
-}
-
-impl End {
-    fn call_failed(stage: &'static str, ended: CallFailed) -> End {
-        match ended {
-            CallFailed::Trapped(err) => End::Failed(stage, err),
-            CallFailed::Orphaned => End::Orphaned(stage),
-        }
-    }
 }
 
 /// Why a hibernated connection could not be woken.
@@ -670,7 +663,7 @@ impl AddonConnection {
                     let due =
                         if asked { self.session().close_sent().is_none() } else { self.hibernate_due() };
                     if due && let Err(ended) = Box::pin(self.hibernate()).await {
-                        return Run::Ended(End::call_failed("hibernate", ended));
+                        return Run::Ended(End::CallFailed("hibernate", ended));
                     }
                     continue;
                 }
@@ -791,6 +784,7 @@ impl AddonConnection {
         match end {
             End::Orphaned(stage) => self.orphaned(stage).await,
             End::Failed(stage, err) => self.failed(stage, err).await,
+            End::CallFailed(stage, ended) => self.call_failed(stage, ended).await,
             End::NotWoken(unwoken) => self.not_woken(unwoken).await,
         }
     }
