@@ -153,6 +153,9 @@ impl CpuClock {
     }
 }
 
+/// What a yielding guest waits on before it resumes.
+type Pause = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Which limit ended a callback, if one did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitHit {
@@ -180,15 +183,16 @@ impl InstanceLimits {
         CpuMeter(self.clock.clone())
     }
 
-    /// Called when the running guest reaches an epoch tick: interrupts it past its CPU
-    /// limit, else lets it yield.
-    fn on_deadline(&mut self, now: Instant) -> UpdateDeadline {
+    /// Called when the running guest reaches an epoch tick, or the check a `send` whose
+    /// frame was held asked for: interrupts it past its CPU limit, else lets it yield,
+    /// on `pause` when there is one (the held frames' move into the socket).
+    fn on_deadline(&mut self, now: Instant, pause: Option<Pause>) -> UpdateDeadline {
         if self.clock.used_until(now) > self.cpu_limit {
             self.cpu_exhausted = true;
             return UpdateDeadline::Interrupt;
         }
         // The fiber suspends here: the meter books the time when the poll returns.
-        UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))
+        UpdateDeadline::YieldCustom(1, pause.unwrap_or_else(|| Box::pin(tokio::task::yield_now())))
     }
 
     /// The limit that explains a failed call: a CPU interrupt, or a trap after a refused
@@ -231,7 +235,11 @@ impl ResourceLimiter for InstanceLimits {
 /// Installs the limiter and the epoch callback on a new store.
 pub fn install(store: &mut Store<HostState>) {
     store.limiter(|state| &mut state.limits);
-    store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().limits.on_deadline(Instant::now())));
+    store.epoch_deadline_callback(|mut ctx| {
+        let state = ctx.data_mut();
+        let pause = state.session.pause_for_held();
+        Ok(state.limits.on_deadline(Instant::now(), pause))
+    });
 }
 
 /// Resets the per-callback budget; call just before entering the guest, giving when the
@@ -344,10 +352,10 @@ mod tests {
         run(0, 9);
         run(20, 29);
         clock.running_since.store(clock.nanos(at(40)), Ordering::Relaxed);
-        assert!(matches!(limits.on_deadline(at(49)), UpdateDeadline::YieldCustom(1, _)));
+        assert!(matches!(limits.on_deadline(at(49), None), UpdateDeadline::YieldCustom(1, _)));
         assert_eq!(clock.used_until(at(49)), Duration::from_millis(27));
         // The next tick in the same burst finds it past 30 ms.
-        assert!(matches!(limits.on_deadline(at(44 + 9)), UpdateDeadline::Interrupt));
+        assert!(matches!(limits.on_deadline(at(44 + 9), None), UpdateDeadline::Interrupt));
         assert_eq!(limits.hit(), Some(LimitHit::Cpu));
     }
 
@@ -362,7 +370,7 @@ mod tests {
                 .running_since
                 .store(clock.nanos(clock.origin + Duration::from_millis(n * 100)), Ordering::Relaxed);
             assert!(matches!(
-                limits.on_deadline(clock.origin + Duration::from_millis(n * 100)),
+                limits.on_deadline(clock.origin + Duration::from_millis(n * 100), None),
                 UpdateDeadline::YieldCustom(1, _)
             ));
             let ran = clock.used_until(clock.origin + Duration::from_micros(n * 100_000 + 150));

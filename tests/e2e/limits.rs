@@ -158,6 +158,29 @@ async fn a_client_that_does_not_read_is_cut_off_and_the_sender_stops() {
     assert_eq!(server.failures.get(FailureKind::SlowClient), 1);
 }
 
+/// A client that stops reading for a while, then reads: every frame of a long streamed
+/// reply arrives, in order. While its socket had no room the addon was paused (after
+/// the send whose frame did not fit), not buffered without bound, and it went on
+/// once the client read.
+#[tokio::test]
+async fn a_client_that_reads_late_gets_every_frame_in_order() {
+    let server = testkit_server("").await;
+    let mut client = server.connect_with_small_receive_buffer("/ws/testkit").await;
+    assert_eq!(client.recv_text().await, "open");
+    // 600 frames of 64 KiB: about 39 MiB, far more than the socket buffers hold.
+    client.send_text("numbered 600 65536").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for i in 1..=600 {
+        let frame = client.recv_text().await;
+        assert_eq!(frame.len(), 65536);
+        assert_eq!(frame.split(' ').next(), Some(i.to_string().as_str()), "frame {i} out of order");
+    }
+    assert_eq!(client.recv_text().await, "numbered done");
+    client.send_text("count").await;
+    assert_eq!(client.recv_text().await, "1");
+    assert_eq!(server.failures.get(FailureKind::SlowClient), 0);
+}
+
 async fn testkit_server(manifest: &str) -> TestServer {
     let testkit = test_addon("testkit");
     TestServer::start(&[("testkit.wasm", &testkit), ("testkit.toml", manifest.as_bytes())]).await

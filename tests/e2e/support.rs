@@ -137,6 +137,21 @@ impl TestServer {
     pub async fn connect(&self, path: &str) -> Client {
         Client::connect(&self.url(path)).await
     }
+
+    /// A client whose socket's receive buffer is fixed at 64 KiB (no autotuning), so a
+    /// server that sends to it while it does not read runs out of room after a few
+    /// hundred KiB, whatever the machine's `tcp_rmem`.
+    pub async fn connect_with_small_receive_buffer(&self, path: &str) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 << 10).unwrap();
+        let stream = socket.connect(self.addr).await.expect("tcp connect");
+        let stream = MaybeTlsStream::Plain(stream);
+        let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::client_async(self.url(path), stream))
+            .await
+            .expect("connect timed out")
+            .expect("upgrade");
+        Client { ws }
+    }
 }
 
 impl Drop for TestServer {

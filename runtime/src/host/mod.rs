@@ -300,7 +300,7 @@ fn base_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
         state
     }
     iface::types::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
-    iface::session::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
+    session::add_to_linker(&mut linker)?;
     iface::log::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
     iface::kv::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;
     iface::config::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, this)?;

@@ -3,7 +3,8 @@
 //! `hold <n> <url>`, `kv-set <key> <value>`, `kv-get <key>`, `sub <channel>`,
 //! `unsub <channel>`, `pub <channel> <text>`, `sleep <ms>` (then `slept`, ignoring a
 //! failed send), `burn <busy_ms> <sleep_ms> <rounds>` (busy, then asleep, that many times;
-//! then `burned`), `burst <n>` (n frames `1`..`n` in one go), `spin <ms>` (`spinning`,
+//! then `burned`), `burst <n>` (n frames `1`..`n` in one go), `numbered <n> <bytes>` (n frames of
+//! that size, each starting with its index and a space, then `numbered done`), `spin <ms>` (`spinning`,
 //! then that long busy, then `spun`), `pub-bin <channel> <bytes>` (that many zero
 //! bytes), `fields <n>` (creates `n` wasi:http `fields` resources and holds them: `fields
 //! <n> held`), `headers <n> <bytes>` (appends up to `n` headers of `bytes` bytes each to one
@@ -124,6 +125,17 @@ impl Addon for Testkit {
                     for i in 1..=n.parse::<u32>().unwrap_or(0) {
                         send_text(&i.to_string())?;
                     }
+                }
+                Some(("numbered", args)) => {
+                    // n frames of `bytes` bytes each, the first word of each its index.
+                    let (n, bytes) = args.split_once(' ').unwrap_or((args, "0"));
+                    let bytes = bytes.parse::<usize>().unwrap_or(0);
+                    for i in 1..=n.parse::<u32>().unwrap_or(0) {
+                        let mut frame = format!("{i} ");
+                        frame.extend(std::iter::repeat_n('x', bytes.saturating_sub(frame.len())));
+                        send_text(&frame)?;
+                    }
+                    send_text("numbered done")?;
                 }
                 Some(("spin", ms)) => {
                     send_text("spinning")?;
