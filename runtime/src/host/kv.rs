@@ -240,7 +240,22 @@ impl KvStore {
         let outcome = match opened {
             Ok(db) => {
                 tracing::info!("kv store opened at {}", self.path.display());
-                Ok(Arc::new(db) as Arc<dyn KvBackend>)
+                let backend = Arc::new(db) as Arc<dyn KvBackend>;
+                // Entries that expired while no server had the file open still count
+                // against their namespace's quota until they are purged; the periodic
+                // purge is minutes away, and a restarted server would refuse writes
+                // meanwhile. So purge once now, beside the calls.
+                let purging = backend.clone();
+                tokio::spawn(async move {
+                    match purging.purge_expired().await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!("kv: purged {n} entries that expired while the store was closed")
+                        }
+                        Err(err) => tracing::warn!("kv: purging expired entries failed: {err}"),
+                    }
+                });
+                Ok(backend)
             }
             Err(OpenError::InUse) => return Err(OpenError::InUse),
             Err(OpenError::Failed(err)) => {
@@ -1396,6 +1411,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         open(dir.path()).put("ns", "k", b"kept".to_vec(), None).await.unwrap();
         assert_eq!(open(dir.path()).get("ns", "k").await.unwrap().as_deref(), Some(&b"kept"[..]));
+    }
+
+    /// Entries that expired while the file was closed (the server stopped) are purged
+    /// when the store opens it, so they stop counting against a quota without waiting
+    /// for the periodic purge.
+    #[tokio::test]
+    async fn opening_the_store_purges_what_expired_while_it_was_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = Quota { max_keys: 2, max_bytes: 1 << 20 };
+        {
+            let kv = open(dir.path());
+            for key in ["a", "b"] {
+                kv.set("q", key, b"x".to_vec(), Some(SHORT_TTL), quota).await.unwrap().unwrap();
+            }
+        }
+        tokio::time::sleep(PAST_SHORT_TTL).await;
+        let store = KvStore::new(dir.path());
+        let backend = store.backend().await.unwrap().clone();
+        let mut outcome = Err(QuotaFull::Keys);
+        for _ in 0..100 {
+            outcome = backend.set("q", "c", b"x".to_vec(), None, quota).await.unwrap();
+            if outcome.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(outcome, Ok(()), "the expired entries still count against the quota");
+        assert_eq!(backend.purge_expired().await.unwrap(), 0, "purged already");
     }
 
     /// Purging a big table goes in batches of [`PURGE_BATCH`] entries, one commit each, so
