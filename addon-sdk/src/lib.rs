@@ -390,8 +390,9 @@ impl From<session::SendError> for SendError {
     }
 }
 
-/// Sends one text frame to the client right away (the call waits while the client is slow
-/// to read, rather than buffering without bound).
+/// Sends one text frame to the client right away. While the client is slow to read, the
+/// addon waits for it (the host pauses it just after the call until the frame has room)
+/// rather than the host buffering without bound.
 ///
 /// ```no_run
 /// use sockhost_addon_sdk::{SendError, send_text};
