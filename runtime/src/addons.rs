@@ -187,11 +187,14 @@ impl LoadedAddon {
         mut state: HostState,
     ) -> Result<(Store<HostState>, AddonInstance), (InstantiateError, HostState)> {
         state.channels.can_receive = self.channel_handler.is_some();
-        let mut store = Store::new(self.pre.engine(), state);
-        // The guest's own handle tables (handles to host resources, and to resources it
-        // makes itself with `resource.new`), beside the host's table.
-        store.set_max_component_handles(sandbox::max_component_handles(&self.policy));
-        sandbox::install(&mut store);
+        let mut store = crate::instance_heap::in_instance_scope(|| {
+            let mut store = Store::new(self.pre.engine(), state);
+            // The guest's own handle tables (handles to host resources, and to resources it
+            // makes itself with `resource.new`), beside the host's table.
+            store.set_max_component_handles(sandbox::max_component_handles(&self.policy));
+            sandbox::install(&mut store);
+            store
+        });
         sandbox::start_callback(&mut store, None);
         let meter = store.data().limits.meter();
         let made = meter

@@ -304,10 +304,12 @@ const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Gives the memory of hibernated connections' instances back to the system, once a
 /// second while connections hibernate. An instance's host side (its store, WASI
-/// context, tables: 10-20 KB) is freed to the C allocator when it hibernates, and glibc
-/// keeps freed memory in its arenas; without this a burst of connections that all
-/// hibernate would keep the process at its high-water mark. `malloc_trim` walks the
-/// arenas (a few ms at worst), on the blocking pool, never on a connection's path.
+/// context, tables: 10-20 KB) goes back to the allocator when it hibernates, which
+/// would otherwise keep the pages for reuse (mimalloc purges them only on later
+/// activity past its delay); a burst of connections that all hibernate would leave the
+/// process at its high-water mark. The collection (a few ms at worst) runs on the
+/// blocking pool, never on a connection's path; instance_heap.rs says why the pages
+/// are whole to give back.
 pub(crate) async fn give_back_freed_memory(stop: tokio_util::sync::CancellationToken) {
     let mut tick = tokio::time::interval(TRIM_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -317,12 +319,7 @@ pub(crate) async fn give_back_freed_memory(stop: tokio_util::sync::CancellationT
             _ = tick.tick() => {}
         }
         if HIBERNATED_SINCE_TRIM.swap(0, Ordering::Relaxed) > 0 {
-            #[cfg(all(target_os = "linux", target_env = "gnu"))]
-            let _ = tokio::task::spawn_blocking(|| {
-                // SAFETY: malloc_trim only touches the allocator's own state, under its locks.
-                unsafe { libc::malloc_trim(0) };
-            })
-            .await;
+            let _ = tokio::task::spawn_blocking(crate::instance_heap::give_back_freed_memory).await;
         }
     }
 }
@@ -1113,7 +1110,7 @@ impl AddonConnection {
         };
         self.callback_ended();
         self.pick_up_inbox();
-        let mut state = match outcome {
+        let state = match outcome {
             Ok(Ok(state)) => state,
             Ok(Err(err)) => return Err(CallFailed::Trapped(err)),
             Err(Orphaned) => return Err(CallFailed::Orphaned),
@@ -1145,7 +1142,10 @@ impl AddonConnection {
         // Dropping the store drops the instance; the lease gives its slot back.
         let host = store.into_data().park();
         drop(lease);
-        state.shrink_to_fit();
+        // A fresh copy, made outside the instance scope: the lifted bytes sit among the
+        // instance's allocations, and would keep one of its pages for as long as this
+        // connection sleeps (instance_heap.rs).
+        let state = state.as_slice().to_vec();
         self.guest = Guest::Asleep(Box::new(Asleep { state, host }));
         self.sleeper = None;
         HIBERNATED_SINCE_TRIM.fetch_add(1, Ordering::Relaxed);

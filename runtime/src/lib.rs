@@ -47,6 +47,7 @@ pub mod error;
 mod file_stamp;
 mod handshake;
 pub mod host;
+pub mod instance_heap;
 mod log_limits;
 pub mod metrics;
 pub mod policy;
@@ -65,6 +66,11 @@ mod web;
 pub use config::{AdminConfig, ApiKey, Cli, Command, Config, LogFormat, ServerLimits, TlsFiles};
 pub use error::{FailureCounts, FailureKind};
 pub use server::{Server, ServerHandle};
+
+// The unit tests run with the server's allocator (instance_heap.rs), as the binary does.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: instance_heap::SegregatingAllocator = instance_heap::SegregatingAllocator;
 
 /// Installs the log subscriber on stderr, filtered by `RUST_LOG` (default `info`):
 /// human-readable lines, or one JSON object per line. Connection events happen inside a

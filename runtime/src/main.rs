@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+/// mimalloc, with instances' allocations apart from the connections' (instance_heap.rs).
+#[global_allocator]
+static ALLOCATOR: sockhost::instance_heap::SegregatingAllocator =
+    sockhost::instance_heap::SegregatingAllocator;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = sockhost::Cli::parse();

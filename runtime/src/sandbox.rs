@@ -277,7 +277,9 @@ impl CpuMeter {
                 clock.running_since.store(clock.nanos(Instant::now()), Ordering::Relaxed);
             }
             first = false;
-            let polled = call.as_mut().poll(cx);
+            // What wasmtime and the host calls allocate while the guest runs belongs with
+            // the instance, and leaves with it (instance_heap.rs).
+            let polled = crate::instance_heap::in_instance_scope(|| call.as_mut().poll(cx));
             if polled.is_pending() {
                 let ran = clock.used_until(Instant::now());
                 clock.used.store(ran.as_nanos() as u64, Ordering::Relaxed);

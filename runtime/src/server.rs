@@ -213,6 +213,10 @@ impl Server {
             }
         };
 
+        // Compiling addons freed more than serving will use for a while: give it back
+        // now rather than when the allocator next looks.
+        crate::instance_heap::give_back_freed_memory();
+
         let listener = socket.listen()?;
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         let base = format!("{scheme}://{}:{}", config.public_host, local.port());

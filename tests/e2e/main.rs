@@ -1,3 +1,9 @@
+// The server in these tests allocates as the binary does: mimalloc, with instances'
+// allocations apart from the connections' (runtime/src/instance_heap.rs).
+#[global_allocator]
+static ALLOCATOR: sockhost::instance_heap::SegregatingAllocator =
+    sockhost::instance_heap::SegregatingAllocator;
+
 mod aikefu;
 mod aikefu_process;
 mod browser;
