@@ -10,8 +10,9 @@
 //! (bench/README.md, "where a hibernated connection's memory goes").
 //!
 //! [`SegregatingAllocator`] is the binary's global allocator (and the tests'). While a
-//! thread runs instance code ([`in_instance_scope`]: creating a store, and every poll of
-//! a callback, where wasmtime and the host functions the guest calls allocate), its
+//! thread runs instance code ([`in_instance_scope`]: building the instance's WASI context
+//! and its store, and every poll of a callback, where wasmtime and the host functions
+//! the guest calls allocate), its
 //! allocations go to that thread's *instance heap*, a mimalloc heap of their own. Instance
 //! pages then hold only instance allocations, empty out together when the instances go,
 //! and [`give_back_freed_memory`] returns them to the system. Anything is freed from any

@@ -147,17 +147,21 @@ impl HostState {
     /// parked, with a new WASI context and an empty resource table.
     pub(crate) fn unpark(parked: ParkedHost, policy: &AddonPolicy) -> HostState {
         let ParkedHost { session, log, limits, kv, config, auth, channels, outbound } = parked;
-        let wasi = WasiCtx::builder()
-            .stdout(log.guest_stdout())
-            .stderr(log.guest_stderr())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let mut table = ResourceTable::new();
-        table.set_max_capacity(policy.max_host_resources);
-        let mut http = WasiHttpCtx::new();
-        http.set_field_size_limit(FIELD_SIZE_LIMIT);
+        // These go with the instance, so they are allocated with it (instance_heap.rs).
+        let (wasi, http, table) = crate::instance_heap::in_instance_scope(|| {
+            let wasi = WasiCtx::builder()
+                .stdout(log.guest_stdout())
+                .stderr(log.guest_stderr())
+                .allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false)
+                .build();
+            let mut table = ResourceTable::new();
+            table.set_max_capacity(policy.max_host_resources);
+            let mut http = WasiHttpCtx::new();
+            http.set_field_size_limit(FIELD_SIZE_LIMIT);
+            (wasi, http, table)
+        });
         HostState { session, log, limits, kv, config, auth, channels, wasi, http, outbound, table }
     }
 
