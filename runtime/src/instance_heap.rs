@@ -10,12 +10,12 @@
 //! (bench/README.md, "where a hibernated connection's memory goes").
 //!
 //! [`SegregatingAllocator`] is the binary's global allocator (and the tests'). While a
-//! thread runs instance code ([`in_instance_scope`]: building the instance's WASI context
-//! and its store, and every poll of a callback, where wasmtime and the host functions
-//! the guest calls allocate), its
-//! allocations go to that thread's *instance heap*, a mimalloc heap of their own. Instance
-//! pages then hold only instance allocations, empty out together when the instances go,
-//! and [`give_back_freed_memory`] returns them to the system. Anything is freed from any
+//! thread runs instance code ([`in_instance_scope`]: building the instance's WASI
+//! context and its store, and every poll of a callback, where wasmtime and the host
+//! functions the guest calls allocate), its allocations go to that thread's *instance
+//! heap*, a mimalloc heap of their own. Instance pages then hold only instance
+//! allocations, empty out together when the instances go, and
+//! [`give_back_freed_memory`] returns them to the system. Anything is freed from any
 //! thread and either heap with `mi_free`: a frame a guest's `send` allocated and the
 //! socket writer frees is fine. Something long-lived that a host function makes inside
 //! the scope (a channel inbox on the first `subscribe`) only keeps part of an instance
@@ -56,7 +56,9 @@ pub fn in_instance_scope<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// mimalloc's `mi_option_arena_eager_commit` (its place in mimalloc 3's option enum).
+/// mimalloc's `mi_option_arena_eager_commit`: its place in the option enum of the
+/// mimalloc 3 that libmimalloc-sys 0.1.49 builds, which does not name it
+/// (runtime/Cargo.toml pins that exact version for this).
 const ARENA_EAGER_COMMIT: mi::mi_option_t = 4;
 
 static CONFIGURED: AtomicBool = AtomicBool::new(false);
