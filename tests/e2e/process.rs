@@ -43,6 +43,8 @@ pub struct Process {
     startup: Vec<String>,
     /// Every line the process logged so far.
     log: Arc<Mutex<Vec<String>>>,
+    /// Set when the process's stderr closed and every line of it is in `log`.
+    log_complete: Arc<std::sync::atomic::AtomicBool>,
     pub port: u16,
 }
 
@@ -52,16 +54,22 @@ impl Process {
         assert!(status.success());
     }
 
-    /// Waits for the process to exit and returns whether it exited with success.
+    /// Waits for the process to exit and returns whether it exited with success. Then
+    /// [`Process::log_text`] holds every line it logged.
     pub fn wait_exit(&mut self) -> bool {
         let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
+        let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status.success();
+                break status;
             }
             assert!(std::time::Instant::now() < deadline, "the process did not exit");
             std::thread::sleep(Duration::from_millis(20));
+        };
+        while !self.log_complete.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(std::time::Instant::now() < deadline, "the process exited but its stderr stayed open");
+            std::thread::sleep(Duration::from_millis(5));
         }
+        status.success()
     }
 
     /// The admin listener's port, from the "listening on" line.
@@ -73,6 +81,18 @@ impl Process {
 
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until the process has logged a line containing `needle`, and fails the test
+    /// with the whole log if it does not within [`PATIENCE`]. A line the process wrote is
+    /// in [`Process::log_text`] only once the reader thread has taken it from the pipe,
+    /// which can be after the client saw what followed it (or after the process exited).
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while !self.log_text().contains(needle) {
+            assert!(std::time::Instant::now() < deadline, "no {needle:?} in the log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -139,10 +159,13 @@ pub fn spawn_adjusted(
     // Keep draining the pipe so the process never blocks on a full stderr.
     let log = Arc::new(Mutex::new(startup.clone()));
     let sink = log.clone();
+    let log_complete = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let complete = log_complete.clone();
     std::thread::spawn(move || {
         while let Ok(line) = lines_rx.recv() {
             sink.lock().unwrap().push(strip_ansi(&line));
         }
+        complete.store(true, std::sync::atomic::Ordering::Release);
     });
     let port = startup
         .last()
@@ -153,7 +176,7 @@ pub fn spawn_adjusted(
         .expect("port in the listening line");
     // The mounted lines come right after the listening line: give them a moment.
     std::thread::sleep(Duration::from_millis(100));
-    Process { child, startup, log, port }
+    Process { child, startup, log, log_complete, port }
 }
 
 fn strip_ansi(line: &str) -> String {
@@ -404,7 +427,7 @@ async fn with_reuse_port_a_new_process_takes_over_the_port_and_then_the_kv_store
     assert_eq!(reader.recv_text().await, "kv value kept");
     assert!(old.wait_exit(), "{}", old.log_text());
     assert!(old.log_text().contains("all connections closed"), "{}", old.log_text());
-    assert!(new.log_text().contains("kv store opened"), "{}", new.log_text());
+    new.wait_for_log("kv store opened");
 }
 
 #[test]

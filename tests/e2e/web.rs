@@ -98,7 +98,7 @@ async fn the_no_web_flag_and_the_web_section_turn_the_pages_off() {
     };
     let on = spawn(work.path(), &["--listen", "127.0.0.1"], &[("SOCKHOST_PORT", "0")]);
     assert_eq!(http_get(local(&on), "/").await.0, 200);
-    assert!(on.log_text().contains("chat page http://localhost:"), "{}", on.log_text());
+    on.wait_for_log("chat page http://localhost:");
     drop(on);
 
     let off = spawn(work.path(), &["--listen", "127.0.0.1", "--no-web"], &[("SOCKHOST_PORT", "0")]);
