@@ -430,7 +430,6 @@ pub fn hostile_component() -> Vec<u8> {
         &resolve,
         world,
         wit_component::StringEncoding::UTF8,
-        false,
     )
     .expect("metadata embeds");
     wit_component::ComponentEncoder::default()
@@ -479,7 +478,6 @@ pub fn handle_hoarder_component() -> Vec<u8> {
         &resolve,
         world,
         wit_component::StringEncoding::UTF8,
-        false,
     )
     .expect("metadata embeds");
     wit_component::ComponentEncoder::default()
