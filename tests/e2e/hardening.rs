@@ -104,11 +104,7 @@ async fn an_upstream_that_never_finishes_the_tls_handshake_times_out() {
     client.send_text(&format!("get https://{upstream}/")).await;
     let answer = client.recv_text().await;
     assert!(answer.starts_with("error Timeout"), "{answer}");
-    // The log line is read from the process's stderr by another thread: give it a moment.
-    eventually("the log names the deadline", || async {
-        process.log_text().contains("no response within 1000 ms")
-    })
-    .await;
+    process.wait_for_log("no response within 1000 ms");
     silent.abort();
 }
 

@@ -397,11 +397,7 @@ async fn with_reuse_port_a_new_process_takes_over_the_port_and_then_the_kv_store
     old.signal("-TERM");
     assert_eq!(writer.recv_close().await.0, 1001);
     drop(writer);
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while !old.log_text().contains("listener closed") {
-        assert!(std::time::Instant::now() < deadline, "no drain line:\n{}", old.log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    old.wait_for_log("listener closed");
 
     // Every new connection reaches the new process: the draining one would answer 503.
     for i in 0..20 {
@@ -414,11 +410,7 @@ async fn with_reuse_port_a_new_process_takes_over_the_port_and_then_the_kv_store
     let mut reader = Client::connect(&url).await;
     assert_eq!(reader.recv_text().await, "open");
     reader.send_text("kv-get handover").await;
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while !new.log_text().contains("in use by another process") {
-        assert!(std::time::Instant::now() < deadline, "no wait for the kv file:\n{}", new.log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    new.wait_for_log("in use by another process");
     assert!(old.child.try_wait().unwrap().is_none(), "the old process exited before the checks ended");
 
     // When its last client goes, the old process exits, and the waiting call gets the
