@@ -43,8 +43,9 @@ pub struct Process {
     startup: Vec<String>,
     /// Every line the process logged so far.
     log: Arc<Mutex<Vec<String>>>,
-    /// Set when the process's stderr closed and every line of it is in `log`.
-    log_complete: Arc<std::sync::atomic::AtomicBool>,
+    /// The thread that fills `log`: it ends when the process's stderr closes, with every
+    /// line in `log`.
+    log_reader: std::thread::JoinHandle<()>,
     pub port: u16,
 }
 
@@ -65,7 +66,7 @@ impl Process {
             assert!(std::time::Instant::now() < deadline, "the process did not exit");
             std::thread::sleep(Duration::from_millis(20));
         };
-        while !self.log_complete.load(std::sync::atomic::Ordering::Acquire) {
+        while !self.log_reader.is_finished() {
             assert!(std::time::Instant::now() < deadline, "the process exited but its stderr stayed open");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -159,13 +160,10 @@ pub fn spawn_adjusted(
     // Keep draining the pipe so the process never blocks on a full stderr.
     let log = Arc::new(Mutex::new(startup.clone()));
     let sink = log.clone();
-    let log_complete = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let complete = log_complete.clone();
-    std::thread::spawn(move || {
+    let log_reader = std::thread::spawn(move || {
         while let Ok(line) = lines_rx.recv() {
             sink.lock().unwrap().push(strip_ansi(&line));
         }
-        complete.store(true, std::sync::atomic::Ordering::Release);
     });
     let port = startup
         .last()
@@ -176,7 +174,7 @@ pub fn spawn_adjusted(
         .expect("port in the listening line");
     // The mounted lines come right after the listening line: give them a moment.
     std::thread::sleep(Duration::from_millis(100));
-    Process { child, startup, log, log_complete, port }
+    Process { child, startup, log, log_reader, port }
 }
 
 fn strip_ansi(line: &str) -> String {
