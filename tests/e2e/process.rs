@@ -30,6 +30,7 @@ fn sockhost_command() -> Command {
         "SOCKHOST_ADMIN_LISTEN",
         "SOCKHOST_API_KEY",
         "SOCKHOST_NO_WEB",
+        "NO_COLOR",
     ] {
         command.env_remove(key);
     }
@@ -128,7 +129,7 @@ pub fn spawn_adjusted(
     adjust: impl FnOnce(&mut Command),
 ) -> Process {
     let mut command = sockhost_command();
-    command.current_dir(cwd).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env("NO_COLOR", "1");
+    command.current_dir(cwd).args(args).stdout(Stdio::null()).stderr(Stdio::piped());
     command.env("RUST_LOG", "info");
     for (key, value) in env {
         command.env(key, value);
@@ -152,7 +153,7 @@ pub fn spawn_adjusted(
             panic!("sockhost did not start; log: {startup:#?}");
         };
         let listening = line.contains("listening on");
-        startup.push(strip_ansi(&line));
+        startup.push(line);
         if listening {
             break;
         }
@@ -162,7 +163,7 @@ pub fn spawn_adjusted(
     let sink = log.clone();
     let log_reader = std::thread::spawn(move || {
         while let Ok(line) = lines_rx.recv() {
-            sink.lock().unwrap().push(strip_ansi(&line));
+            sink.lock().unwrap().push(line);
         }
     });
     let port = startup
@@ -177,23 +178,6 @@ pub fn spawn_adjusted(
     Process { child, startup, log, log_reader, port }
 }
 
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Runs the binary to completion and returns its exit status and stderr.
 pub fn run_to_exit(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut command = sockhost_command();
@@ -204,7 +188,7 @@ pub fn run_to_exit(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -
     let output = command.output().expect("run sockhost");
     let text =
         format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    (output.status.code().unwrap_or(-1), strip_ansi(&text))
+    (output.status.code().unwrap_or(-1), text)
 }
 
 #[tokio::test]
@@ -224,6 +208,24 @@ async fn the_binary_serves_addons_from_the_working_directory_and_logs_their_urls
     let _ = url;
 }
 
+/// A log that goes to a pipe (or a file, or journald) is plain text: no colour codes
+/// between a field's name and its value, so an operator's grep for `addon="testkit"`
+/// finds the line. (A terminal still gets colours unless `NO_COLOR` is set.)
+#[tokio::test]
+async fn a_log_that_is_not_a_terminal_is_plain_text_without_colour_codes() {
+    let work = work_dir(&[("addons/testkit.wasm", &test_addon("testkit"))]);
+    let process = spawn(work.path(), &["--listen", "127.0.0.1"], &[("SOCKHOST_PORT", "0")]);
+    let mut client = Client::connect(&format!("ws://127.0.0.1:{}/ws/testkit", process.port)).await;
+    assert_eq!(client.recv_text().await, "open");
+    client.send_text("error").await;
+    assert_eq!(client.recv_json().await["code"], "addon_error");
+    process.wait_for_log("on-message returned an error");
+    let log = process.log_text();
+    let line = log.lines().find(|line| line.contains("on-message returned an error")).unwrap();
+    assert!(line.contains(r#"addon="testkit""#), "the connection's fields, plain: {line}");
+    assert!(!log.contains('\u{1b}'), "escape codes in a piped log:\n{log}");
+}
+
 #[tokio::test]
 async fn the_binary_logs_each_mounted_addon_with_its_url() {
     let work = work_dir(&[
@@ -236,7 +238,7 @@ async fn the_binary_logs_each_mounted_addon_with_its_url() {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
     let mounted = loop {
-        let line = strip_ansi(&lines.next().expect("log line").unwrap());
+        let line = lines.next().expect("log line").unwrap();
         seen.push(line.clone());
         if line.contains("mounted ws://") {
             break line;
